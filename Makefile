@@ -1,0 +1,43 @@
+# corelab — set-up, demo, tests, benchmarks.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SHARED ?= ../shared/data
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export NIPYPE_NO_ET ?= 1
+export DO_NOT_TRACK ?= 1
+
+.PHONY: setup demo test test-containers bench lock clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+# The main job end to end on the bundled default: the shared real data.
+demo: setup
+	$(VENV)/bin/corelab demo --data $(SHARED) --lake demo-lake
+
+test: setup
+	$(PY) -m pytest -q
+
+# Builds the anatomical image with podman and compares it with the local backend.
+test-containers: setup
+	$(PY) -m pytest -q -m containers tests/test_containers_podman.py
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lock:
+	$(PY) -m pip freeze --exclude-editable | grep -v '^corelab' > requirements.lock.new
+	{ echo '# Exact pins for `make setup` (pip freeze of a working install on Python 3.11).'; \
+	  echo '# Regenerate: make lock'; cat requirements.lock.new; } > requirements.lock; rm requirements.lock.new
+
+clean:
+	rm -rf $(VENV) demo-lake .pytest_cache

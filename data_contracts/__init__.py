@@ -1,0 +1,1 @@
+"""Contracts between stages: the trial configuration and the table schemas."""

@@ -1,0 +1,27 @@
+"""Harmonization settings of a trial (the ``harmonization:`` section of TrialConfig)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class HarmonizationSettings(BaseModel):
+    """How ComBat runs for this trial."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch: Literal["site", "site_epoch"] = Field(
+        "site_epoch", description="batch = site, or site + scanner epoch when a scanner changed")
+    covariates: list[str] = Field(
+        default_factory=lambda: ["AGE", "SEX"], description="biological covariates ComBat keeps")
+    smooth_terms: list[str] = Field(
+        default_factory=list, description="covariates modelled as smooth (ComBat-GAM)")
+    reference_visits: list[str] = Field(
+        default_factory=lambda: ["baseline"], description="visits the model is fitted on")
+    min_site_n: int = Field(20, ge=2, description="smallest batch ComBat may estimate")
+    small_site: Literal["refuse", "pool"] = Field(
+        "refuse", description="what to do with a batch below min_site_n")
+    max_confounding: float = Field(
+        0.8, ge=0, le=1, description="refuse when a covariate is this confounded with site (Cramér's V / eta)")

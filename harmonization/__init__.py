@@ -1,0 +1,1 @@
+"""ComBat harmonization across sites (neuroHarmonize), model store and report."""

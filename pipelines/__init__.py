@@ -1,0 +1,1 @@
+"""Pipeline specs (name, version, image, command, outputs) and built-in pipelines."""
