@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class HarmonizationSettings(BaseModel):
@@ -25,3 +25,23 @@ class HarmonizationSettings(BaseModel):
         "refuse", description="what to do with a batch below min_site_n")
     max_confounding: float = Field(
         0.8, ge=0, le=1, description="refuse when a covariate is this confounded with site (Cramér's V / eta)")
+    categorical_covariates: list[str] = Field(
+        default_factory=list,
+        description="numeric covariates to treat as categories (one indicator per level); "
+                    "text covariates are always categorical")
+    reference_qc_status: list[Literal["PASS", "WARN"]] = Field(
+        default_factory=lambda: ["PASS"], description="QC verdicts of the rows a model is fitted on")
+    seed: int = Field(
+        0, ge=0, description="seed of the k-fold penalty search of smooth terms (reproducible fits)")
+
+    @model_validator(mode="after")
+    def _smooth_are_covariates(self) -> "HarmonizationSettings":
+        unknown = [t for t in self.smooth_terms + self.categorical_covariates
+                   if t not in self.covariates]
+        if unknown:
+            raise ValueError(f"smooth_terms/categorical_covariates {unknown} are not in covariates "
+                             f"{self.covariates}")
+        both = set(self.smooth_terms) & set(self.categorical_covariates)
+        if both:
+            raise ValueError(f"{sorted(both)} cannot be both smooth and categorical")
+        return self

@@ -17,7 +17,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -118,7 +118,7 @@ def _check_parameter_names(v: dict[str, Tolerance]) -> dict[str, Tolerance]:
     return v
 
 
-Tolerances = Annotated[dict[str, Tolerance], Field(default_factory=dict)]
+Tolerances = dict[str, Tolerance]
 
 
 class Scanner(Strict):
@@ -155,7 +155,7 @@ class SeriesMatch(Strict):
     description: list[str] = Field(
         default_factory=list,
         description="case-insensitive globs on SeriesDescription or ProtocolName")
-    parameters: Tolerances
+    parameters: Tolerances = Field(default_factory=dict)
 
     _names = field_validator("parameters")(_check_parameter_names)
 
@@ -183,7 +183,7 @@ class SeriesType(Strict):
     match: SeriesMatch
     required: Requirement = Field(default_factory=Requirement)
     sites: list[str] | None = Field(None, description="sites that acquire it (default: all)")
-    tolerances: Tolerances
+    tolerances: Tolerances = Field(default_factory=dict)
     vendor_tolerances: dict[str, Tolerances] = Field(
         default_factory=dict, description="per vendor (ge, siemens, philips, ...) overrides")
 

@@ -1,0 +1,386 @@
+"""De-identification per DICOM PS3.15 Annex E (Basic Profile plus options).
+
+The action for each public attribute comes from Table E.1-1
+(:mod:`tasks._annex_e`, generated from the standard's table). Options, each
+configurable in TrialConfig.deidentification:
+
+* Retain Longitudinal Temporal Information with Modified Dates: every date
+  (DA, and the date part of DT) moves back by a per-subject number of days,
+  the same at every visit, so intervals between visits survive.
+* Retain Patient Characteristics (age, sex, size, weight: ComBat covariates).
+* Retain Device Identity (scanner serial and station: harmonization batches).
+* Clean Descriptors: descriptions are kept with every identifying value cut out.
+* Retain Safe Private: only the vendor private elements that conversion needs
+  (:mod:`tasks._safe_private`) are kept; identifying values inside them are
+  overwritten in place with values of the same length, so binary headers such
+  as Siemens CSA keep their offsets.
+
+UIDs are replaced consistently across the trial (a keyed hash of the trial
+and the original UID), so re-receiving a study reproduces the same bytes.
+The result is not trusted here: :mod:`tasks.phi_verify` checks it
+independently before anything reaches ``deid/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from importlib import metadata
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, generate_uid
+from pydicom._uid_dict import UID_dictionary
+
+from data_contracts.trial import Deidentification, vendor_of
+from tasks._annex_e import ACTIONS, WILDCARDS
+from tasks._safe_private import SAFE_PRIVATE
+from tasks.dicom_walk import raw_vr, walk
+
+OPTION_COLUMNS = {
+    "retain_longitudinal_modified_dates": "rtnLongModifDatesOpt",
+    "retain_patient_characteristics": "rtnPatCharsOpt",
+    "retain_device_identity": "rtnDevIdOpt",
+    "clean_descriptors": "cleanDescOpt",
+    "retain_safe_private": "rtnSafePrivOpt",
+}
+# PS3.16 CID 7050 codes for the profile and its options.
+METHOD_CODES = {
+    "basic": ("113100", "Basic Application Confidentiality Profile"),
+    "retain_longitudinal_modified_dates": ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+    "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
+    "retain_device_identity": ("113109", "Retain Device Identity Option"),
+    "clean_descriptors": ("113105", "Clean Descriptors Option"),
+    "retain_safe_private": ("113111", "Retain Safe Private Option"),
+}
+TEXT_VRS = {"AE", "AS", "CS", "DS", "IS", "LO", "LT", "PN", "SH", "ST", "UC", "UT", "UR"}
+PROVIDER_KEYWORDS = (
+    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
+    "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers", "PatientBirthDate",
+    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "ReferringPhysicianName",
+    "PerformingPhysicianName", "OperatorsName", "NameOfPhysiciansReadingStudy",
+    "RequestingPhysician", "AccessionNumber", "StudyID", "StationName", "DeviceSerialNumber",
+)
+DEVICE_KEYWORDS = {"StationName", "DeviceSerialNumber"}
+
+
+class DeidError(ValueError):
+    """A data set that cannot be de-identified safely."""
+
+
+@dataclass
+class DeidContext:
+    """Everything one subject's de-identification needs."""
+
+    trial_id: str
+    site: str
+    subject: str
+    session: str
+    key: bytes
+    options: Deidentification
+    date_shift_days: int            # negative: dates move back
+    replaced_uids: dict[str, str] = field(default_factory=dict)
+    needles: list[str] | None = None                     # set by prepare()
+    private_replacements: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    def prepare(self, headers: list[Dataset]) -> "DeidContext":
+        """Learn the study's identifying values once, from all of its headers."""
+        needles: set[str] = set()
+        dates: set[str] = set()
+        for h in headers:
+            needles.update(identifying_values(h, self.options))
+            if self.options.retain_longitudinal_modified_dates:
+                dates |= _original_dates(h)
+        self.needles = sorted(needles, key=len, reverse=True)
+        self.private_replacements = _same_length_replacements(self.needles, dates, self)
+        return self
+
+    @property
+    def method_text(self) -> list[str]:
+        enabled = [name for name in OPTION_COLUMNS if getattr(self.options, name)]
+        return [f"corelab {_version()} PS3.15 E.1.1 Basic Profile"] + [
+            METHOD_CODES[n][1] for n in enabled]
+
+    def new_uid(self, uid: str) -> str:
+        uid = str(uid).strip()
+        if not uid or uid in UID_dictionary:
+            return uid  # standard UIDs (SOP classes, transfer syntaxes) identify nothing
+        if uid not in self.replaced_uids:
+            self.replaced_uids[uid] = generate_uid(
+                prefix=None, entropy_srcs=[self.key.hex(), self.trial_id, uid])
+        return self.replaced_uids[uid]
+
+    def shift(self, value: str) -> str:
+        """Shift a DA (or the date part of a DT) value; '' when unparseable."""
+        value = value.strip()
+        if len(value) < 8:
+            return ""
+        try:
+            d = datetime.strptime(value[:8], "%Y%m%d").date()
+        except ValueError:
+            return ""
+        return (d + timedelta(days=self.date_shift_days)).strftime("%Y%m%d") + value[8:]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("corelab-imaging")
+    except metadata.PackageNotFoundError:
+        return "dev"
+
+
+def date_shift_days(key: bytes, trial_id: str, subject: str, max_days: int) -> int:
+    """Per-subject shift, 1..max_days days back, stable for the subject's life in the trial."""
+    digest = hmac.new(key, f"date-shift|{trial_id}|{subject}".encode(), hashlib.sha256).digest()
+    return -(1 + int.from_bytes(digest[:8], "big") % max_days)
+
+
+def shifted_date(d: date, shift_days: int) -> date:
+    return d + timedelta(days=shift_days)
+
+
+# -- identifying values, for cleaning --------------------------------------------------
+PERSON_NAME_KEYWORDS = {"PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
+                        "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
+                        "NameOfPhysiciansReadingStudy", "RequestingPhysician"}
+
+
+def identifying_values(ds: Dataset, options: Deidentification) -> list[str]:
+    """Values to cut out of descriptors and overwrite in kept private elements.
+
+    Whole values, plus the components of person names and the comma-separated
+    parts of addresses; never single words of institution names, which would
+    maim ordinary header text ("Center" in "Isocentered").
+    """
+    vals: set[str] = set()
+    for kw in PROVIDER_KEYWORDS:
+        if kw in DEVICE_KEYWORDS and options.retain_device_identity:
+            continue
+        v = ds.get(kw)
+        if v is None:
+            continue
+        items = [v] if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") else list(v)
+        for item in items:
+            text = str(item).strip()
+            vals.add(text)
+            if kw in PERSON_NAME_KEYWORDS:
+                vals.update(re.split(r"[\^=\s]+", text))
+            elif kw.endswith("Address"):
+                vals.update(p.strip(" -") for p in text.split(",") if len(p.strip(" -")) >= 5)
+    return sorted((v for v in vals if len(v) >= 3), key=len, reverse=True)
+
+
+def _original_dates(ds: Dataset) -> set[str]:
+    out: set[str] = set()
+    for elem in walk(ds, frozenset({"DA", "DT"})):
+        vals = [elem.value] if isinstance(elem.value, str) else list(elem.value or [])
+        out.update(str(v)[:8] for v in vals if len(str(v)) >= 8 and str(v)[:8].isdigit())
+    return out
+
+
+# -- the table ---------------------------------------------------------------------------
+def action_for(tag: BaseTag, options: Deidentification) -> str | None:
+    """Resolved Annex E action for a public tag (None: not in the table)."""
+    entry = ACTIONS.get(int(tag))
+    if entry is None:
+        for mask, value, wild in WILDCARDS:
+            if int(tag) & mask == value:
+                entry = wild
+                break
+    if entry is None:
+        return None
+    basic, opts = entry
+    chosen = [opts[col] for name, col in OPTION_COLUMNS.items()
+              if getattr(options, name) and col in opts]
+    if "C" in chosen:
+        return "C"
+    if "K" in chosen:
+        return "K"
+    return _resolve_basic(basic)
+
+
+def _resolve_basic(code: str) -> str:
+    # Combined codes keep the element where an IOD may require it (PS3.15 E.1.1 notes).
+    parts = code.replace("*", "").split("/")
+    for preferred in ("U", "Z", "D", "X", "K", "C"):
+        if preferred in parts:
+            return preferred if not (preferred == "D" and "X" in parts) else "X"
+    return "X"
+
+
+# -- the walk ------------------------------------------------------------------------------
+def _scrub_text(text: str, needles: list[str]) -> str:
+    for n in needles:
+        text = re.sub(re.escape(n), "", text, flags=re.IGNORECASE)
+    return re.sub(r"\s{2,}", " ", text).strip()
+
+
+def _scrub_same_length(value: bytes, replacements: list[tuple[bytes, bytes]]) -> bytes:
+    for old, new in replacements:
+        value = value.replace(old, new)
+    return value
+
+
+def _apply(ds: Dataset, elem: DataElement, action: str, ctx: DeidContext, needles: list[str]) -> None:
+    tag, vr = elem.tag, elem.VR
+    if action == "X":
+        del ds[tag]
+    elif action == "Z":
+        elem.value = Sequence() if vr == "SQ" else None
+    elif action == "U" or vr == "UI":
+        _replace_uids(elem, ctx)
+    elif vr in ("DA", "DT"):
+        if action == "K" and not ctx.options.retain_longitudinal_modified_dates:
+            return
+        _shift_element(elem, ctx)
+    elif vr == "TM" or action == "K":
+        return
+    elif action == "D":
+        elem.value = ctx.subject if vr == "PN" else "REMOVED"
+    elif action == "C" and vr in TEXT_VRS and isinstance(elem.value, str):
+        elem.value = _scrub_text(elem.value, needles)
+
+
+def _replace_uids(elem: DataElement, ctx: DeidContext) -> None:
+    if elem.value is None or elem.value == "":
+        return
+    if isinstance(elem.value, str):
+        elem.value = ctx.new_uid(elem.value)
+    else:
+        elem.value = [ctx.new_uid(v) for v in elem.value]
+
+
+def _shift_element(elem: DataElement, ctx: DeidContext) -> None:
+    if not elem.value:
+        return
+    if isinstance(elem.value, str):
+        elem.value = ctx.shift(elem.value) or None
+    else:
+        elem.value = [ctx.shift(str(v)) for v in elem.value]
+
+
+def _walk(ds: Dataset, ctx: DeidContext, safe: frozenset[tuple[str, int, int]]) -> None:
+    needles = ctx.needles or []
+    kept_blocks: set[tuple[int, int]] = set()
+    for tag in list(ds.keys()):
+        if tag.is_private:
+            if tag.element < 0x1000:  # private creator; decided after its block
+                continue
+            creator_tag = Tag(tag.group, tag.element >> 8)
+            creator = str(ds[creator_tag].value).strip() if creator_tag in ds else ""
+            if not ctx.options.retain_safe_private or (creator, tag.group, tag.element & 0xFF) not in safe:
+                del ds[tag]  # no conversion needed to drop it
+                continue
+            kept_blocks.add((tag.group, tag.element >> 8))
+            _clean_private(ds[tag], ctx, safe)
+            continue
+        vr = raw_vr(ds, tag)
+        action = action_for(tag, ctx.options) or _default_action(vr)
+        if action == "X":
+            del ds[tag]
+            continue
+        if action == "K" and vr not in ("SQ", "UI", "DA", "DT"):
+            continue  # kept as is, never converted
+        elem = ds[tag]
+        if elem.VR == "SQ" and action not in ("X", "Z"):
+            for item in elem.value:
+                _walk(item, ctx, safe)
+            continue
+        _apply(ds, elem, action, ctx, needles)
+    for tag in list(ds.keys()):
+        if tag.is_private and tag.element < 0x1000 and (tag.group, tag.element) not in kept_blocks:
+            del ds[tag]
+
+
+def _default_action(vr: str) -> str:
+    """For attributes Table E.1-1 does not list: names go, UIDs are replaced,
+    dates shifted, text cleaned, the rest (numbers, pixels) kept."""
+    if vr == "PN":
+        return "Z"
+    if vr in ("UI", "DA", "DT"):
+        return "U" if vr == "UI" else "C"
+    return "C" if vr in TEXT_VRS else "K"
+
+
+def _clean_private(elem: DataElement, ctx: DeidContext, safe: frozenset[tuple[str, int, int]]) -> None:
+    private = ctx.private_replacements
+    if elem.VR == "SQ":
+        for item in elem.value:
+            _walk(item, ctx, safe)
+    elif isinstance(elem.value, bytes):
+        elem.value = _scrub_same_length(elem.value, private)
+    elif isinstance(elem.value, str):
+        elem.value = _scrub_same_length(elem.value.encode("latin-1", "replace"), private).decode("latin-1")
+
+
+def _same_length_replacements(needles: list[str], dates: set[str], ctx: DeidContext) -> list[tuple[bytes, bytes]]:
+    reps = [(d.encode(), ctx.shift(d).encode()) for d in sorted(dates) if ctx.shift(d)]
+    reps += [(n.encode("latin-1", "replace"), b"X" * len(n.encode("latin-1", "replace")))
+             for n in needles if not n.isdigit() or len(n) >= 5]
+    return reps
+
+
+def deidentify(ds: Dataset, ctx: DeidContext) -> Dataset:
+    """De-identify one data set in place and return it.
+
+    Raises
+    ------
+    DeidError
+        When the data set cannot be made safe (e.g. it has no SOPInstanceUID).
+    """
+    if "SOPInstanceUID" not in ds:
+        raise DeidError("no SOPInstanceUID")
+    if ctx.needles is None:
+        ctx.prepare([ds])
+    vendor = vendor_of(str(ds.get("Manufacturer", "")))
+    safe = SAFE_PRIVATE.get(vendor, frozenset())
+    _walk(ds, ctx, safe)
+    _stamp(ds, ctx)
+    _fix_file_meta(ds)
+    return ds
+
+
+def _stamp(ds: Dataset, ctx: DeidContext) -> None:
+    ds.PatientName = ctx.subject
+    ds.PatientID = ctx.subject
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = ctx.method_text
+    codes = Sequence()
+    for name in ["basic"] + [n for n in OPTION_COLUMNS if getattr(ctx.options, n)]:
+        value, meaning = METHOD_CODES[name]
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+        codes.append(item)
+    ds.DeidentificationMethodCodeSequence = codes
+    if ctx.options.retain_longitudinal_modified_dates:
+        ds.LongitudinalTemporalInformationModified = "MODIFIED"
+    ds.ClinicalTrialProtocolID = ctx.trial_id
+    ds.ClinicalTrialSiteID = ctx.site
+    ds.ClinicalTrialSubjectID = ctx.subject
+    ds.ClinicalTrialTimePointID = ctx.session
+    ds.ClinicalTrialSponsorName = ctx.trial_id  # Type 1 in the Clinical Trial Subject module
+    ds.ClinicalTrialProtocolName = ""
+    ds.ClinicalTrialSiteName = ""
+
+
+def _fix_file_meta(ds: Dataset) -> None:
+    old = getattr(ds, "file_meta", None) or FileMetaDataset()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = old.get("TransferSyntaxUID", UID("1.2.840.10008.1.2.1"))
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"CORELAB_{_version()}"[:16]
+    ds.file_meta = meta
+
+
+def to_bytes(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
