@@ -22,12 +22,10 @@ Rules (see ../shared/DESIGN.md, "Pinned containers"):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,60 +33,31 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
-from pipelines.image_build import PODMAN_CONF, podman_env
-from pipelines.images import (CONTAINERS, LOCK_PATH, REPO, LockedImage, definition_drift,
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from pipelines.images import (CONTAINERS, LOCK_PATH, REPO, LockedImage, LockError, definition_drift,
                               installed_mismatches, locked_image, python_mismatch,
                               read_requirements, requirements_path, sha256_file)
 from pipelines.spec import PipelineSpec
+from tasks.container_engines import (ENGINES, SIF_DIR, ContainerRunError, DigestMismatch,
+                                     EngineMissing, ImageMissing, RunRefused, StaleLock,
+                                     VersionMismatch, apptainer_command, engine_env, engine_version,
+                                     oci_command, plan_mounts, remove_container, require_engine,
+                                     sif_path, verify_oci_image, verify_sif)
+
+__all__ = ["BACKENDS", "ContainerRunError", "DigestMismatch", "EngineMissing", "ImageMissing",
+           "RunRecord", "RunRefused", "StaleLock", "VersionMismatch", "run_pipeline",
+           "run_pipeline_task"]
 
 log = logging.getLogger("corelab.container_runner")
-BACKENDS = ("podman", "docker", "apptainer", "local")
-IN_DIR, OUT_DIR = "/data/in", "/data/out"
+BACKENDS = (*ENGINES, "local")
 TAIL = 4000
-# Set inside containers and for local runs alike, so both compute the same way.
+# Set inside containers and for local runs alike (HOME only inside), so both compute alike.
 RUN_ENV = {"HOME": "/tmp", "MPLBACKEND": "Agg", "NIPYPE_NO_ET": "1", "PYTHONUNBUFFERED": "1"}
-SIF_DIR = CONTAINERS / ".cache" / "sif"
-
-
-class ContainerRunError(RuntimeError):
-    """A pipeline run could not be attempted."""
-
-
-class RunRefused(ContainerRunError):
-    """The run was refused before starting; ``reasons`` lists why."""
-
-    def __init__(self, message: str, reasons: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.reasons = reasons or [message]
-
-
-class ImageMissing(RunRefused):
-    """The locked image is not in the engine's storage (or the SIF file is absent)."""
-
-
-class DigestMismatch(RunRefused):
-    """The engine's image is not the one whose digest is locked."""
-
-
-class StaleLock(RunRefused):
-    """The image definition changed after the locked image was built."""
-
-
-class VersionMismatch(RunRefused):
-    """``local`` backend: the installed environment differs from the image's lock."""
-
-
-class EngineMissing(ContainerRunError):
-    """The backend's executable is not on PATH."""
-
-
-@dataclass(frozen=True)
-class Mount:
-    source: Path
-    target: str
-    read_only: bool
 
 
 @dataclass
@@ -111,7 +80,7 @@ class RunRecord:
     stdout_tail: str = ""
     stderr_tail: str = ""
     inputs: dict[str, str] = field(default_factory=dict)
-    outputs: list[str] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
     missing_outputs: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     version_override: bool = False
@@ -124,104 +93,6 @@ class RunRecord:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"command_line": self.command_line}
-
-
-def check_mount_path(path: Path) -> None:
-    """Engines split mount specs on ',' (--mount) and ':' (-v, apptainer --bind)."""
-    text = str(path)
-    if any(c in text for c in ",:\n"):
-        raise ContainerRunError(f"cannot bind-mount {text!r}: the path contains ',', ':' or a "
-                                "newline; move or rename it")
-
-
-def plan_mounts(input_path: Path, output_dir: Path) -> tuple[list[Mount], str, str]:
-    """Mounts for one input file and one output folder, and their paths inside the container."""
-    input_path, output_dir = input_path.resolve(), output_dir.resolve()
-    for path in (input_path, output_dir):
-        check_mount_path(path)
-    inside = f"{IN_DIR}/{input_path.name}"
-    return ([Mount(input_path, inside, True), Mount(output_dir, OUT_DIR, False)], inside, OUT_DIR)
-
-
-def oci_command(engine: str, image_id: str, mounts: list[Mount], argv: list[str], *,
-                name: str, user: str, env: Mapping[str, str], runtime: str | None = None) -> list[str]:
-    """``podman run`` / ``docker run`` of ``argv`` in the image with ID ``image_id``."""
-    cmd = [engine]
-    if runtime:
-        cmd += ["--runtime", runtime]
-    cmd += ["run", "--rm", "--name", name, "--pull", "never", "--network", "none", "--read-only",
-            "--tmpfs", "/tmp", "--user", user, "--workdir", "/tmp",
-            "--security-opt", "no-new-privileges"]
-    for m in mounts:
-        cmd += ["--mount", f"type=bind,source={m.source},target={m.target}"
-                           + (",readonly" if m.read_only else "")]
-    for key, value in sorted(env.items()):
-        cmd += ["--env", f"{key}={value}"]
-    return cmd + [image_id, *argv]
-
-
-def apptainer_command(sif: Path, mounts: list[Mount], argv: list[str], *,
-                      env: Mapping[str, str]) -> list[str]:
-    """``apptainer exec`` of ``argv`` in ``sif``: no host env, home or network."""
-    cmd = ["apptainer", "exec", "--containall", "--cleanenv", "--no-home", "--net",
-           "--network", "none", "--pwd", "/tmp"]
-    for m in mounts:
-        cmd += ["--bind", f"{m.source}:{m.target}:{'ro' if m.read_only else 'rw'}"]
-    for key, value in sorted(env.items()):
-        cmd += ["--env", f"{key}={value}"]
-    return cmd + [str(sif), *argv]
-
-
-def engine_env(backend: str) -> dict[str, str]:
-    return podman_env(PODMAN_CONF) if backend == "podman" else dict(os.environ)
-
-
-def require_engine(backend: str) -> str:
-    exe = shutil.which(backend)
-    if exe is None:
-        hint = "containers/setup_podman.sh installs podman" if backend == "podman" else \
-            f"install {backend} or choose another backend ({', '.join(BACKENDS)})"
-        raise EngineMissing(f"backend {backend!r}: {backend} is not on PATH; {hint}")
-    return exe
-
-
-def engine_version(backend: str) -> str:
-    proc = subprocess.run([backend, "--version"], capture_output=True, text=True,
-                          env=engine_env(backend))
-    return proc.stdout.strip() or proc.stderr.strip()
-
-
-def verify_oci_image(backend: str, entry: LockedImage) -> str:
-    """The ID of the image tagged ``entry.tagged``; refuse unless it is the locked digest."""
-    proc = subprocess.run([backend, "image", "inspect", "--format", "{{.Id}}", entry.tagged],
-                          capture_output=True, text=True, env=engine_env(backend))
-    if proc.returncode != 0:
-        raise ImageMissing(f"{backend} has no image {entry.tagged} (locked as {entry.reference}); "
-                           f"build it with `corelab containers build {entry.key}` or load the "
-                           f"locked image. {backend} said: {proc.stderr.strip()[:300]}")
-    actual = "sha256:" + proc.stdout.strip().removeprefix("sha256:")
-    if actual != entry.digest:
-        raise DigestMismatch(
-            f"{backend} image {entry.tagged} is {actual}, but containers/lock pins {entry.digest}: "
-            "refusing to run an unpinned image. Rebuild and re-lock it "
-            f"(`corelab containers build {entry.key}`) or restore the locked image.")
-    return actual
-
-
-def sif_path(entry: LockedImage, sif_dir: Path = SIF_DIR) -> Path:
-    return sif_dir / f"{entry.key}-{entry.digest.removeprefix('sha256:')[:12]}.sif"
-
-
-def verify_sif(entry: LockedImage, sif: Path) -> None:
-    if not entry.sif_sha256:
-        raise ImageMissing(f"containers/lock has no SIF for image {entry.key!r}: convert the locked "
-                           "image to SIF and record its sha256 as sif_sha256")
-    if not sif.is_file():
-        raise ImageMissing(f"SIF file {sif} for image {entry.reference} does not exist")
-    actual = sha256_file(sif)
-    if actual != entry.sif_sha256:
-        raise DigestMismatch(f"SIF {sif} has sha256 {actual}, containers/lock pins "
-                             f"{entry.sif_sha256}: refusing to run an unpinned image")
 
 
 def local_mismatches(spec: PipelineSpec, entry: LockedImage,
@@ -306,8 +177,6 @@ def plan_local(spec: PipelineSpec, entry: LockedImage, input_path: Path, output_
 
 
 def _installed(name: str) -> str:
-    from importlib import metadata
-
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -328,7 +197,7 @@ def execute(record: RunRecord, plan: Plan, backend: str, timeout_s: float | None
             last = (err.strip().splitlines() or ["(no stderr)"])[-1]
             record.error = f"pipeline exited with status {proc.returncode}: {last}"
     except subprocess.TimeoutExpired as exc:
-        _kill(backend, plan.command)
+        remove_container(backend, plan.command)
         out, err = _text(exc.stdout), _text(exc.stderr)
         record.error = f"timed out after {timeout_s} s; the container was removed"
     finished = datetime.now(timezone.utc)
@@ -344,12 +213,6 @@ def _text(data: bytes | str | None) -> str:
     return data or ""
 
 
-def _kill(backend: str, command: list[str]) -> None:
-    if backend in ("podman", "docker") and "--name" in command:
-        name = command[command.index("--name") + 1]
-        subprocess.run([backend, "rm", "-f", name], capture_output=True, env=engine_env(backend))
-
-
 def check_outputs(record: RunRecord, spec: PipelineSpec, output_dir: Path, subject: str,
                   session: str, entities: Mapping[str, str] | None) -> RunRecord:
     """Hash the promised outputs; a missing one makes the run not ok."""
@@ -363,3 +226,88 @@ def check_outputs(record: RunRecord, spec: PipelineSpec, output_dir: Path, subje
         record.error = f"pipeline exited 0 but left no {', '.join(record.missing_outputs)}"
     record.ok = record.exit_code == 0 and not record.missing_outputs
     return record
+
+
+def run_pipeline(spec: PipelineSpec, input_path: str | Path, output_dir: str | Path,
+                 subject: str, session: str, *, backend: str = "podman",
+                 entities: Mapping[str, str] | None = None, threads: int | None = None,
+                 allow_version_mismatch: bool = False, timeout_s: float | None = None,
+                 lock_path: Path = LOCK_PATH, containers: Path = CONTAINERS,
+                 sif_dir: Path = SIF_DIR) -> RunRecord:
+    """Run ``spec`` on one input file with ``backend`` and return its provenance.
+
+    Parameters
+    ----------
+    spec : PipelineSpec
+        The pipeline (see ``pipelines.registry``).
+    input_path, output_dir : path
+        The input file (mounted read-only) and the derivatives folder it writes into.
+    subject, session : str
+        BIDS labels (without ``sub-``/``ses-``).
+    backend : {"podman", "docker", "apptainer", "local"}
+    entities : mapping, optional
+        Further BIDS entities of the input (``acq``, ``run``).
+    threads : int, optional
+        Thread count for the pipeline; give the same one to compare backends.
+    allow_version_mismatch : bool
+        ``local`` only: run although the environment differs from the image; the record
+        then carries ``version_override=True`` and the list of mismatches.
+    timeout_s : float, optional
+        Stop (and remove) the run after this many seconds.
+
+    Returns
+    -------
+    RunRecord
+        ``ok`` is True when the pipeline exited 0 and left every promised output.
+
+    Raises
+    ------
+    RunRefused
+        ImageMissing, DigestMismatch, StaleLock or VersionMismatch: nothing was run.
+    EngineMissing, ContainerRunError
+        The backend is unknown or absent, or the input cannot be mounted.
+    """
+    if backend not in BACKENDS:
+        raise ContainerRunError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    input_path, output_dir = Path(input_path), Path(output_dir)
+    if not input_path.is_file():
+        raise ContainerRunError(f"input {input_path} does not exist or is not a file")
+    entry = _locked(spec, lock_path)
+    entities = {k: v for k, v in (entities or {}).items() if v is not None}
+    options = dict(entities) | {"threads": threads}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if backend == "local":
+        plan = plan_local(spec, entry, input_path, output_dir, subject, session, options,
+                          allow_version_mismatch, containers, repo=containers.parent)
+    else:
+        plan = plan_container(backend, spec, entry, input_path, output_dir, subject, session,
+                              options, containers, sif_dir)
+    record = RunRecord(
+        run_id=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "_" + uuid.uuid4().hex[:8],
+        pipeline=spec.name, pipeline_version=spec.version, backend=backend,
+        image=entry.reference, digest=plan.digest, command=plan.command, started_at="",
+        inputs={str(input_path.resolve()): sha256_file(input_path)}, versions=plan.versions,
+        version_override=bool(plan.mismatches), version_mismatches=list(plan.mismatches))
+    if record.version_override:
+        log.warning("local run of %s despite %d mismatch(es) with %s (override recorded): %s",
+                    spec.name, len(plan.mismatches), entry.reference, "; ".join(plan.mismatches))
+    execute(record, plan, backend, timeout_s)
+    return check_outputs(record, spec, output_dir, subject, session, entities)
+
+
+def _locked(spec: PipelineSpec, lock_path: Path) -> LockedImage:
+    try:
+        entry = locked_image(spec.image, lock_path)
+    except LockError as err:
+        raise ImageMissing(str(err)) from err
+    if entry.pipeline_version != spec.version:
+        raise StaleLock(f"image {entry.reference} was built for {spec.name} {entry.pipeline_version}, "
+                        f"the spec is {spec.version}: rebuild with `corelab containers build {spec.image}`")
+    return entry
+
+
+@task(name="run-pipeline", cache_policy=NO_CACHE)
+def run_pipeline_task(spec: PipelineSpec, input_path: str | Path, output_dir: str | Path,
+                      subject: str, session: str, **kwargs) -> RunRecord:
+    """Prefect task around :func:`run_pipeline` (refusals are never retried)."""
+    return run_pipeline(spec, input_path, output_dir, subject, session, **kwargs)
