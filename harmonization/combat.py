@@ -1,0 +1,385 @@
+"""ComBat on neuroHarmonize: checked inputs, a model that can be frozen, an apply that decides.
+
+Fit
+    Linear covariates: ``neuroHarmonize.harmonizationLearn`` itself (which
+    equals neuroCombat). Smooth covariates (ComBat-GAM): the same model, with
+    the per-feature statsmodels GAM loop replaced by :mod:`harmonization.gam`;
+    the remaining ComBat steps are neuroHarmonize's and neuroCombat's own
+    functions (``fitLSModelAndFindPriors``, ``find_parametric_adjustments``,
+    ``adjust_data_final``).
+Apply
+    neuroHarmonize's ``harmonizationApply`` fails unless every training site is
+    in the new batch and ``applyModelOne`` loops in Python, so the frozen model
+    is applied here in closed form, the formula of ``adjust_data_final``
+    (Johnson et al. 2007, eq. 2.4/3.3):
+
+        x* = (x - a - m(c) - gamma*_b) / sqrt(delta*_b) * sqrt(sigma2) + a + m(c)
+
+    with ``a`` the grand mean, ``m(c)`` the covariate part of the fitted mean and
+    ``sigma2`` the pooled variance. Rows the model cannot speak for (a site it
+    has not seen, a smooth covariate outside the fitted range, an unseen
+    category) are not guessed at: they get a reason and no value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from neuroCombat.neuroCombat import adjust_data_final, find_parametric_adjustments
+from neuroHarmonize import harmonizationLearn
+from neuroHarmonize.harmonizationLearn import fitLSModelAndFindPriors
+
+from data_contracts.harmonization_settings import HarmonizationSettings
+from harmonization import checks, gam
+from harmonization.errors import Finding, HarmonizationRefused, ModelMismatchError, raise_if_refused
+from harmonization.inputs import CovariateEncoding, HarmonizationData, infer_encoding
+
+ARRAYS = ("B_hat", "grand_mean", "var_pooled", "gamma_star", "delta_star", "gamma_hat", "delta_hat")
+SOFTWARE = ("corelab-imaging", "neuroHarmonize", "neuroCombat", "statsmodels", "numpy", "scipy",
+            "pandas")
+# Metadata that changes from run to run without changing the model; kept out of its id.
+VOLATILE = ("created_at", "fit_seconds")
+
+
+def software_versions() -> dict[str, str]:
+    out = {}
+    for name in SOFTWARE:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+@dataclass
+class ComBatModel:
+    """A fitted ComBat model: neuroHarmonize's estimates plus what they mean.
+
+    Attributes
+    ----------
+    batches
+        Batch labels in the order of the rows of ``gamma_star``/``delta_star``.
+    batch_map
+        Input batch label -> model batch (identity, or ``pooled`` for small sites).
+    B_hat
+        (batches + covariate columns [+ spline basis], F) coefficients.
+    grand_mean, var_pooled
+        (F,) grand mean and pooled variance of each feature.
+    gamma_star, delta_star
+        (batches, F) empirical-Bayes location and scale per batch.
+    spline
+        Smooth-term basis (ComBat-GAM) or None.
+    alphas
+        (F, smooth terms) selected penalty weights (ComBat-GAM) or None.
+    """
+
+    batches: list[str]
+    batch_sizes: list[int]
+    batch_map: dict[str, str]
+    features: list[str]
+    encoding: CovariateEncoding
+    B_hat: np.ndarray
+    grand_mean: np.ndarray
+    var_pooled: np.ndarray
+    gamma_star: np.ndarray
+    delta_star: np.ndarray
+    gamma_hat: np.ndarray
+    delta_hat: np.ndarray
+    eb: bool = True
+    spline: gam.SplineSpec | None = None
+    alphas: np.ndarray | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return "ComBat-GAM" if self.spline is not None else "ComBat"
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {k: np.asarray(getattr(self, k), dtype=float) for k in ARRAYS}
+        if self.alphas is not None:
+            out["alphas"] = np.asarray(self.alphas, dtype=float)
+        return out
+
+    @property
+    def model_id(self) -> str:
+        """``hm-`` + 16 hex of the sha256 of the estimates and the stable metadata."""
+        h = hashlib.sha256()
+        stable = {k: v for k, v in self.metadata.items() if k not in VOLATILE}
+        h.update(json.dumps(stable, sort_keys=True, default=str).encode())
+        for name, arr in sorted(self.arrays().items()):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+        return "hm-" + h.hexdigest()[:16]
+
+    def to_neuroharmonize(self) -> dict[str, Any]:
+        """The model as the dict neuroHarmonize's apply functions take (linear models)."""
+        return {
+            "SITE_labels": np.array(self.batches), "B_hat": self.B_hat,
+            "stand_mean": self.grand_mean[:, None], "var_pooled": self.var_pooled[:, None],
+            "gamma_star": self.gamma_star, "delta_star": self.delta_star, "eb": self.eb,
+            "info_dict": {"ref_level": None, "n_batch": len(self.batches)},
+            "smooth_model": {"perform_smoothing": self.spline is not None},
+        }
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes
+    ----------
+    harmonized
+        Harmonized features of the fitted rows (same index and columns as the input).
+    batch
+        The batch each row was fitted in (after pooling).
+    encoded
+        Numeric covariate columns as they entered the design.
+    association
+        Covariate -> association with batch (Cramér's V / eta).
+    """
+
+    model: ComBatModel
+    harmonized: pd.DataFrame
+    batch: pd.Series
+    encoded: pd.DataFrame
+    findings: list[Finding]
+    association: dict[str, float]
+
+
+def _info_dict(codes: np.ndarray, n_batch: int) -> dict[str, Any]:
+    """neuroCombat's bookkeeping of which rows belong to which batch."""
+    levels = np.arange(n_batch)
+    return {"batch_levels": levels, "n_batch": n_batch, "n_sample": int(len(codes)),
+            "sample_per_batch": np.bincount(codes, minlength=n_batch).astype(int),
+            "batch_info": [list(np.nonzero(codes == b)[0]) for b in levels], "ref_level": None}
+
+
+def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
+                    ) -> tuple[CovariateEncoding, pd.DataFrame, pd.Series, dict[str, str],
+                               list[Finding], dict[str, float]]:
+    """Run every check of a fit; raise :class:`HarmonizationRefused` listing all refusals."""
+    labels = data.row_labels
+    findings = checks.check_features(data.features, labels)
+    findings += checks.check_covariates(data.covariates, settings.covariates, labels)
+    if data.batch.isna().any():
+        findings.append(Finding("refusal", "missing_batch", "the batch (site) is empty in "
+                                f"{int(data.batch.isna().sum())} row(s)", {}))
+    raise_if_refused(findings)
+    encoding = infer_encoding(data.covariates, settings.covariates,
+                              settings.categorical_covariates, settings.smooth_terms)
+    encoded, _ = encoding.encode(data.covariates)
+    batch, mapping, small = checks.resolve_small_batches(data.batch, settings.min_site_n,
+                                                         settings.small_site)
+    findings += small
+    if batch.nunique() < 2:
+        findings.append(Finding("refusal", "single_batch", "all rows are in one batch "
+                                f"({batch.iloc[0]!r}): there is no site effect to estimate", {}))
+    conf, assoc = checks.check_confounding(data.covariates, encoding, batch,
+                                           settings.max_confounding)
+    findings += conf + checks.check_within_batch_variance(data.features, batch)
+    onehot = pd.get_dummies(batch).to_numpy(dtype=float)
+    findings += checks.check_design_rank(
+        np.column_stack([onehot, encoded.to_numpy(dtype=float)]),
+        [*sorted(batch.unique()), *encoded.columns], onehot.shape[1])
+    raise_if_refused(findings)
+    return encoding, encoded, batch, mapping, findings, assoc
+
+
+def fit(data: HarmonizationData, settings: HarmonizationSettings) -> FitResult:
+    """Check the input, fit ComBat (or ComBat-GAM) and harmonize the fitted rows.
+
+    Raises
+    ------
+    HarmonizationRefused
+        With every refusal (NaN or constant feature, missing covariate, small or
+        single site, confounding, collinear design), not only the first.
+    """
+    encoding, encoded, batch, mapping, findings, assoc = check_fit_input(data, settings)
+    x = data.features.to_numpy(dtype=float)
+    if encoding.smooth_terms:
+        model, bayes = _fit_gam(x, encoded, batch, encoding, settings.seed)
+    else:
+        model, bayes = _fit_linear(x, encoded, batch, encoding)
+    model.batch_map = mapping
+    model.features = [str(c) for c in data.features.columns]
+    model.metadata = _metadata(model, data, settings, findings, assoc)
+    harmonized = pd.DataFrame(bayes, index=data.features.index, columns=data.features.columns)
+    return FitResult(model, harmonized, batch, encoded, findings, assoc)
+
+
+def _fit_linear(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series,
+                encoding: CovariateEncoding) -> tuple[ComBatModel, np.ndarray]:
+    covars = pd.concat([pd.DataFrame({"SITE": batch.to_numpy()}),
+                        encoded.reset_index(drop=True)], axis=1)
+    nh, bayes = harmonizationLearn(x, covars)
+    model = ComBatModel(
+        batches=[str(b) for b in nh["SITE_labels"]],
+        batch_sizes=[int(n) for n in nh["info_dict"]["sample_per_batch"]], batch_map={},
+        features=[], encoding=encoding, B_hat=np.asarray(nh["B_hat"]),
+        grand_mean=np.asarray(nh["stand_mean"])[:, 0], var_pooled=np.asarray(nh["var_pooled"])[:, 0],
+        gamma_star=np.asarray(nh["gamma_star"]), delta_star=np.asarray(nh["delta_star"]),
+        gamma_hat=np.asarray(nh["gamma_hat"]), delta_hat=np.asarray(nh["delta_hat"]), eb=nh["eb"])
+    return model, bayes
+
+
+def _fit_gam(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series, encoding: CovariateEncoding,
+             seed: int) -> tuple[ComBatModel, np.ndarray]:
+    labels, codes = np.unique(batch.to_numpy(dtype=str), return_inverse=True)
+    n_batch = len(labels)
+    linear = np.column_stack([np.eye(n_batch)[codes],
+                              encoded[encoding.linear_columns].to_numpy(dtype=float)])
+    bs = gam.make_bsplines(encoded[encoding.smooth_terms].to_numpy(dtype=float))
+    smooth = gam.fit_smooth(linear, bs, x, np.random.default_rng(seed))
+    design = np.column_stack([linear, bs.basis])
+    info = _info_dict(codes, n_batch)
+    eb = x.shape[1] > 1  # neuroHarmonize bypasses empirical Bayes for a single feature
+    # What neuroHarmonize's standardizeAcrossFeatures does once B_hat is known.
+    b_hat = smooth.coef
+    grand_mean = (info["sample_per_batch"] / len(codes)) @ b_hat[:n_batch]
+    fitted = design @ b_hat
+    var_pooled = np.mean((x - fitted) ** 2, axis=0)
+    mod_mean = design[:, n_batch:] @ b_hat[n_batch:]
+    s_data = ((x - grand_mean - mod_mean) / np.sqrt(var_pooled)).T
+    ls = fitLSModelAndFindPriors(s_data, design, info, eb=eb)
+    if eb:
+        gamma_star, delta_star = find_parametric_adjustments(s_data, ls, info, mean_only=False)
+    else:
+        gamma_star, delta_star = ls["gamma_hat"], np.array(ls["delta_hat"])
+    bayes = adjust_data_final(s_data, design, gamma_star, delta_star,
+                              np.repeat(grand_mean[:, None], len(codes), axis=1), mod_mean.T,
+                              var_pooled[:, None], info, x.T).T
+    model = ComBatModel(
+        batches=[str(b) for b in labels], batch_sizes=[int(n) for n in info["sample_per_batch"]],
+        batch_map={}, features=[], encoding=encoding, B_hat=b_hat, grand_mean=grand_mean,
+        var_pooled=var_pooled, gamma_star=np.asarray(gamma_star),
+        delta_star=np.asarray(delta_star), gamma_hat=np.asarray(ls["gamma_hat"]),
+        delta_hat=np.asarray(ls["delta_hat"]), eb=eb,
+        spline=gam.spec_of(bs, encoding.smooth_terms), alphas=smooth.alphas)
+    return model, np.asarray(bayes)
+
+
+def _metadata(model: ComBatModel, data: HarmonizationData, settings: HarmonizationSettings,
+              findings: list[Finding], assoc: dict[str, float]) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "schema": "corelab.harmonization.model/1",
+        "method": model.method,
+        "empirical_bayes": model.eb,
+        "batches": dict(zip(model.batches, model.batch_sizes)),
+        "batch_map": model.batch_map,
+        "features": model.features,
+        "covariates": model.encoding.to_dict(),
+        "design_columns": ["batch:" + b for b in model.batches] + model.encoding.linear_columns
+        + ([f"spline:{t}:{i}" for t in model.encoding.smooth_terms
+            for i in range(gam.DF - 1)] if model.spline else []),
+        "settings": settings.model_dump(mode="json"),
+        "software": software_versions(),
+        "input": {"source": data.source, "fingerprint": data.fingerprint(), "rows": data.n},
+        "association_with_batch": assoc,
+        "findings": [f.to_dict() for f in findings],
+    }
+    if model.spline is not None:
+        meta["spline"] = model.spline.to_dict()
+        meta["penalties"] = {f: [float(a) for a in row] for f, row in zip(model.features, model.alphas)}
+    return meta
+
+
+@dataclass
+class ApplyResult:
+    """Harmonized values of the rows the model can speak for.
+
+    ``status`` is '' for a harmonized row, else why it was left out (and those
+    rows hold NaN in ``harmonized``).
+    """
+
+    harmonized: pd.DataFrame
+    status: pd.Series
+    batch: pd.Series
+    findings: list[Finding]
+
+    @property
+    def ok(self) -> np.ndarray:
+        return (self.status == "").to_numpy()
+
+
+def covariate_design(model: ComBatModel, encoded: pd.DataFrame) -> np.ndarray:
+    """The non-batch columns of the design, built as the fit built them."""
+    if model.spline is None:
+        # neuroCombat's make_design_matrix stores covariates as float32; so must we, to agree.
+        return encoded[model.encoding.columns].to_numpy(dtype=np.float32).astype(float)
+    lin = encoded[model.encoding.linear_columns].to_numpy(dtype=float)
+    basis = gam.basis(model.spline, encoded[model.encoding.smooth_terms].to_numpy(dtype=float))
+    return np.column_stack([lin, basis])
+
+
+def apply(model: ComBatModel, data: HarmonizationData, model_id: str = "") -> ApplyResult:
+    """Harmonize new rows with a frozen model; never guess for rows it cannot speak for.
+
+    Raises
+    ------
+    ModelMismatchError
+        A feature or covariate of the model is missing from ``data``.
+    HarmonizationRefused
+        Not a single row can be harmonized (every reason listed).
+    """
+    model_id = model_id or model.model_id
+    missing = [f for f in model.features if f not in data.features.columns]
+    missing_cov = [c for c in model.encoding.names if c not in data.covariates.columns]
+    if missing or missing_cov:
+        raise ModelMismatchError(f"model {model_id} needs feature(s) {missing[:10]} and covariate(s) "
+                                 f"{missing_cov} that the new data does not have")
+    status = _row_status(model, data, model_id)
+    batch = data.batch.map(model.batch_map)
+    findings = _status_findings(status, data.batch)
+    ok = (status == "").to_numpy()
+    out = pd.DataFrame(np.nan, index=data.features.index, columns=model.features)
+    if not ok.any():
+        raise HarmonizationRefused(findings)
+    encoded, _ = model.encoding.encode(data.covariates[ok])
+    x = data.features.loc[ok, model.features].to_numpy(dtype=float)
+    position = {b: i for i, b in enumerate(model.batches)}
+    idx = batch[ok].map(position).to_numpy(dtype=int)
+    mod_mean = covariate_design(model, encoded) @ model.B_hat[len(model.batches):]
+    centre = model.grand_mean + mod_mean
+    sd = np.sqrt(model.var_pooled)
+    s = (x - centre) / sd
+    out.loc[ok] = (s - model.gamma_star[idx]) / np.sqrt(model.delta_star[idx]) * sd + centre
+    return ApplyResult(out, status, batch, findings)
+
+
+def _row_status(model: ComBatModel, data: HarmonizationData, model_id: str) -> pd.Series:
+    status = pd.Series("", index=data.features.index, dtype=object)
+    known = data.batch.isin(list(model.batch_map))
+    fitted_on = ", ".join(sorted(model.batch_map))
+    status[~known] = [f"site {b!r} is not in model {model_id} (fitted on {fitted_on}): "
+                      "needs a refit that includes it" for b in data.batch[~known]]
+    _, why = model.encoding.encode(data.covariates)
+    status[(status == "") & (why != "")] = why[(status == "") & (why != "")]
+    if model.spline is not None:
+        for term, (lo, hi) in zip(model.spline.terms, model.spline.bounds):
+            v = pd.to_numeric(data.covariates[term], errors="coerce")
+            out = ((v < lo) | (v > hi)) & (status == "")
+            status[out] = f"{term} is outside the fitted range {lo:g}..{hi:g}: needs a refit"
+    values = data.features[model.features].to_numpy(dtype=float)
+    bad = ~np.isfinite(values)
+    for i in np.nonzero(bad.any(axis=1) & (status == "").to_numpy())[0]:
+        cols = [model.features[j] for j in np.nonzero(bad[i])[0]]
+        status.iloc[i] = f"feature(s) {cols[:3]} missing"
+    return status
+
+
+def _status_findings(status: pd.Series, batch: pd.Series) -> list[Finding]:
+    """One warning per distinct reason, with the number of rows and sites concerned."""
+    out = []
+    left = status[status != ""]
+    for reason, rows in left.groupby(left.to_numpy()):
+        sites = sorted(set(batch[rows.index].astype(str)))
+        out.append(Finding("warning", "not_harmonized",
+                           f"{len(rows)} row(s) not harmonized: {reason}",
+                           {"rows": len(rows), "sites": sites}))
+    return out

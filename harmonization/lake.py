@@ -1,0 +1,165 @@
+"""The lake side of harmonization: long ``biomarkers`` rows in, ``biomarkers_harmonized`` out.
+
+The ``biomarkers`` table is long (one row per subject, session, series and
+measure). ComBat wants one row per scan and one column per measure, so
+:func:`to_wide` pivots the QC-passed rows, builds the batch (site, or
+site:scanner_epoch) and joins the covariates the statistician supplies (a
+table keyed by ``subject``, optionally also by ``session``). Scans that lack a
+measure or a covariate are left out with a warning naming them, never filled
+in. :func:`harmonized_rows` turns the harmonized wide values back into rows of
+``biomarkers_harmonized``: the biomarker row unchanged (same provenance,
+including its ``created_at``, so applying the same model again rewrites
+nothing) with the harmonized ``value``, the raw value, the batch and the model id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from data_contracts.harmonization_settings import HarmonizationSettings
+from harmonization.errors import Finding, InputTableError
+from harmonization.inputs import HarmonizationData, read_table_file
+from tasks.storage import Lake
+from tasks.tables import read_table, write_rows
+
+KEY = ["site", "subject", "session", "series_uid"]
+EPOCH_SEP = ":"
+
+
+def read_covariates(path: str) -> pd.DataFrame:
+    """A covariate table keyed by ``subject`` (and optionally ``session``)."""
+    df = read_table_file(path)
+    if "subject" not in df.columns:
+        raise InputTableError(f"{path}: a covariate table needs a 'subject' column "
+                              f"(it has {', '.join(map(str, df.columns))})")
+    keys = ["subject", "session"] if "session" in df.columns else ["subject"]
+    dup = df.duplicated(keys, keep=False)
+    if dup.any():
+        raise InputTableError(f"{path}: {int(dup.sum())} rows repeat a {'/'.join(keys)} key, "
+                              f"e.g. {df.loc[dup, keys].iloc[0].tolist()}")
+    df["subject"] = df["subject"].astype(str)
+    return df
+
+
+def select_rows(biomarkers: pd.DataFrame, trial_id: str | None, qc_status: list[str],
+                sessions: list[str] | None = None) -> pd.DataFrame:
+    """Rows of one trial with the given QC verdicts (and visits, when given)."""
+    keep = biomarkers["qc_status"].isin(qc_status)
+    if trial_id is not None:
+        keep &= biomarkers["trial_id"] == trial_id
+    if sessions is not None:
+        keep &= biomarkers["session"].isin(sessions)
+    return biomarkers[keep].reset_index(drop=True)
+
+
+def batch_of(rows: pd.DataFrame, mode: str) -> pd.Series:
+    """Site, or site:scanner_epoch when ``mode == 'site_epoch'`` and the epoch is known."""
+    site = rows["site"].astype(str)
+    if mode != "site_epoch":
+        return site
+    epoch = rows["scanner_epoch"]
+    return site.where(epoch.isna(), site + EPOCH_SEP + epoch.astype(str))
+
+
+def to_wide(rows: pd.DataFrame, covariates: pd.DataFrame, settings: HarmonizationSettings,
+            source: str = "lake biomarkers") -> tuple[HarmonizationData, list[Finding]]:
+    """One row per scan, one column per measure, with batch and covariates.
+
+    Raises
+    ------
+    InputTableError
+        A measure comes from more than one pipeline version (a batch effect of its
+        own), or a scan has the same measure twice.
+    """
+    versions = rows.groupby("measure")[["pipeline_name", "pipeline_version"]].nunique()
+    mixed = versions.index[(versions > 1).any(axis=1)].tolist()
+    if mixed:
+        raise InputTableError(f"{source}: measure(s) {mixed[:5]} come from several pipeline "
+                              "versions; harmonize one pipeline version at a time")
+    rows = _keyed(rows)
+    dup = rows.duplicated(KEY + ["measure"], keep=False)
+    if dup.any():
+        raise InputTableError(f"{source}: a scan has the same measure twice, e.g. "
+                              f"{rows.loc[dup, KEY + ['measure']].iloc[0].to_dict()}")
+    rows = rows.assign(batch=batch_of(rows, settings.batch))
+    wide = rows.pivot(index=KEY, columns="measure", values="value")
+    batch = rows.drop_duplicates(KEY).set_index(KEY)["batch"].reindex(wide.index)
+    findings: list[Finding] = []
+    incomplete = wide.isna().any(axis=1).to_numpy()
+    if incomplete.any():
+        findings.append(_left_out(wide.index[incomplete], "lack some measures"))
+    keys = ["subject", "session"] if "session" in covariates.columns else ["subject"]
+    names = [c for c in settings.covariates if c in covariates.columns]
+    cov = wide.index.to_frame(index=False)[keys].merge(covariates[keys + names], on=keys,
+                                                       how="left")
+    cov.index = wide.index
+    no_cov = cov[names].isna().any(axis=1).to_numpy() & ~incomplete if names else \
+        np.zeros(len(wide), dtype=bool)
+    if no_cov.any():
+        findings.append(_left_out(wide.index[no_cov], "have no covariates"))
+    keep = ~incomplete & ~no_cov
+    labels = pd.Series([f"{s}/sub-{sub} ses-{ses}" for s, sub, ses, _ in wide.index], index=wide.index)
+    data = HarmonizationData(features=wide[keep], covariates=cov.drop(columns=keys)[keep],
+                             batch=batch[keep], row_labels=labels[keep], source=source)
+    return data, findings
+
+
+def _keyed(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows with a text key: a scan without a series UID is keyed by '' (NaN never matches)."""
+    return rows.assign(series_uid=rows["series_uid"].fillna("").astype(str),
+                       subject=rows["subject"].astype(str), session=rows["session"].astype(str))
+
+
+def _left_out(index: pd.MultiIndex, why: str) -> Finding:
+    shown = ", ".join(f"{s}/sub-{sub} ses-{ses}" for s, sub, ses, _ in list(index)[:5])
+    return Finding("warning", "left_out",
+                   f"{len(index)} scan(s) {why} and are left out: {shown}"
+                   + (" ..." if len(index) > 5 else ""), {"scans": len(index)})
+
+
+def harmonized_rows(rows: pd.DataFrame, harmonized: pd.DataFrame, batch: pd.Series,
+                    model_id: str) -> dict[str, list[dict[str, Any]]]:
+    """``biomarkers_harmonized`` rows per site for every harmonized (scan, measure)."""
+    long = harmonized.stack().rename("harmonized").reset_index()
+    long = long.merge(batch.rename("batch").reset_index(), on=KEY)
+    merged = _keyed(rows).merge(long, on=KEY + ["measure"], how="inner")
+    merged["series_uid"] = merged["series_uid"].replace("", None)
+    merged["value_raw"] = merged["value"]
+    merged["value"] = merged.pop("harmonized")
+    merged["harmonization_model_id"] = model_id
+    merged = merged.astype(object).where(merged.notna(), None)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for site, part in merged.groupby("site"):
+        out[str(site)] = part.drop(columns=["site"]).to_dict(orient="records")
+    return out
+
+
+def write_harmonized(lake: Lake, per_site: dict[str, list[dict[str, Any]]]) -> int:
+    """Upsert every site's harmonized rows; returns the number of rows written."""
+    for site, site_rows in per_site.items():
+        write_rows(lake, "biomarkers_harmonized", site, site_rows)
+    return sum(len(r) for r in per_site.values())
+
+
+def already_harmonized(lake: Lake, model_id: str) -> set[tuple[str, str, str, str]]:
+    """Scans that already have harmonized rows from ``model_id``."""
+    done = read_table(lake, "biomarkers_harmonized")
+    done = done[done["harmonization_model_id"] == model_id]
+    return set(map(tuple, _keyed(done)[KEY].drop_duplicates().to_numpy()))
+
+
+@task(name="read-biomarkers", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+def read_biomarkers_task(lake: Lake) -> pd.DataFrame:
+    """The lake's ``biomarkers`` table (retried: storage can fail transiently)."""
+    return read_table(lake, "biomarkers")
+
+
+@task(name="write-harmonized-biomarkers", cache_policy=NO_CACHE)
+def write_harmonized_task(lake: Lake, per_site: dict[str, list[dict[str, Any]]]) -> int:
+    """Prefect wrapper of :func:`write_harmonized`."""
+    return write_harmonized(lake, per_site)

@@ -1,0 +1,228 @@
+"""The harmonization report: one JSON of numbers, one self-contained HTML drawn from it.
+
+:func:`fit_report`, :func:`apply_report` and :func:`refusal_report` assemble the
+JSON (plain data: the model's metadata, every finding, the per-site table, the
+before/after diagnostics of :mod:`harmonization.diagnostics`, ComBat's location
+and scale estimates, the methods paragraph). :func:`render_html` turns that
+JSON into HTML with the figures of :mod:`harmonization.figures` embedded as
+base64 PNG, in the section order of ``report_spec.yaml``; a report can be
+re-rendered from its JSON without recomputing anything.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+import yaml
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from harmonization import combat, diagnostics, figures
+from harmonization.combat import ApplyResult, ComBatModel, FitResult, software_versions
+from harmonization.errors import Finding, HarmonizationRefused
+from harmonization.inputs import HarmonizationData
+from tasks.storage import Lake
+
+HERE = Path(__file__).resolve().parent
+SCHEMA = "corelab.harmonization.report/1"
+REFERENCES = [
+    "Johnson WE, Li C, Rabinovic A. Adjusting batch effects in microarray expression data using "
+    "empirical Bayes methods. Biostatistics 2007;8(1):118-127. doi:10.1093/biostatistics/kxj037",
+    "Fortin J-P, et al. Harmonization of cortical thickness measurements across scanners and "
+    "sites. NeuroImage 2018;167:104-120. doi:10.1016/j.neuroimage.2017.11.024",
+    "Pomponio R, et al. Harmonization of large MRI datasets for the analysis of brain imaging "
+    "patterns throughout the lifespan. NeuroImage 2020;208:116450. "
+    "doi:10.1016/j.neuroimage.2019.116450",
+    "Benjamini Y, Hochberg Y. Controlling the false discovery rate: a practical and powerful "
+    "approach to multiple testing. J R Stat Soc B 1995;57(1):289-300. "
+    "doi:10.1111/j.2517-6161.1995.tb02031.x",
+]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _kinds(covariates: pd.DataFrame, names: list[str]) -> list[dict[str, Any]]:
+    return [{"name": n, "kind": "numeric" if pd.api.types.is_numeric_dtype(covariates[n])
+             and not pd.api.types.is_bool_dtype(covariates[n]) else "categorical"}
+            for n in names if n in covariates.columns]
+
+
+def _sites(covariates: pd.DataFrame, batch: pd.Series, kinds: list[dict[str, Any]]) -> dict:
+    rows = diagnostics.site_table(covariates, batch, {k["name"]: k["kind"] for k in kinds})
+    return {"rows": rows, "covariates": kinds}
+
+
+def _model_section(model: ComBatModel, model_id: str) -> dict[str, Any]:
+    meta = model.metadata
+    keep = ("method", "batches", "batch_map", "features", "covariates", "settings", "input",
+            "created_at", "association_with_batch", "empirical_bayes")
+    return dict({k: meta[k] for k in keep if k in meta}, model_id=model_id)
+
+
+def _location_scale(model: ComBatModel) -> dict[str, Any]:
+    return {"batches": model.batches, "features": model.features,
+            "gamma_star": model.gamma_star.round(6).tolist(),
+            "delta_star": model.delta_star.round(6).tolist()}
+
+
+def methods_text(model: ComBatModel) -> str:
+    """The methods paragraph, from what the model records about its own fit."""
+    meta = model.metadata
+    s = meta.get("settings", {})
+    covs = ", ".join(c["name"] for c in meta.get("covariates", []))
+    nh = meta.get("software", {}).get("neuroHarmonize", "?")
+    text = (f"{len(model.features)} features were harmonized across {len(model.batches)} batches "
+            f"({'site and scanner epoch' if s.get('batch') == 'site_epoch' else 'site'}) with ComBat "
+            f"(Johnson et al. 2007; Fortin et al. 2018) as implemented in neuroHarmonize {nh}, "
+            f"{'with' if model.eb else 'without'} empirical Bayes, preserving {covs}. ")
+    if model.spline is not None:
+        text += (f"{', '.join(model.spline.terms)} entered as penalised cubic B-splines "
+                 f"(df {model.spline.df}; ComBat-GAM, Pomponio et al. 2020) with the penalty "
+                 "weight of each feature chosen by 5-fold cross-validation; the spline fits were "
+                 "computed for all features at once (corelab harmonization.gam), equal to "
+                 "neuroHarmonize's per-feature GAMs for the same penalties. ")
+    text += (f"The model was fitted on {meta.get('input', {}).get('rows', '?')} scans; batches "
+             f"below {s.get('min_site_n')} scans were {'pooled' if s.get('small_site') == 'pool' else 'refused'}, "
+             f"and a covariate associated with batch above {s.get('max_confounding')} "
+             "(Cramér's V / eta) would have been refused. Site effects were tested per feature "
+             "with an OLS F-test and a Kruskal-Wallis test, Benjamini-Hochberg adjusted "
+             "(Benjamini & Hochberg 1995).")
+    return text
+
+
+def _base(title: str, kind: str, findings: list[Finding], data: HarmonizationData) -> dict:
+    return {"schema": SCHEMA, "kind": kind, "title": title, "generated_at": _now(),
+            "software": software_versions(), "findings": [f.to_dict() for f in findings],
+            "data": {"rows": data.n, "features": data.features.shape[1], "source": data.source},
+            "model": None, "diagnostics": None, "association": {}, "references": REFERENCES}
+
+
+def fit_report(data: HarmonizationData, result: FitResult, model_id: str,
+               title: str | None = None) -> dict[str, Any]:
+    """Report of a fit: everything the issue's statisticians asked for."""
+    model = result.model
+    r = _base(title or f"Harmonization model {model_id}", "fit", result.findings, data)
+    r["outcome"] = f"fitted {model.method} model {model_id}"
+    r["model"] = _model_section(model, model_id)
+    r["association"] = result.association
+    r["sites"] = _sites(data.covariates, result.batch, _kinds(data.covariates, model.encoding.names))
+    r["diagnostics"] = diagnostics.diagnose(data.features, result.harmonized, result.encoded,
+                                            result.batch, _adjust_for(model, result.encoded))
+    r["location_scale"] = _location_scale(model)
+    r["penalties"] = _penalties(model)
+    r["methods"] = methods_text(model)
+    return r
+
+
+def apply_report(model: ComBatModel, model_id: str, data: HarmonizationData, result: ApplyResult,
+                 title: str | None = None) -> dict[str, Any]:
+    """Report of applying a frozen model: the same before/after checks on the new rows."""
+    r = _base(title or f"Frozen model {model_id} applied", "apply", result.findings, data)
+    ok = result.ok
+    r["outcome"] = f"{int(ok.sum())} of {data.n} rows harmonized with frozen model {model_id}"
+    r["model"] = _model_section(model, model_id)
+    r["apply"] = {"rows": data.n, "harmonized": int(ok.sum()),
+                  "not_harmonized": dict(Counter(result.status[~ok]))}
+    sub = data.subset(ok)
+    batch = result.batch[ok]
+    r["sites"] = _sites(sub.covariates, batch, _kinds(sub.covariates, model.encoding.names))
+    if batch.nunique() >= 2 and ok.sum() > batch.nunique() + len(model.encoding.columns) + 1:
+        encoded, _ = model.encoding.encode(sub.covariates)
+        r["diagnostics"] = diagnostics.diagnose(sub.features[model.features],
+                                                result.harmonized[ok], encoded, batch,
+                                                _adjust_for(model, encoded))
+    r["location_scale"] = _location_scale(model)
+    r["methods"] = methods_text(model)
+    return r
+
+
+def refusal_report(data: HarmonizationData, covariates: list[str], error: HarmonizationRefused,
+                   title: str | None = None) -> dict[str, Any]:
+    """Report of a refused fit: what was seen, and every reason it was refused."""
+    r = _base(title or "Harmonization refused", "refused", error.findings, data)
+    n = len([f for f in error.findings if f.level == "refusal"])
+    r["outcome"] = f"refused ({n} reason{'s' if n != 1 else ''}); nothing was harmonized"
+    if data.batch.notna().all():
+        r["sites"] = _sites(data.covariates, data.batch, _kinds(data.covariates, covariates))
+    r["association"] = {f.where["covariate"]: round(v, 4) for f in error.findings
+                        for k, v in f.where.items() if k in ("eta", "Cramér's V")}
+    r["methods"] = "No model was fitted."
+    return r
+
+
+def _adjust_for(model: ComBatModel, encoded: pd.DataFrame) -> pd.DataFrame | None:
+    """A ComBat-GAM model's covariate design (spline basis included) for the site tests."""
+    if model.spline is None:
+        return None
+    return pd.DataFrame(combat.covariate_design(model, encoded), index=encoded.index)
+
+
+def _penalties(model: ComBatModel) -> dict[str, Any] | None:
+    if model.alphas is None:
+        return None
+    labels = ["/".join(f"{a:g}" for a in row) for row in model.alphas]
+    return {"terms": list(model.spline.terms), "per_feature": dict(zip(model.features, labels)),
+            "counts": dict(sorted(Counter(labels).items(), key=lambda kv: float(kv[0].split("/")[0])))}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * float(x):.1f} %"
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """Self-contained HTML of a report dict (figures drawn here, from the dict)."""
+    spec = yaml.safe_load((HERE / "report_spec.yaml").read_text(encoding="utf-8"))
+    d = report.get("diagnostics")
+    fig: dict[str, str] = {}
+    if report.get("sites"):
+        fig["sites"] = figures.sites(report["sites"]["rows"], report["sites"]["covariates"])
+    if d:
+        fig["site_effect"] = figures.site_effect(d["site_effect"]["per_feature"], d["alpha"])
+        fig["biology"] = figures.biology(d["biology"]["before"], d["biology"]["after"])
+        fig["boxplots"] = figures.boxplots(d["boxplots"])
+        fig["pca"] = figures.pca(d["pca"])
+    if report.get("location_scale"):
+        fig["location_scale"] = figures.location_scale(report["location_scale"])
+    has = {"summary": True, "findings": bool(report["findings"]), "sites": "sites" in fig,
+           "site_effect": bool(d), "biology": bool(d), "boxplots": bool(d), "pca": bool(d),
+           "location_scale": "location_scale" in fig, "penalties": bool(report.get("penalties")),
+           "apply": bool(report.get("apply")), "methods": True}
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE), autoescape=True)
+    return env.get_template("report.html.j2").render(r=report, spec=spec, has=has, fig=fig,
+                                                     pct=_pct)
+
+
+def to_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=1, default=str, allow_nan=True)
+
+
+def write_report(report: dict[str, Any], html_path: str | Path) -> tuple[Path, Path]:
+    """Write ``X.html`` and its ``X.json`` next to it; returns both paths."""
+    html_path = Path(html_path)
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path = html_path.with_suffix(".json")
+    json_path.write_text(to_json(report), encoding="utf-8")
+    html_path.write_text(render_html(report), encoding="utf-8")
+    return html_path, json_path
+
+
+def save_report(lake: Lake, report: dict[str, Any], name: str) -> tuple[str, str]:
+    """Store ``reports/harmonization/<name>.html`` and ``.json`` in the lake."""
+    base = f"reports/harmonization/{name}"
+    lake.write_text(base + ".json", to_json(report))
+    lake.write_text(base + ".html", render_html(report))
+    return base + ".html", base + ".json"
+
+
+@task(name="harmonization-report", cache_policy=NO_CACHE)
+def save_report_task(lake: Lake, report: dict[str, Any], name: str) -> tuple[str, str]:
+    """Prefect wrapper of :func:`save_report`."""
+    return save_report(lake, report, name)

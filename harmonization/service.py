@@ -1,0 +1,165 @@
+"""The four things a user asks of harmonization: fit or apply, on a table file or on the lake.
+
+Table mode (a statistician's CSV/Parquet) and lake mode (the trial's
+``biomarkers``) share one path: build :class:`HarmonizationData`, fit or apply
+(:mod:`harmonization.combat`), store the model (:mod:`harmonization.model_store`),
+write the harmonized values, write the report. A refused fit still writes its
+report (why it was refused) before the refusal propagates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from data_contracts.harmonization_settings import HarmonizationSettings
+from harmonization import combat, lake as lake_io, model_store, report
+from harmonization.errors import Finding, HarmonizationRefused
+from harmonization.inputs import from_wide_table, read_table_file, write_back, write_table_file
+from tasks.audit import append_event
+from tasks.storage import Lake
+
+
+@dataclass
+class Outcome:
+    """What a fit or apply did, for the CLI, the flow and the audit log."""
+
+    model_id: str
+    rows: int
+    harmonized: int
+    findings: list[Finding] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "rows": self.rows, "harmonized": self.harmonized,
+                "warnings": [f.message for f in self.findings if f.level == "warning"],
+                "outputs": self.outputs}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _fit_and_store(lake: Lake, data: Any, settings: HarmonizationSettings,
+                   extra_meta: dict[str, Any]) -> tuple[combat.FitResult, str]:
+    start = time.perf_counter()
+    result = combat.fit(data, settings)
+    result.model.metadata.update(extra_meta)
+    result.model.metadata["created_at"] = _now()
+    result.model.metadata["fit_seconds"] = round(time.perf_counter() - start, 3)
+    return result, model_store.save_model(lake, result.model)
+
+
+def fit_table(lake: Lake, table: str, batch_col: str, settings: HarmonizationSettings,
+              out: str, report_path: str | None = None, features: list[str] | None = None,
+              exclude: list[str] | None = None) -> Outcome:
+    """Fit on a wide table file, store the model in ``lake``, write the harmonized table.
+
+    Raises
+    ------
+    HarmonizationRefused
+        After writing the refusal report (when ``report_path`` is given).
+    """
+    df = read_table_file(table)
+    data = from_wide_table(df, batch_col, settings.covariates, features, exclude, source=table)
+    try:
+        result, model_id = _fit_and_store(lake, data, settings, {"batch_column": batch_col})
+    except HarmonizationRefused as exc:
+        if report_path:
+            report.write_report(report.refusal_report(data, settings.covariates, exc), report_path)
+        raise
+    outputs = {"table": str(write_table_file(write_back(df, result.harmonized), out)),
+               "model": lake.uri(model_store.model_dir(model_id))}
+    if report_path:
+        html, js = report.write_report(report.fit_report(data, result, model_id), report_path)
+        outputs.update(report=str(html), report_json=str(js))
+    return Outcome(model_id, data.n, data.n, result.findings, outputs)
+
+
+def apply_table(lake: Lake, model_id: str, table: str, out: str, batch_col: str | None = None,
+                report_path: str | None = None) -> Outcome:
+    """Apply a stored model to a wide table file; rows it cannot speak for keep a reason."""
+    model = model_store.load_model(lake, model_id)
+    batch_col = batch_col or model.metadata.get("batch_column") or "SITE"
+    df = read_table_file(table)
+    data = from_wide_table(df, batch_col, model.encoding.names, model.features, source=table)
+    result = combat.apply(model, data, model_id)
+    outputs = {"table": str(write_table_file(write_back(df, result.harmonized, result.status), out))}
+    if report_path:
+        html, js = report.write_report(report.apply_report(model, model_id, data, result),
+                                       report_path)
+        outputs.update(report=str(html), report_json=str(js))
+    return Outcome(model_id, data.n, int(result.ok.sum()), result.findings, outputs)
+
+
+def fit_lake(lake: Lake, rows: pd.DataFrame, covariates: pd.DataFrame,
+             settings: HarmonizationSettings) -> tuple[combat.ComBatModel, Outcome]:
+    """Fit on the reference rows of the lake; store model and report; log to the audit chain."""
+    data, left_out = lake_io.to_wide(rows, covariates, settings, "lake biomarkers (reference set)")
+    try:
+        result, model_id = _fit_and_store(lake, data, settings, {})
+    except HarmonizationRefused as exc:
+        exc.findings[:0] = left_out
+        name = f"refused-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
+        html, _ = report.save_report(lake, report.refusal_report(data, settings.covariates, exc), name)
+        append_event(lake, "harmonization_refused", report=html,
+                     reasons=[f.message for f in exc.findings if f.level == "refusal"])
+        raise
+    result.findings[:0] = left_out
+    rep = report.fit_report(data, result, model_id)
+    html, js = report.save_report(lake, rep, model_id)
+    append_event(lake, "harmonization_model_fitted", model_id=model_id, rows=data.n,
+                 batches=result.model.batches, report=html)
+    return result.model, Outcome(model_id, data.n, data.n, result.findings,
+                                 {"model": model_store.model_dir(model_id), "report": html,
+                                  "report_json": js})
+
+
+def apply_lake(lake: Lake, model: combat.ComBatModel, model_id: str, rows: pd.DataFrame,
+               covariates: pd.DataFrame, settings: HarmonizationSettings,
+               only_new: bool = True) -> Outcome:
+    """Apply a frozen model to QC-passed lake rows and upsert ``biomarkers_harmonized``."""
+    data, left_out = lake_io.to_wide(rows, covariates, settings, "lake biomarkers")
+    if only_new:
+        done = lake_io.already_harmonized(lake, model_id)
+        data = data.subset([key not in done for key in data.features.index])
+    if data.n == 0:
+        return Outcome(model_id, 0, 0, left_out, {})
+    try:
+        result = combat.apply(model, data, model_id)
+    except HarmonizationRefused as exc:
+        append_event(lake, "harmonization_apply_refused", model_id=model_id,
+                     reasons=[f.message for f in exc.findings])
+        raise
+    per_site = lake_io.harmonized_rows(rows, result.harmonized[result.ok], result.batch[result.ok],
+                                       model_id)
+    written = lake_io.write_harmonized(lake, per_site)
+    name = f"{model_id}-apply-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
+    html, js = report.save_report(lake, report.apply_report(model, model_id, data, result), name)
+    findings = left_out + result.findings
+    append_event(lake, "harmonization_applied", model_id=model_id, scans=data.n,
+                 harmonized=int(result.ok.sum()), rows_written=written, report=html,
+                 needs_refit=[f.message for f in result.findings])
+    return Outcome(model_id, data.n, int(result.ok.sum()), findings,
+                   {"report": html, "report_json": js})
+
+
+@task(name="fit-harmonization-model", cache_policy=NO_CACHE)
+def fit_lake_task(lake: Lake, rows: pd.DataFrame, covariates: pd.DataFrame,
+                  settings: HarmonizationSettings) -> tuple[combat.ComBatModel, Outcome]:
+    """Prefect wrapper of :func:`fit_lake`."""
+    return fit_lake(lake, rows, covariates, settings)
+
+
+@task(name="apply-harmonization-model", cache_policy=NO_CACHE)
+def apply_lake_task(lake: Lake, model: combat.ComBatModel, model_id: str, rows: pd.DataFrame,
+                    covariates: pd.DataFrame, settings: HarmonizationSettings,
+                    only_new: bool = True) -> Outcome:
+    """Prefect wrapper of :func:`apply_lake`."""
+    return apply_lake(lake, model, model_id, rows, covariates, settings, only_new)
