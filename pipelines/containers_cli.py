@@ -12,7 +12,8 @@ from pathlib import Path
 
 import typer
 
-from pipelines.image_build import DEFAULT_BASE, BuildError, build_image, lock_requirements, podman_env
+from pipelines.image_build import (DEFAULT_BASE, BuildError, build_image, export_sif,
+                                   lock_requirements, podman_env)
 from pipelines.images import LOCK_PATH, REPO, LockError, definition_drift, read_lock
 from pipelines.registry import UnknownPipeline, spec_for_image
 
@@ -47,6 +48,16 @@ def lock_requirements_cmd(image: str = typer.Argument("anat")) -> None:
     except (BuildError, LockError) as err:
         _fail(err)
     typer.echo(f"wrote {path}; rebuild the image: corelab containers build {image}")
+
+
+@app.command()
+def sif(image: str = typer.Argument("anat"), lock: Path = typer.Option(LOCK_PATH)) -> None:
+    """Convert the locked IMAGE to an apptainer SIF and record its sha256 in the lock."""
+    try:
+        path = export_sif(image, lock)
+    except (BuildError, LockError) as err:
+        _fail(err)
+    typer.echo(f"{image}: {path} recorded in {lock}")
 
 
 @app.command("list")

@@ -25,11 +25,12 @@ import subprocess
 import sys
 import tempfile
 import tomllib
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pipelines.images import (CONTAINERS, LOCK_PATH, REPO, LockedImage, LockError, containerfile_path,
-                              normalize, read_requirements, requirements_path, sha256_file,
+                              locked_image, normalize, read_requirements, requirements_path, sha256_file,
                               source_sha256, write_lock_entry)
 from pipelines.spec import PipelineSpec
 
@@ -218,3 +219,28 @@ def lock_requirements(key: str, constraints: Path = REPO / "requirements.lock",
     out = requirements_path(key)
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def export_sif(key: str, lock_path: Path = LOCK_PATH, sif_dir: Path = CACHE / "sif") -> Path:
+    """Convert the locked image to an apptainer SIF and record the SIF's sha256 in the lock.
+
+    The image is saved from podman by its locked ID (``podman save --format docker-archive``)
+    and built into ``sif_dir/<key>-<id12>.sif`` by ``apptainer build``; the apptainer backend
+    later runs that file only while its sha256 equals the recorded one.
+    """
+    entry = locked_image(key, lock_path)
+    env = podman_env()
+    if image_id(entry.tagged, env) != entry.digest:
+        raise BuildError(f"podman's {entry.tagged} is not the locked {entry.digest}; rebuild first")
+    sif_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{key}-{entry.digest.removeprefix('sha256:')[:12]}"
+    archive, sif = sif_dir / f"{stem}.tar", sif_dir / f"{stem}.sif"
+    try:
+        run_logged(["podman", "save", "--format", "docker-archive", "-o", str(archive),
+                    entry.digest.removeprefix("sha256:")], env=env, step="podman save")
+        run_logged(["apptainer", "build", "--force", str(sif), f"docker-archive://{archive}"],
+                   step="apptainer build")
+    finally:
+        archive.unlink(missing_ok=True)
+    write_lock_entry(replace(entry, sif_sha256=sha256_file(sif)), lock_path)
+    return sif

@@ -275,13 +275,13 @@ def run_pipeline(spec: PipelineSpec, input_path: str | Path, output_dir: str | P
     entry = _locked(spec, lock_path)
     entities = {k: v for k, v in (entities or {}).items() if v is not None}
     options = dict(entities) | {"threads": threads}
-    output_dir.mkdir(parents=True, exist_ok=True)
     if backend == "local":
         plan = plan_local(spec, entry, input_path, output_dir, subject, session, options,
                           allow_version_mismatch, containers, repo=containers.parent)
     else:
         plan = plan_container(backend, spec, entry, input_path, output_dir, subject, session,
                               options, containers, sif_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)  # only once the run is allowed
     record = RunRecord(
         run_id=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "_" + uuid.uuid4().hex[:8],
         pipeline=spec.name, pipeline_version=spec.version, backend=backend,

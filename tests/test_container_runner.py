@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from pipelines.image_build import export_sif
 from pipelines.images import (REPO, LockedImage, LockError, definition_drift, installed_mismatches,
                               read_lock, read_requirements, sha256_file, source_sha256,
                               write_lock_entry)
@@ -54,6 +55,10 @@ with open(os.environ["FAKE_LOG"], "a") as fh:
     fh.write(json.dumps([os.path.basename(sys.argv[0])] + args) + "\\n")
 if args[:1] == ["--version"]:
     print("fake-engine 1.0"); sys.exit(0)
+if args[:1] == ["save"]:
+    open(args[args.index("-o") + 1], "w").write("image archive")
+if args[:1] == ["build"]:
+    open(args[2], "w").write("SIF built from " + args[3])
 if args[:2] == ["image", "inspect"]:
     if not os.environ.get("FAKE_ID"):
         print("Error: no such image", file=sys.stderr); sys.exit(125)
@@ -241,6 +246,7 @@ def test_oci_run_refused_when_the_image_is_not_the_locked_one(setup, t1, monkeyp
     monkeypatch.setenv("FAKE_ID", OTHER.removeprefix("sha256:"))
     with pytest.raises(DigestMismatch, match=OTHER):
         run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="docker", **setup["kw"])
+    assert not setup["out"].exists()
     monkeypatch.setenv("FAKE_ID", "")
     with pytest.raises(ImageMissing, match="corelab containers build toy"):
         run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="podman", **setup["kw"])
@@ -264,12 +270,13 @@ def test_run_refused_when_the_lock_was_built_for_another_pipeline_version(setup,
 
 
 def test_apptainer_runs_only_the_locked_sif(setup, t1, tmp_path):
-    sif = tmp_path / "sif" / "toy-abababababab.sif"
-    sif.parent.mkdir()
-    sif.write_bytes(b"SIF image bytes")
     with pytest.raises(ImageMissing, match="no SIF"):
         run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="apptainer", **setup["kw"])
-    write_lock_entry(replace(setup["entry"], sif_sha256=sha256_file(sif)), setup["lock"])
+    sif = export_sif("toy", setup["lock"], tmp_path / "sif")
+    assert sif.name == "toy-abababababab.sif" and not list(sif.parent.glob("*.tar"))
+    assert read_lock(setup["lock"])["toy"].sif_sha256 == sha256_file(sif)
+    save, build = [c for c in engine_calls(setup["log"]) if c[1] in ("save", "build")]
+    assert save[-1] == DIGEST.removeprefix("sha256:") and build[-1].startswith("docker-archive://")
     rec = run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="apptainer", **setup["kw"])
     (ran,) = runs(setup["log"])
     assert rec.ok and rec.command == ran and ran[ran.index(str(sif)) + 1] == "python"
