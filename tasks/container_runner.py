@@ -62,7 +62,15 @@ RUN_ENV = {"HOME": "/tmp", "MPLBACKEND": "Agg", "NIPYPE_NO_ET": "1", "PYTHONUNBU
 
 @dataclass
 class RunRecord:
-    """Provenance of one run: JSON-ready through :meth:`to_dict`."""
+    """Provenance of one run: JSON-ready through :meth:`to_dict`.
+
+    ``image``/``digest`` name the locked image: the one that ran (container backends) or the
+    one this environment was checked against (``local``). ``command`` is the exact argv run;
+    ``inputs`` and ``outputs`` map paths (outputs relative to the output folder) to sha256;
+    ``versions`` holds the engine and Python versions and the package versions in effect
+    (the image's pins, or what is installed for ``local``). ``version_override`` is True only
+    for a ``local`` run allowed despite ``version_mismatches``.
+    """
 
     run_id: str
     pipeline: str

@@ -114,6 +114,10 @@ def setup(tmp_path, monkeypatch):
             "kw": kw, "out": tmp_path / "out"}
 
 
+def toy_run(setup: dict, t1: Path, backend: str, **kwargs):
+    return run_pipeline(TOY, t1, setup["out"], "01", "V1", backend=backend, **setup["kw"], **kwargs)
+
+
 def engine_calls(log: Path) -> list[list[str]]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
@@ -223,7 +227,7 @@ def test_paths_engines_cannot_mount_are_refused(t1, tmp_path):
 
 @pytest.mark.parametrize("backend", ["docker", "podman"])
 def test_oci_run_checks_digest_then_runs_the_locked_id(setup, t1, backend):
-    rec = run_pipeline(TOY, t1, setup["out"], "01", "V1", backend=backend, threads=2, **setup["kw"])
+    rec = toy_run(setup, t1, backend, threads=2)
     (ran,) = runs(setup["log"])
     assert rec.ok and rec.exit_code == 0 and rec.command == ran
     assert ran[ran.index("--network") + 1] == "none"
@@ -245,18 +249,18 @@ def test_oci_run_checks_digest_then_runs_the_locked_id(setup, t1, backend):
 def test_oci_run_refused_when_the_image_is_not_the_locked_one(setup, t1, monkeypatch):
     monkeypatch.setenv("FAKE_ID", OTHER.removeprefix("sha256:"))
     with pytest.raises(DigestMismatch, match=OTHER):
-        run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="docker", **setup["kw"])
+        toy_run(setup, t1, "docker")
     assert not setup["out"].exists()
     monkeypatch.setenv("FAKE_ID", "")
     with pytest.raises(ImageMissing, match="corelab containers build toy"):
-        run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="podman", **setup["kw"])
+        toy_run(setup, t1, "podman")
     assert runs(setup["log"]) == []
 
 
 def test_container_run_refused_when_the_definition_changed(setup, t1):
     (setup["containers"] / "toy" / "requirements.lock").write_text("numpy==1.26.4\n")
     with pytest.raises(StaleLock, match="requirements lock"):
-        run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="docker", **setup["kw"])
+        toy_run(setup, t1, "docker")
     assert runs(setup["log"]) == []
 
 
@@ -271,24 +275,24 @@ def test_run_refused_when_the_lock_was_built_for_another_pipeline_version(setup,
 
 def test_apptainer_runs_only_the_locked_sif(setup, t1, tmp_path):
     with pytest.raises(ImageMissing, match="no SIF"):
-        run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="apptainer", **setup["kw"])
+        toy_run(setup, t1, "apptainer")
     sif = export_sif("toy", setup["lock"], tmp_path / "sif")
     assert sif.name == "toy-abababababab.sif" and not list(sif.parent.glob("*.tar"))
     assert read_lock(setup["lock"])["toy"].sif_sha256 == sha256_file(sif)
     save, build = [c for c in engine_calls(setup["log"]) if c[1] in ("save", "build")]
     assert save[-1] == DIGEST.removeprefix("sha256:") and build[-1].startswith("docker-archive://")
-    rec = run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="apptainer", **setup["kw"])
+    rec = toy_run(setup, t1, "apptainer")
     (ran,) = runs(setup["log"])
     assert rec.ok and rec.command == ran and ran[ran.index(str(sif)) + 1] == "python"
     assert f"{t1.resolve()}:/data/in/{t1.name}:ro" in ran
     sif.write_bytes(b"another image")
     with pytest.raises(DigestMismatch, match="sha256"):
-        run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="apptainer", **setup["kw"])
+        toy_run(setup, t1, "apptainer")
 
 
 def test_failed_pipeline_is_a_record_not_an_exception(setup, t1, monkeypatch):
     monkeypatch.setenv("FAKE_EXIT", "3")
-    rec = run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="docker", **setup["kw"])
+    rec = toy_run(setup, t1, "docker")
     assert not rec.ok and rec.exit_code == 3 and "status 3" in rec.error
     assert rec.to_dict()["command_line"].startswith("docker run --rm")
 
@@ -296,15 +300,15 @@ def test_failed_pipeline_is_a_record_not_an_exception(setup, t1, monkeypatch):
 def test_missing_engine_is_named(setup, t1, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(EngineMissing, match="docker is not on PATH"):
-        run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="docker", **setup["kw"])
+        toy_run(setup, t1, "docker")
     with pytest.raises(ContainerRunError, match="unknown backend"):
-        run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="singularity", **setup["kw"])
+        toy_run(setup, t1, "singularity")
 
 
 # --- local backend -----------------------------------------------------------------------------
 
 def test_local_runs_when_the_environment_equals_the_image(setup, t1):
-    rec = run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="local", **setup["kw"])
+    rec = toy_run(setup, t1, "local")
     assert rec.ok and rec.command[0] == sys.executable and "--container-digest" not in rec.command
     assert not rec.version_override and rec.version_mismatches == []
     assert rec.outputs["sub-01/out.nii.gz"] == sha256_file(t1)
@@ -316,10 +320,9 @@ def test_local_refused_on_version_mismatch_unless_overridden(setup, t1):
     req.write_text(req.read_text().replace("numpy==1.26.4", "numpy==1.25.0"))
     write_lock_entry(replace(setup["entry"], requirements_sha256=sha256_file(req)), setup["lock"])
     with pytest.raises(VersionMismatch, match="numpy: image has 1.25.0, installed 1.26.4"):
-        run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="local", **setup["kw"])
+        toy_run(setup, t1, "local")
     assert not (setup["out"] / "sub-01").exists()
-    rec = run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="local",
-                       allow_version_mismatch=True, **setup["kw"])
+    rec = toy_run(setup, t1, "local", allow_version_mismatch=True)
     assert rec.ok and rec.version_override
     assert rec.version_mismatches == ["numpy: image has 1.25.0, installed 1.26.4"]
     assert rec.to_dict()["version_override"] is True
@@ -328,12 +331,12 @@ def test_local_refused_on_version_mismatch_unless_overridden(setup, t1):
 def test_local_refused_when_the_pipeline_code_differs_from_the_image(setup, t1):
     (setup["repo"] / "toysrc" / "main.py").write_text("print('changed')\n")
     with pytest.raises(VersionMismatch, match="toysrc changed"):
-        run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="local", **setup["kw"])
+        toy_run(setup, t1, "local")
 
 
 def test_local_failure_and_timeout_are_recorded(setup, t1, monkeypatch):
     monkeypatch.setenv("TOY_EXIT", "4")
-    rec = run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="local", **setup["kw"])
+    rec = toy_run(setup, t1, "local")
     assert not rec.ok and rec.exit_code == 4 and "toy done" in rec.stdout_tail
     monkeypatch.setenv("TOY_EXIT", "0")
     monkeypatch.setenv("TOY_SLEEP", "30")
