@@ -46,6 +46,12 @@ def reject_study(lake: Lake, site: str, upload_key: str, files: list[ReceivedFil
             for f in files]
 
 
+def quarantine_finding(r: QuarantineRecord) -> Finding:
+    """A rejected file as a deviation; a stray non-DICOM file (a README) is minor."""
+    return Finding(kind="quarantined_file", severity="minor" if r.code == "not_dicom" else "major",
+                   observed=r.code, message=f"file with sha256 {r.sha256[:12]} quarantined ({r.code})")
+
+
 def _studies(files: list[ReceivedFile]) -> dict[str, list[ReceivedFile]]:
     out: dict[str, list[ReceivedFile]] = {}
     for f in files:
@@ -91,9 +97,7 @@ def receive_study(upload: str, site: str, trial_file: str | None = None, lake_ur
             continue
         if n == 0:  # files rejected at inventory belong to the upload's first study
             outcome.quarantined = rejected + outcome.quarantined
-            outcome.findings += [Finding(kind="quarantined_file", severity="major", observed=r.code,
-                                         message=f"file sha256 {r.sha256[:12]} quarantined: {r.code}")
-                                 for r in rejected]
+            outcome.findings += [quarantine_finding(r) for r in rejected]
             outcome.n_quarantined = len(outcome.quarantined)
         outcome.flow_run_id = run_id()
         # 6. record: tables, site queries, audit (each checked for PHI first)

@@ -23,6 +23,7 @@ independently before anything reaches ``deid/``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import io
@@ -33,6 +34,7 @@ from importlib import metadata
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, generate_uid
@@ -41,7 +43,7 @@ from pydicom._uid_dict import UID_dictionary
 from data_contracts.trial import Deidentification, vendor_of
 from tasks._annex_e import ACTIONS, WILDCARDS
 from tasks._safe_private import SAFE_PRIVATE
-from tasks.dicom_walk import raw_vr, walk
+from tasks.dicom_walk import maybe_sequence, raw_vr, walk
 
 OPTION_COLUMNS = {
     "retain_longitudinal_modified_dates": "rtnLongModifDatesOpt",
@@ -59,7 +61,9 @@ METHOD_CODES = {
     "clean_descriptors": ("113105", "Clean Descriptors Option"),
     "retain_safe_private": ("113111", "Retain Safe Private Option"),
 }
-TEXT_VRS = {"AE", "AS", "CS", "DS", "IS", "LO", "LT", "PN", "SH", "ST", "UC", "UT", "UR"}
+# Free text, where an identifying value can hide. Numbers (DS, IS), code strings
+# (CS) and ages (AS) cannot hold a name; leaving them unconverted keeps writing fast.
+TEXT_VRS = {"LO", "LT", "PN", "SH", "ST", "UC", "UT"}
 PROVIDER_KEYWORDS = (
     "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
     "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers", "PatientBirthDate",
@@ -87,19 +91,34 @@ class DeidContext:
     date_shift_days: int            # negative: dates move back
     replaced_uids: dict[str, str] = field(default_factory=dict)
     needles: list[str] | None = None                     # set by prepare()
-    private_replacements: list[tuple[bytes, bytes]] = field(default_factory=list)
+    same_length: "SameLength | None" = None
+    original_dates: frozenset[str] = frozenset()
 
     def prepare(self, headers: list[Dataset]) -> "DeidContext":
         """Learn the study's identifying values once, from all of its headers."""
         needles: set[str] = set()
         dates: set[str] = set()
+        uids: set[str] = set()
         for h in headers:
             needles.update(identifying_values(h, self.options))
-            if self.options.retain_longitudinal_modified_dates:
-                dates |= _original_dates(h)
-        self.needles = sorted(needles, key=len, reverse=True)
-        self.private_replacements = _same_length_replacements(self.needles, dates, self)
+            dates |= _original_dates(h)
+            uids.update(str(e.value) for e in walk(h, frozenset({"UI"}))
+                        if isinstance(e.value, str) and e.value and e.value not in UID_dictionary)
+        self.original_dates = frozenset(dates)
+        self.needles = sorted(needles, key=lambda v: (-len(v), v))
+        keep_dates = self.options.retain_longitudinal_modified_dates
+        self.same_length = SameLength(
+            uids={u.encode(): self._same_length_uid(u).encode() for u in uids},
+            dates={d.encode(): (self.shift(d) if keep_dates else "") .encode() or b"0" * len(d)
+                   for d in dates},
+            text=tuple((SameLength.text_pattern(n), b"X" * len(n.encode("latin-1", "replace")))
+                       for n in self.needles if not n.isdigit() or len(n) >= 5))
         return self
+
+    def _same_length_uid(self, uid: str) -> str:
+        """A stand-in of the same length for a UID inside a binary private header."""
+        new = self.new_uid(uid).replace("2.25.", "")
+        return ("2.25." + new * 2)[: len(uid)] if len(uid) > 5 else "9" * len(uid)
 
     @property
     def method_text(self) -> list[str]:
@@ -112,8 +131,14 @@ class DeidContext:
         if not uid or uid in UID_dictionary:
             return uid  # standard UIDs (SOP classes, transfer syntaxes) identify nothing
         if uid not in self.replaced_uids:
-            self.replaced_uids[uid] = generate_uid(
-                prefix=None, entropy_srcs=[self.key.hex(), self.trial_id, uid])
+            for attempt in range(100):
+                new = generate_uid(prefix=None, entropy_srcs=[self.key.hex(), self.trial_id, uid]
+                                   + ([str(attempt)] if attempt else []))
+                # a new UID must not spell an original date by chance: verification would
+                # (rightly) take it for a leaked date
+                if not any(d in new for d in self.original_dates):
+                    break
+            self.replaced_uids[uid] = new
         return self.replaced_uids[uid]
 
     def shift(self, value: str) -> str:
@@ -128,6 +153,7 @@ class DeidContext:
         return (d + timedelta(days=self.date_shift_days)).strftime("%Y%m%d") + value[8:]
 
 
+@functools.lru_cache(maxsize=1)
 def _version() -> str:
     try:
         return metadata.version("corelab-imaging")
@@ -165,7 +191,8 @@ def identifying_values(ds: Dataset, options: Deidentification) -> list[str]:
         v = ds.get(kw)
         if v is None:
             continue
-        items = [v] if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") else list(v)
+        # only true multi-values are lists: a PersonName iterates over its characters
+        items = list(v) if isinstance(v, (list, tuple, MultiValue)) else [v]
         for item in items:
             text = str(item).strip()
             vals.add(text)
@@ -173,7 +200,7 @@ def identifying_values(ds: Dataset, options: Deidentification) -> list[str]:
                 vals.update(re.split(r"[\^=\s]+", text))
             elif kw.endswith("Address"):
                 vals.update(p.strip(" -") for p in text.split(",") if len(p.strip(" -")) >= 5)
-    return sorted((v for v in vals if len(v) >= 3), key=len, reverse=True)
+    return sorted((v for v in vals if len(v) >= 3), key=lambda v: (-len(v), v))
 
 
 def _original_dates(ds: Dataset) -> set[str]:
@@ -221,10 +248,52 @@ def _scrub_text(text: str, needles: list[str]) -> str:
     return re.sub(r"\s{2,}", " ", text).strip()
 
 
-def _scrub_same_length(value: bytes, replacements: list[tuple[bytes, bytes]]) -> bytes:
-    for old, new in replacements:
-        value = value.replace(old, new)
-    return value
+UID_TOKEN = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
+DIGIT_RUN = re.compile(rb"[0-9]{8,}")
+
+
+@dataclass(frozen=True)
+class SameLength:
+    """Overwrites identifying values inside binary private headers, keeping every length.
+
+    UIDs are found as dotted-number tokens and looked up (thousands of UIDs in
+    one study make a search per UID too slow); dates are found inside digit
+    runs, which is where they hide in vendor UIDs; the few text values are
+    searched directly.
+    """
+
+    uids: dict[bytes, bytes]
+    dates: dict[bytes, bytes]
+    text: tuple[tuple[re.Pattern[bytes], bytes], ...]
+
+    @staticmethod
+    def text_pattern(value: str) -> re.Pattern[bytes]:
+        """Case-insensitive; short values and numbers only as whole words or numbers.
+
+        "27018" inside a longer number is another number, and "Test" inside
+        "Latest" is not a name; overwriting them would only maim the header.
+        """
+        v = re.escape(value.encode("latin-1", "replace"))
+        if value.isdigit():
+            return re.compile(rb"(?<![0-9])" + v + rb"(?![0-9])")
+        if len(value) < 5:
+            return re.compile(rb"(?<![A-Za-z0-9])" + v + rb"(?![A-Za-z0-9])", re.IGNORECASE)
+        return re.compile(v, re.IGNORECASE)
+
+    def __call__(self, value: bytes) -> bytes:
+        if self.uids:
+            value = UID_TOKEN.sub(lambda m: self.uids.get(m.group(0), m.group(0)), value)
+        if self.dates:
+            value = DIGIT_RUN.sub(self._dates_in_run, value)
+        for pattern, new in self.text:
+            value = pattern.sub(new, value)
+        return value
+
+    def _dates_in_run(self, m: re.Match[bytes]) -> bytes:
+        run = m.group(0)
+        for old, new in self.dates.items():
+            run = run.replace(old, new)
+        return run
 
 
 def _apply(ds: Dataset, elem: DataElement, action: str, ctx: DeidContext, needles: list[str]) -> None:
@@ -267,25 +336,28 @@ def _shift_element(elem: DataElement, ctx: DeidContext) -> None:
 
 def _walk(ds: Dataset, ctx: DeidContext, safe: frozenset[tuple[str, int, int]]) -> None:
     needles = ctx.needles or []
+    items = list(ds.items())  # raw elements: nothing is converted unless an action needs its value
+    creators = {(t.group, t.element): str(ds[t].value).strip()
+                for t, _ in items if t.is_private and 0x10 <= t.element <= 0xFF}
     kept_blocks: set[tuple[int, int]] = set()
-    for tag in list(ds.keys()):
+    for tag, raw in items:
         if tag.is_private:
             if tag.element < 0x1000:  # private creator; decided after its block
                 continue
-            creator_tag = Tag(tag.group, tag.element >> 8)
-            creator = str(ds[creator_tag].value).strip() if creator_tag in ds else ""
-            if not ctx.options.retain_safe_private or (creator, tag.group, tag.element & 0xFF) not in safe:
+            block = (tag.group, tag.element >> 8)
+            if not ctx.options.retain_safe_private or \
+                    (creators.get(block, ""), tag.group, tag.element & 0xFF) not in safe:
                 del ds[tag]  # no conversion needed to drop it
                 continue
-            kept_blocks.add((tag.group, tag.element >> 8))
+            kept_blocks.add(block)
             _clean_private(ds[tag], ctx, safe)
             continue
-        vr = raw_vr(ds, tag)
+        vr = raw_vr(tag, raw)
         action = action_for(tag, ctx.options) or _default_action(vr)
         if action == "X":
             del ds[tag]
             continue
-        if action == "K" and vr not in ("SQ", "UI", "DA", "DT"):
+        if action == "K" and not maybe_sequence(vr, raw) and vr not in ("UI", "DA", "DT"):
             continue  # kept as is, never converted
         elem = ds[tag]
         if elem.VR == "SQ" and action not in ("X", "Z"):
@@ -293,9 +365,8 @@ def _walk(ds: Dataset, ctx: DeidContext, safe: frozenset[tuple[str, int, int]]) 
                 _walk(item, ctx, safe)
             continue
         _apply(ds, elem, action, ctx, needles)
-    for tag in list(ds.keys()):
-        if tag.is_private and tag.element < 0x1000 and (tag.group, tag.element) not in kept_blocks:
-            del ds[tag]
+    for block in set(creators) - kept_blocks:
+        del ds[Tag(*block)]
 
 
 def _default_action(vr: str) -> str:
@@ -309,21 +380,14 @@ def _default_action(vr: str) -> str:
 
 
 def _clean_private(elem: DataElement, ctx: DeidContext, safe: frozenset[tuple[str, int, int]]) -> None:
-    private = ctx.private_replacements
+    scrub = ctx.same_length
     if elem.VR == "SQ":
         for item in elem.value:
             _walk(item, ctx, safe)
     elif isinstance(elem.value, bytes):
-        elem.value = _scrub_same_length(elem.value, private)
+        elem.value = scrub(elem.value)
     elif isinstance(elem.value, str):
-        elem.value = _scrub_same_length(elem.value.encode("latin-1", "replace"), private).decode("latin-1")
-
-
-def _same_length_replacements(needles: list[str], dates: set[str], ctx: DeidContext) -> list[tuple[bytes, bytes]]:
-    reps = [(d.encode(), ctx.shift(d).encode()) for d in sorted(dates) if ctx.shift(d)]
-    reps += [(n.encode("latin-1", "replace"), b"X" * len(n.encode("latin-1", "replace")))
-             for n in needles if not n.isdigit() or len(n) >= 5]
-    return reps
+        elem.value = scrub(elem.value.encode("latin-1", "replace")).decode("latin-1")
 
 
 def deidentify(ds: Dataset, ctx: DeidContext) -> Dataset:

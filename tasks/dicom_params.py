@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
@@ -26,7 +27,7 @@ SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 def _num(value: Any) -> float | None:
     if value is None or value == "":
         return None
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+    if isinstance(value, (list, tuple, MultiValue)):
         value = value[0] if len(value) else None
         if value is None:
             return None

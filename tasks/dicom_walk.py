@@ -18,9 +18,8 @@ from pydicom.dataset import Dataset
 UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
-def raw_vr(ds: Dataset, tag: int) -> str:
-    """The VR of an element without converting its value."""
-    raw = ds.get_item(tag)
+def raw_vr(tag: int, raw: object) -> str:
+    """The VR of a (possibly raw) element without converting its value."""
     vr = getattr(raw, "VR", None)
     if vr:
         return str(vr)
@@ -30,17 +29,19 @@ def raw_vr(ds: Dataset, tag: int) -> str:
         return "UN"
 
 
+def maybe_sequence(vr: str, raw: object) -> bool:
+    return vr == "SQ" or (vr == "UN" and getattr(raw, "length", 0) == UNDEFINED_LENGTH)
+
+
 def walk(ds: Dataset, vrs: frozenset[str], tags: frozenset[int] = frozenset()) -> Iterator[DataElement]:
     """Every element (at any depth) whose VR is in ``vrs`` or whose tag is in ``tags``."""
-    for tag in list(ds.keys()):
-        vr = raw_vr(ds, tag)
-        raw = ds.get_item(tag)
-        maybe_seq = vr == "SQ" or (vr == "UN" and getattr(raw, "length", 0) == UNDEFINED_LENGTH)
-        if maybe_seq:
+    for tag, raw in list(ds.items()):  # items() hands out raw elements unconverted
+        vr = raw_vr(tag, raw)
+        if maybe_sequence(vr, raw):
             elem = ds[tag]
             if elem.VR == "SQ":
                 for item in elem.value:
                     yield from walk(item, vrs, tags)
                 continue
-        if vr in vrs or int(tag) in tags:
+        if vr in vrs or tag in tags:
             yield ds[tag]

@@ -83,6 +83,8 @@ def receive_one_study(sc: StudyContext, files: list[ReceivedFile]) -> StudyOutco
     secret = trial.secret(opts.secret_env)
     shift = date_shift_days(secret, trial.trial_id, subject, opts.max_date_shift_days)
     ctx = DeidContext(trial.trial_id, site, subject, "", secret, opts, shift)
+    headers = [f.header for f in files]
+    ctx.prepare(headers)  # before any UID is replaced: new UIDs must avoid original dates
     new_study_uid = ctx.new_uid(str(files[0].header.StudyInstanceUID))
     acq = _study_date(files) + timedelta(days=shift)
     prior = _prior(lake, site, subject)
@@ -100,10 +102,8 @@ def receive_one_study(sc: StudyContext, files: list[ReceivedFile]) -> StudyOutco
         baseline = min(base["acquisition_date"]) if len(base) else None
         visit = assign_visit(trial, acq, baseline, set(prior["session"]) if len(prior) else set())
     ctx.session = visit.session
-    headers = [f.header for f in files]
     matcher = Matcher(collect_identifiers(headers, opts.retain_device_identity),
                       own_labels=[trial.trial_id, site, subject, visit.session])
-    ctx.prepare(headers)
     outcome = StudyOutcome(key, trial.trial_id, site, subject, visit.session, new_study_uid, acq,
                            visit.days_from_baseline, visit.in_window, len(files), 0,
                            "; ".join(ctx.method_text), findings=list(visit.findings), matcher=matcher)

@@ -158,7 +158,9 @@ def parse_dicom(data: bytes) -> Dataset:
 
 def _check_pixel_size(ds: Dataset) -> None:
     if "PixelData" not in ds:
-        return
+        # A truncated file often parses up to the cut; an image without pixels
+        # is either that or a non-image object, and neither can be processed.
+        raise InventoryError("no_pixel_data", "no pixel data (truncated, or not an image object)")
     ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
     if ts not in UNCOMPRESSED:
         return  # encapsulated: lengths are per fragment, the decoder checks them

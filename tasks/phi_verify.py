@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom._uid_dict import UID_dictionary
 
 from tasks.dicom_walk import walk
@@ -62,11 +63,12 @@ class Leak:
 
 
 def _values(value: object) -> list[str]:
+    # Only true multi-values are lists: a PersonName iterates over its characters.
     if value is None:
         return []
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        return [str(value)]
-    return [str(v) for v in value]
+    if isinstance(value, (list, tuple, MultiValue)):
+        return [str(v) for v in value]
+    return [str(value)]
 
 
 def _pieces(kw: str, value: str) -> set[Identifier]:
@@ -111,8 +113,19 @@ def collect_identifiers(headers: Iterable[Dataset], retain_device_identity: bool
     return sorted(found, key=lambda i: (i.source, i.value))
 
 
+UID_TOKEN = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
+DIGIT_RUN = re.compile(rb"[0-9]+")
+
+
 class Matcher:
-    """Compiled searches for one set of identifiers.
+    """Searches for one study's identifiers, fast enough for every output byte.
+
+    Thousands of UIDs and a few dates cannot be searched one regex alternative
+    at a time, so numbers are found by their shape and looked up: every
+    dotted-number token (and each run of its components) against the original
+    UIDs, every window of every digit run against the dates and long numbers,
+    short numbers only as whole digit runs. The few values with letters (names,
+    IDs, addresses) are one regular expression.
 
     ``own_labels`` are corelab's own words (trial id, site id, subject label):
     an identifier component equal to one of their tokens (the "nih" of both
@@ -123,45 +136,65 @@ class Matcher:
     def __init__(self, identifiers: Iterable[Identifier], own_labels: Iterable[str] = ()):
         identifiers = list(identifiers)
         own = {t for label in own_labels for t in re.split(r"[^a-z0-9]+", label.lower()) if t}
-        clash = [i for i in identifiers if i.value.lower() in own]
-        identifiers = [i for i in identifiers if i.value.lower() not in own]
-        ids = [i for i in identifiers if len(i.value) >= SHORT]
-        self.too_short = sorted({i.source for i in identifiers if len(i.value) < SHORT})
-        self.not_verifiable = sorted({i.source for i in clash} | set(self.too_short))
-        self._by_value: dict[bytes, str] = {}
-        longs, shorts = [], []
+        clash = {i.source for i in identifiers if i.value.lower() in own}
+        ids = [i for i in identifiers if i.value.lower() not in own and len(i.value) >= SHORT]
+        self.not_verifiable = sorted(clash | {i.source for i in identifiers if len(i.value) < SHORT})
+        self.source: dict[bytes, str] = {}
         for i in ids:
-            key = i.value.lower().encode("utf-8", "replace")
-            self._by_value.setdefault(key, i.source)
-            (longs if len(i.value) >= LONG else shorts).append(key)
-        self._long = _alternation(longs, word=False)
-        self._short = _alternation(shorts, word=True)
-        self._any_word = _alternation(longs + shorts, word=True)
+            self.source.setdefault(i.value.lower().encode("utf-8", "replace"), i.source)
+        values = list(self.source)
+        self.uids = {v for v in values if UID_TOKEN.fullmatch(v)}
+        self.numbers = {v for v in values if v.isdigit()}
+        self.windows = sorted({len(v) for v in self.numbers if len(v) >= 8})
+        text = [v for v in values if v not in self.uids and v not in self.numbers]
+        self._long = _alternation([v for v in text if len(v) >= LONG], word=False)
+        self._short = _alternation([v for v in text if len(v) < LONG], word=True)
+        self._any_word = _alternation(text, word=True)
+
+    def _numbers_in(self, low: bytes) -> list[tuple[bytes, int]]:
+        hits = []
+        for m in UID_TOKEN.finditer(low):
+            parts = m.group(0).split(b".")
+            for a in range(len(parts)):
+                for b in range(a + 2, len(parts) + 1):
+                    cand = b".".join(parts[a:b])
+                    if cand in self.uids:
+                        hits.append((cand, m.start()))
+        for m in DIGIT_RUN.finditer(low):
+            run = m.group(0)
+            if run in self.numbers:
+                hits.append((run, m.start()))
+            for w in self.windows:
+                for k in range(len(run) - w + 1):
+                    if run[k:k + w] in self.numbers and run[k:k + w] != run:
+                        hits.append((run[k:k + w], m.start() + k))
+        return hits
 
     def in_content(self, data: bytes, header_end: int | None = None) -> list[tuple[str, int]]:
         low = data.lower()
-        hits = []
+        hits = self._numbers_in(low)
         if self._long:
-            hits += [(self._by_value[m.group(0)], m.start()) for m in self._long.finditer(low)]
+            hits += [(m.group(0), m.start()) for m in self._long.finditer(low)]
         if self._short:
             region = low if header_end is None else low[:header_end]
-            hits += [(self._by_value[m.group(1)], m.start(1)) for m in self._short.finditer(region)]
-        return hits
+            hits += [(m.group(1), m.start(1)) for m in self._short.finditer(region)]
+        return [(self.source[v], pos) for v, pos in hits]
 
     def in_name(self, name: str) -> list[str]:
-        if not self._any_word:
-            return []
         low = name.lower().encode("utf-8", "replace")
         # file names are short: a value anywhere in one is a leak, word or not
-        hits = [self._by_value[m.group(1)] for m in self._any_word.finditer(low)]
-        hits += [src for val, src in self._by_value.items() if len(val) >= LONG and val in low]
-        return sorted(set(hits))
+        hits = [v for v, _ in self._numbers_in(low)]
+        if self._any_word:
+            hits += [m.group(1) for m in self._any_word.finditer(low)]
+        if self._long:
+            hits += [m.group(0) for m in self._long.finditer(low)]
+        return sorted({self.source[v] for v in hits})
 
 
 def _alternation(values: list[bytes], word: bool) -> re.Pattern[bytes] | None:
     if not values:
         return None
-    body = b"|".join(re.escape(v) for v in sorted(set(values), key=len, reverse=True))
+    body = b"|".join(re.escape(v) for v in sorted(set(values), key=lambda v: (-len(v), v)))
     if word:
         return re.compile(rb"(?<![a-z0-9])(" + body + rb")(?![a-z0-9])")
     return re.compile(body)

@@ -1,0 +1,48 @@
+"""Building blocks for tests: uploads made from the real files of ../shared/data."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import shutil
+from pathlib import Path
+
+import pydicom
+
+from tests.conftest import shared_path
+
+GE_SERIES = ("dcm_qa_nih", "In", "20180918GE", "mr_0004")
+DEMO_TRIAL = Path(__file__).resolve().parent.parent / "data_contracts" / "examples" / "shared_data_trial.yaml"
+
+
+def dicom_files(*parts: str) -> list[Path]:
+    folder = shared_path(*parts)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".txt"))
+
+
+def copy_upload(dest: Path, *parts: str, limit: int | None = None) -> Path:
+    """Copy (some of) a real series into a fresh upload folder."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in dicom_files(*parts)[:limit]:
+        shutil.copy(p, dest / p.name)
+    return dest
+
+
+def rewrite(path: Path, **changes) -> None:
+    """Change header values of a real DICOM file in place (None deletes)."""
+    ds = pydicom.dcmread(path)
+    for kw, value in changes.items():
+        if value is None:
+            delattr(ds, kw)
+        else:
+            setattr(ds, kw, value)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    path.write_bytes(buf.getvalue())
+
+
+def gz(path: Path) -> Path:
+    out = path.with_name(path.name + ".gz")
+    out.write_bytes(gzip.compress(path.read_bytes()))
+    path.unlink()
+    return out
