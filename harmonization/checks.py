@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import chi2_contingency
 
-from harmonization.errors import Finding
-from harmonization.inputs import CovariateEncoding
+from data_contracts.harmonization_settings import HarmonizationSettings
+from harmonization.errors import Finding, raise_if_refused
+from harmonization.inputs import CovariateEncoding, HarmonizationData, infer_encoding
 
 WARN_ASSOCIATION = 0.5
 POOLED = "pooled"
@@ -36,19 +37,24 @@ def check_features(features: pd.DataFrame, labels: pd.Series) -> list[Finding]:
     """NaN or infinite values, and features with one value only."""
     out = []
     values = features.to_numpy(dtype=float)
-    for j, name in enumerate(features.columns):
-        col = values[:, j]
-        bad = ~np.isfinite(col)
-        if bad.any():
-            out.append(Finding("refusal", "nan_feature",
-                               f"feature {name!r} has {int(bad.sum())} missing or infinite value(s) "
-                               f"({_rows(labels, bad)}); fill or drop them, or exclude the feature",
-                               {"feature": str(name), "rows": int(bad.sum())}))
-        elif np.ptp(col) == 0:
-            out.append(Finding("refusal", "constant_feature",
-                               f"feature {name!r} is constant ({col[0]:g} in every row): there is no "
-                               "site effect to remove; exclude it (--exclude)",
-                               {"feature": str(name), "value": float(col[0])}))
+    finite = np.isfinite(values)
+    if not values.size:
+        return out
+    with np.errstate(invalid="ignore"):
+        spread = values.max(axis=0) - values.min(axis=0)  # NaN where a value is; reported above
+    for j in np.nonzero(~finite.all(axis=0))[0]:
+        bad = ~finite[:, j]
+        out.append(Finding("refusal", "nan_feature",
+                           f"feature {features.columns[j]!r} has {int(bad.sum())} missing or "
+                           f"infinite value(s) ({_rows(labels, bad)}); fill or drop them, or "
+                           "exclude the feature", {"feature": str(features.columns[j]),
+                                                   "rows": int(bad.sum())}))
+    for j in np.nonzero(finite.all(axis=0) & (np.asarray(spread) == 0))[0]:
+        name, value = features.columns[j], float(values[0, j])
+        out.append(Finding("refusal", "constant_feature",
+                           f"feature {name!r} is constant ({value:g} in every row): there is no "
+                           "site effect to remove; exclude it (--exclude)",
+                           {"feature": str(name), "value": value}))
     return out
 
 
@@ -111,21 +117,31 @@ def resolve_small_batches(batch: pd.Series, min_n: int,
     return pooled, mapping, findings
 
 
+def _contingency(values: pd.Series, batch: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch x level counts, with the batch and level labels."""
+    b_codes, b_labels = pd.factorize(batch.astype(str), sort=True)
+    v_codes, v_labels = pd.factorize(values, sort=True)
+    counts = np.bincount(b_codes * len(v_labels) + v_codes,
+                         minlength=len(b_labels) * len(v_labels))
+    return counts.reshape(len(b_labels), len(v_labels)), np.asarray(b_labels), np.asarray(v_labels)
+
+
 def association(values: pd.Series, batch: pd.Series, categorical: bool) -> float:
     """Cramér's V (categorical) or the correlation ratio eta (numeric) with batch."""
     if categorical:
-        table = pd.crosstab(batch, values.map(str))
+        table, _, _ = _contingency(values.map(str), batch)
         if min(table.shape) < 2:
             return 0.0
-        chi2 = chi2_contingency(table.to_numpy(), correction=False)[0]
-        return float(np.sqrt(chi2 / (table.to_numpy().sum() * (min(table.shape) - 1))))
-    x = pd.to_numeric(values, errors="coerce").astype(float)
+        chi2 = chi2_contingency(table, correction=False)[0]
+        return float(np.sqrt(chi2 / (table.sum() * (min(table.shape) - 1))))
+    x = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
     total = float(((x - x.mean()) ** 2).sum())
     if total == 0:
         return 0.0
-    grouped = x.groupby(batch.to_numpy())
-    between = float((grouped.count() * (grouped.mean() - x.mean()) ** 2).sum())
-    return float(np.sqrt(between / total))
+    codes, _ = pd.factorize(batch.astype(str))
+    n = np.bincount(codes)
+    means = np.bincount(codes, weights=x) / n
+    return float(np.sqrt(np.sum(n * (means - x.mean()) ** 2) / total))
 
 
 def check_confounding(covariates: pd.DataFrame, encoding: CovariateEncoding, batch: pd.Series,
@@ -148,37 +164,93 @@ def check_confounding(covariates: pd.DataFrame, encoding: CovariateEncoding, bat
                                f"covariate {spec.name!r} is strongly associated with site "
                                f"({measure} = {value:.2f}); its effect is estimated mostly "
                                "across sites that overlap", where))
-        for b, values in col.groupby(batch.to_numpy()):
-            if values.nunique() == 1 and len(values) > 1:
-                out.append(Finding("warning", "site_single_level",
-                                   f"site {b!r}: all {len(values)} scans have {spec.name}="
-                                   f"{values.iloc[0]!r}; that site's effect and {spec.name} "
-                                   "are told apart only through the other sites",
-                                   {"batch": str(b), "covariate": spec.name}))
+        counts, batches, levels = _contingency(col, batch)
+        for i in np.nonzero(((counts > 0).sum(axis=1) == 1) & (counts.sum(axis=1) > 1))[0]:
+            level = levels[np.argmax(counts[i])]
+            out.append(Finding("warning", "site_single_level",
+                               f"site {batches[i]!r}: all {int(counts[i].sum())} scans have "
+                               f"{spec.name}={level!r}; that site's effect and {spec.name} "
+                               "are told apart only through the other sites",
+                               {"batch": str(batches[i]), "covariate": spec.name}))
     return out, table
 
 
 def check_within_batch_variance(features: pd.DataFrame, batch: pd.Series) -> list[Finding]:
     """A feature constant inside one batch makes ComBat's scale estimate 0 (then NaN)."""
-    sd = features.groupby(batch.to_numpy()).std(ddof=1)
+    codes, labels = pd.factorize(batch.astype(str), sort=True)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(labels) + 1))
+    values = features.to_numpy(dtype=float)[order]
+    # max - min is exactly 0 for a constant; a variance may come out as 1e-13
+    spread = [values[a:b].max(axis=0) - values[a:b].min(axis=0)
+              for a, b in zip(bounds[:-1], bounds[1:])]
     out = []
-    for b, row in sd.iterrows():
-        flat = row.index[(row == 0).to_numpy()].tolist()
+    for b, row in zip(labels, spread):
+        flat = [str(features.columns[j]) for j in np.nonzero(row == 0)[0]]
         if flat:
             out.append(Finding("refusal", "constant_in_site",
                                f"site {b!r}: feature(s) {flat[:5]}{' ...' if len(flat) > 5 else ''} "
                                "do not vary within the site; ComBat cannot estimate its scale",
-                               {"batch": str(b), "features": [str(f) for f in flat]}))
+                               {"batch": str(b), "features": flat}))
     return out
 
 
 def check_design_rank(design: np.ndarray, columns: list[str], n_batch: int) -> list[Finding]:
-    """The batch indicators plus covariates must be linearly independent."""
-    if np.linalg.matrix_rank(design) == design.shape[1]:
+    """The batch indicators plus covariates must be linearly independent.
+
+    Judged on the eigenvalues of the column-scaled Gram matrix (p x p, cheap for
+    any number of rows); a design this close to singular would make ComBat's
+    estimates meaningless even if a solver returned numbers.
+    """
+    if _rank(design) == design.shape[1]:
         return []
-    culprits = [c for j, c in enumerate(columns) if j >= n_batch and
-                np.linalg.matrix_rank(np.delete(design, j, axis=1)) == np.linalg.matrix_rank(design)]
+    full = _rank(design)
+    culprits = [c for j, c in enumerate(columns) if j >= n_batch
+                and _rank(np.delete(design, j, axis=1)) == full]
     return [Finding("refusal", "collinear_design",
                     f"covariate column(s) {culprits} are determined by site and the other "
                     "covariates; ComBat cannot separate them from the site effect",
                     {"columns": culprits})]
+
+
+def _rank(design: np.ndarray, tol: float = 1e-10) -> int:
+    gram = design.T @ design
+    scale = np.sqrt(np.clip(np.diag(gram), 1e-300, None))
+    eig = np.linalg.eigvalsh(gram / np.outer(scale, scale))
+    return int(np.sum(eig > tol * eig.max()))
+
+
+def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
+                    ) -> tuple[CovariateEncoding, pd.DataFrame, pd.Series, dict[str, str],
+                               list[Finding], dict[str, float]]:
+    """Run every check of a fit; raise :class:`HarmonizationRefused` listing all refusals.
+
+    Values first (a NaN makes the later checks meaningless), then batches,
+    confounding and the design. Returns the covariate encoding, the encoded
+    covariates, the batch per row after pooling, the input-to-model batch map,
+    the findings and each covariate's association with batch.
+    """
+    labels = data.row_labels
+    findings = check_features(data.features, labels)
+    findings += check_covariates(data.covariates, settings.covariates, labels)
+    if data.batch.isna().any():
+        findings.append(Finding("refusal", "missing_batch", "the batch (site) is empty in "
+                                f"{int(data.batch.isna().sum())} row(s)", {}))
+    raise_if_refused(findings)
+    encoding = infer_encoding(data.covariates, settings.covariates,
+                              settings.categorical_covariates, settings.smooth_terms)
+    encoded, _ = encoding.encode(data.covariates)
+    batch, mapping, small = resolve_small_batches(data.batch, settings.min_site_n,
+                                                  settings.small_site)
+    findings += small
+    if batch.nunique() < 2:
+        findings.append(Finding("refusal", "single_batch", "all rows are in one batch "
+                                f"({batch.iloc[0]!r}): there is no site effect to estimate", {}))
+    conf, assoc = check_confounding(data.covariates, encoding, batch, settings.max_confounding)
+    findings += conf + check_within_batch_variance(data.features, batch)
+    onehot = pd.get_dummies(batch).to_numpy(dtype=float)
+    findings += check_design_rank(
+        np.column_stack([onehot, encoded.to_numpy(dtype=float)]),
+        [*sorted(batch.unique()), *encoded.columns], onehot.shape[1])
+    raise_if_refused(findings)
+    return encoding, encoded, batch, mapping, findings, assoc

@@ -23,8 +23,12 @@ Apply
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from typing import Any
@@ -37,24 +41,25 @@ from neuroHarmonize.harmonizationLearn import fitLSModelAndFindPriors
 
 from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization import checks, gam
-from harmonization.errors import Finding, HarmonizationRefused, ModelMismatchError, raise_if_refused
-from harmonization.inputs import CovariateEncoding, HarmonizationData, infer_encoding
+from harmonization.errors import Finding, HarmonizationRefused, ModelMismatchError
+from harmonization.inputs import CovariateEncoding, HarmonizationData
+from tasks.tables import software_versions as table_software
 
 ARRAYS = ("B_hat", "grand_mean", "var_pooled", "gamma_star", "delta_star", "gamma_hat", "delta_hat")
-SOFTWARE = ("corelab-imaging", "neuroHarmonize", "neuroCombat", "statsmodels", "numpy", "scipy",
-            "pandas")
+# Beyond tasks.tables.SOFTWARE: what else shapes a ComBat model (all hard dependencies).
+SOFTWARE = ("neuroCombat", "statsmodels", "scipy")
 # Metadata that changes from run to run without changing the model; kept out of its id.
 VOLATILE = ("created_at", "fit_seconds")
 
 
 def software_versions() -> dict[str, str]:
-    out = {}
-    for name in SOFTWARE:
-        try:
-            out[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            continue
-    return out
+    """The lake's software versions plus the statistics packages a ComBat fit depends on."""
+    return dict(_software_versions())
+
+
+@functools.lru_cache(maxsize=1)  # reading package metadata costs ~20 ms; it cannot change mid-run
+def _software_versions() -> dict[str, str]:
+    return {**table_software(), **{name: importlib_metadata.version(name) for name in SOFTWARE}}
 
 
 @dataclass
@@ -118,13 +123,16 @@ class ComBatModel:
         return "hm-" + h.hexdigest()[:16]
 
     def to_neuroharmonize(self) -> dict[str, Any]:
-        """The model as the dict neuroHarmonize's apply functions take (linear models)."""
+        """The model as the dict neuroHarmonize's apply functions take (linear models only)."""
+        if self.spline is not None:
+            raise NotImplementedError("a ComBat-GAM model keeps its spline as knots, not as "
+                                      "the statsmodels object neuroHarmonize needs")
         return {
             "SITE_labels": np.array(self.batches), "B_hat": self.B_hat,
             "stand_mean": self.grand_mean[:, None], "var_pooled": self.var_pooled[:, None],
             "gamma_star": self.gamma_star, "delta_star": self.delta_star, "eb": self.eb,
             "info_dict": {"ref_level": None, "n_batch": len(self.batches)},
-            "smooth_model": {"perform_smoothing": self.spline is not None},
+            "smooth_model": {"perform_smoothing": False, "smooth_cols": [], "smooth_terms": []},
         }
 
 
@@ -152,43 +160,21 @@ class FitResult:
     association: dict[str, float]
 
 
+@contextlib.contextmanager
+def _quiet_neuroharmonize() -> Iterator[None]:
+    """neuroHarmonize 2.5.2 builds one np.matrix per fit, which numpy warns about on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=PendingDeprecationWarning,
+                                message="the matrix subclass")
+        yield
+
+
 def _info_dict(codes: np.ndarray, n_batch: int) -> dict[str, Any]:
     """neuroCombat's bookkeeping of which rows belong to which batch."""
     levels = np.arange(n_batch)
     return {"batch_levels": levels, "n_batch": n_batch, "n_sample": int(len(codes)),
             "sample_per_batch": np.bincount(codes, minlength=n_batch).astype(int),
             "batch_info": [list(np.nonzero(codes == b)[0]) for b in levels], "ref_level": None}
-
-
-def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
-                    ) -> tuple[CovariateEncoding, pd.DataFrame, pd.Series, dict[str, str],
-                               list[Finding], dict[str, float]]:
-    """Run every check of a fit; raise :class:`HarmonizationRefused` listing all refusals."""
-    labels = data.row_labels
-    findings = checks.check_features(data.features, labels)
-    findings += checks.check_covariates(data.covariates, settings.covariates, labels)
-    if data.batch.isna().any():
-        findings.append(Finding("refusal", "missing_batch", "the batch (site) is empty in "
-                                f"{int(data.batch.isna().sum())} row(s)", {}))
-    raise_if_refused(findings)
-    encoding = infer_encoding(data.covariates, settings.covariates,
-                              settings.categorical_covariates, settings.smooth_terms)
-    encoded, _ = encoding.encode(data.covariates)
-    batch, mapping, small = checks.resolve_small_batches(data.batch, settings.min_site_n,
-                                                         settings.small_site)
-    findings += small
-    if batch.nunique() < 2:
-        findings.append(Finding("refusal", "single_batch", "all rows are in one batch "
-                                f"({batch.iloc[0]!r}): there is no site effect to estimate", {}))
-    conf, assoc = checks.check_confounding(data.covariates, encoding, batch,
-                                           settings.max_confounding)
-    findings += conf + checks.check_within_batch_variance(data.features, batch)
-    onehot = pd.get_dummies(batch).to_numpy(dtype=float)
-    findings += checks.check_design_rank(
-        np.column_stack([onehot, encoded.to_numpy(dtype=float)]),
-        [*sorted(batch.unique()), *encoded.columns], onehot.shape[1])
-    raise_if_refused(findings)
-    return encoding, encoded, batch, mapping, findings, assoc
 
 
 def fit(data: HarmonizationData, settings: HarmonizationSettings) -> FitResult:
@@ -200,7 +186,7 @@ def fit(data: HarmonizationData, settings: HarmonizationSettings) -> FitResult:
         With every refusal (NaN or constant feature, missing covariate, small or
         single site, confounding, collinear design), not only the first.
     """
-    encoding, encoded, batch, mapping, findings, assoc = check_fit_input(data, settings)
+    encoding, encoded, batch, mapping, findings, assoc = checks.check_fit_input(data, settings)
     x = data.features.to_numpy(dtype=float)
     if encoding.smooth_terms:
         model, bayes = _fit_gam(x, encoded, batch, encoding, settings.seed)
@@ -208,7 +194,7 @@ def fit(data: HarmonizationData, settings: HarmonizationSettings) -> FitResult:
         model, bayes = _fit_linear(x, encoded, batch, encoding)
     model.batch_map = mapping
     model.features = [str(c) for c in data.features.columns]
-    model.metadata = _metadata(model, data, settings, findings, assoc)
+    model.metadata = _metadata(model, data, settings, findings, assoc, data.fingerprint())
     harmonized = pd.DataFrame(bayes, index=data.features.index, columns=data.features.columns)
     return FitResult(model, harmonized, batch, encoded, findings, assoc)
 
@@ -217,7 +203,8 @@ def _fit_linear(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series,
                 encoding: CovariateEncoding) -> tuple[ComBatModel, np.ndarray]:
     covars = pd.concat([pd.DataFrame({"SITE": batch.to_numpy()}),
                         encoded.reset_index(drop=True)], axis=1)
-    nh, bayes = harmonizationLearn(x, covars)
+    with _quiet_neuroharmonize():
+        nh, bayes = harmonizationLearn(x, covars)
     model = ComBatModel(
         batches=[str(b) for b in nh["SITE_labels"]],
         batch_sizes=[int(n) for n in nh["info_dict"]["sample_per_batch"]], batch_map={},
@@ -246,7 +233,8 @@ def _fit_gam(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series, encoding: C
     var_pooled = np.mean((x - fitted) ** 2, axis=0)
     mod_mean = design[:, n_batch:] @ b_hat[n_batch:]
     s_data = ((x - grand_mean - mod_mean) / np.sqrt(var_pooled)).T
-    ls = fitLSModelAndFindPriors(s_data, design, info, eb=eb)
+    with _quiet_neuroharmonize():
+        ls = fitLSModelAndFindPriors(s_data, design, info, eb=eb)
     if eb:
         gamma_star, delta_star = find_parametric_adjustments(s_data, ls, info, mean_only=False)
     else:
@@ -265,7 +253,7 @@ def _fit_gam(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series, encoding: C
 
 
 def _metadata(model: ComBatModel, data: HarmonizationData, settings: HarmonizationSettings,
-              findings: list[Finding], assoc: dict[str, float]) -> dict[str, Any]:
+              findings: list[Finding], assoc: dict[str, float], fingerprint: str) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "schema": "corelab.harmonization.model/1",
         "method": model.method,
@@ -279,7 +267,7 @@ def _metadata(model: ComBatModel, data: HarmonizationData, settings: Harmonizati
             for i in range(gam.DF - 1)] if model.spline else []),
         "settings": settings.model_dump(mode="json"),
         "software": software_versions(),
-        "input": {"source": data.source, "fingerprint": data.fingerprint(), "rows": data.n},
+        "input": {"source": data.source, "fingerprint": fingerprint, "rows": data.n},
         "association_with_batch": assoc,
         "findings": [f.to_dict() for f in findings],
     }
@@ -317,7 +305,8 @@ def covariate_design(model: ComBatModel, encoded: pd.DataFrame) -> np.ndarray:
     return np.column_stack([lin, basis])
 
 
-def apply(model: ComBatModel, data: HarmonizationData, model_id: str = "") -> ApplyResult:
+def apply(model: ComBatModel, data: HarmonizationData, model_id: str = "",
+          refuse_empty: bool = True) -> ApplyResult:
     """Harmonize new rows with a frozen model; never guess for rows it cannot speak for.
 
     Raises
@@ -325,7 +314,8 @@ def apply(model: ComBatModel, data: HarmonizationData, model_id: str = "") -> Ap
     ModelMismatchError
         A feature or covariate of the model is missing from ``data``.
     HarmonizationRefused
-        Not a single row can be harmonized (every reason listed).
+        Not a single row can be harmonized (every reason listed), unless
+        ``refuse_empty`` is False (a nightly run records the decision instead).
     """
     model_id = model_id or model.model_id
     missing = [f for f in model.features if f not in data.features.columns]
@@ -333,42 +323,52 @@ def apply(model: ComBatModel, data: HarmonizationData, model_id: str = "") -> Ap
     if missing or missing_cov:
         raise ModelMismatchError(f"model {model_id} needs feature(s) {missing[:10]} and covariate(s) "
                                  f"{missing_cov} that the new data does not have")
-    status = _row_status(model, data, model_id)
+    same = list(data.features.columns) == model.features
+    x = (data.features if same else data.features[model.features]).to_numpy(dtype=float)
+    encoded, why = model.encoding.encode(data.covariates)
+    status = _row_status(model, data, model_id, x, why)
     batch = data.batch.map(model.batch_map)
     findings = _status_findings(status, data.batch)
     ok = (status == "").to_numpy()
-    out = pd.DataFrame(np.nan, index=data.features.index, columns=model.features)
-    if not ok.any():
-        raise HarmonizationRefused(findings)
-    encoded, _ = model.encoding.encode(data.covariates[ok])
-    x = data.features.loc[ok, model.features].to_numpy(dtype=float)
-    position = {b: i for i, b in enumerate(model.batches)}
-    idx = batch[ok].map(position).to_numpy(dtype=int)
-    mod_mean = covariate_design(model, encoded) @ model.B_hat[len(model.batches):]
-    centre = model.grand_mean + mod_mean
-    sd = np.sqrt(model.var_pooled)
-    s = (x - centre) / sd
-    out.loc[ok] = (s - model.gamma_star[idx]) / np.sqrt(model.delta_star[idx]) * sd + centre
-    return ApplyResult(out, status, batch, findings)
+    out = np.full(x.shape, np.nan)
+    if not ok.any() and refuse_empty:
+        raise HarmonizationRefused([Finding("refusal", f.code, f.message, f.where) for f in findings])
+    if ok.any():
+        every = bool(ok.all())  # the nightly case: skip the masked copies
+        position = {b: i for i, b in enumerate(model.batches)}
+        idx = batch[ok].map(position).to_numpy(dtype=int)
+        design = covariate_design(model, encoded if every else encoded[ok])
+        centre = model.grand_mean + design @ model.B_hat[len(model.batches):]
+        sd = np.sqrt(model.var_pooled)
+        s = ((x if every else x[ok]) - centre) / sd
+        s -= model.gamma_star[idx]
+        s /= np.sqrt(model.delta_star[idx])
+        s *= sd
+        s += centre
+        out[ok] = s
+    frame = pd.DataFrame(out, index=data.features.index, columns=model.features)
+    return ApplyResult(frame, status, batch, findings)
 
 
-def _row_status(model: ComBatModel, data: HarmonizationData, model_id: str) -> pd.Series:
+def _row_status(model: ComBatModel, data: HarmonizationData, model_id: str, x: np.ndarray,
+                why: pd.Series) -> pd.Series:
+    """'' for a row the model can harmonize, else the first reason it cannot."""
     status = pd.Series("", index=data.features.index, dtype=object)
     known = data.batch.isin(list(model.batch_map))
-    fitted_on = ", ".join(sorted(model.batch_map))
-    status[~known] = [f"site {b!r} is not in model {model_id} (fitted on {fitted_on}): "
-                      "needs a refit that includes it" for b in data.batch[~known]]
-    _, why = model.encoding.encode(data.covariates)
-    status[(status == "") & (why != "")] = why[(status == "") & (why != "")]
+    if not known.all():
+        fitted_on = ", ".join(sorted(model.batch_map))
+        status[~known] = [f"site {b!r} is not in model {model_id} (fitted on {fitted_on}): "
+                          "needs a refit that includes it" for b in data.batch[~known]]
+    free = (status == "") & (why != "")
+    status[free] = why[free]
     if model.spline is not None:
         for term, (lo, hi) in zip(model.spline.terms, model.spline.bounds):
             v = pd.to_numeric(data.covariates[term], errors="coerce")
             out = ((v < lo) | (v > hi)) & (status == "")
             status[out] = f"{term} is outside the fitted range {lo:g}..{hi:g}: needs a refit"
-    values = data.features[model.features].to_numpy(dtype=float)
-    bad = ~np.isfinite(values)
-    for i in np.nonzero(bad.any(axis=1) & (status == "").to_numpy())[0]:
-        cols = [model.features[j] for j in np.nonzero(bad[i])[0]]
+    bad_rows = ~np.isfinite(x).all(axis=1)
+    for i in np.nonzero(bad_rows & (status == "").to_numpy())[0]:
+        cols = [model.features[j] for j in np.nonzero(~np.isfinite(x[i]))[0]]
         status.iloc[i] = f"feature(s) {cols[:3]} missing"
     return status
 

@@ -233,7 +233,11 @@ class HarmonizationData:
     def fingerprint(self) -> str:
         """sha256 of the values used (features, covariates, batch), independent of file format."""
         h = hashlib.sha256()
-        for frame in (self.features, self.covariates.astype(str), self.batch.to_frame()):
+        h.update("\x1f".join(map(str, self.features.columns)).encode())
+        # column by column: pandas holds a frame's values column-major, so this copies nothing
+        values = np.asfortranarray(self.features.to_numpy(dtype=float))
+        h.update(values.T.data)
+        for frame in (self.covariates, self.batch.to_frame()):
             h.update("\x1f".join(map(str, frame.columns)).encode())
             h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
         return h.hexdigest()
@@ -265,9 +269,8 @@ def write_back(original: pd.DataFrame, harmonized: pd.DataFrame,
     ``status`` (one text per row, '' when harmonized) is appended as
     ``harmonization_status`` only when some row could not be harmonized.
     """
-    out = original.copy()
-    for col in harmonized.columns:
-        out[col] = harmonized[col].to_numpy()
+    out = pd.DataFrame({c: harmonized[c].to_numpy() if c in harmonized.columns else original[c]
+                        for c in original.columns}, index=original.index)
     if status is not None and (status != "").any():
-        out["harmonization_status"] = status.replace("", "harmonized").to_numpy()
+        out = out.assign(harmonization_status=status.replace("", "harmonized").to_numpy())
     return out

@@ -125,7 +125,7 @@ def _left_out(index: pd.MultiIndex, why: str) -> Finding:
 def harmonized_rows(rows: pd.DataFrame, harmonized: pd.DataFrame, batch: pd.Series,
                     model_id: str) -> dict[str, list[dict[str, Any]]]:
     """``biomarkers_harmonized`` rows per site for every harmonized (scan, measure)."""
-    long = harmonized.stack().rename("harmonized").reset_index()
+    long = harmonized.rename_axis(columns="measure").stack().rename("harmonized").reset_index()
     long = long.merge(batch.rename("batch").reset_index(), on=KEY)
     merged = _keyed(rows).merge(long, on=KEY + ["measure"], how="inner")
     merged["series_uid"] = merged["series_uid"].replace("", None)

@@ -12,6 +12,7 @@ re-rendered from its JSON without recomputing anything.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -133,7 +134,8 @@ def apply_report(model: ComBatModel, model_id: str, data: HarmonizationData, res
                   "not_harmonized": dict(Counter(result.status[~ok]))}
     sub = data.subset(ok)
     batch = result.batch[ok]
-    r["sites"] = _sites(sub.covariates, batch, _kinds(sub.covariates, model.encoding.names))
+    if ok.any():
+        r["sites"] = _sites(sub.covariates, batch, _kinds(sub.covariates, model.encoding.names))
     if batch.nunique() >= 2 and ok.sum() > batch.nunique() + len(model.encoding.columns) + 1:
         encoded, _ = model.encoding.encode(sub.covariates)
         r["diagnostics"] = diagnostics.diagnose(sub.features[model.features],
@@ -173,8 +175,14 @@ def _penalties(model: ComBatModel) -> dict[str, Any] | None:
             "counts": dict(sorted(Counter(labels).items(), key=lambda kv: float(kv[0].split("/")[0])))}
 
 
-def _pct(x: float) -> str:
-    return f"{100 * float(x):.1f} %"
+def _num(value: Any, spec: str = ".3g") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return format(value, spec)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * float(x):.1f} %"
 
 
 def render_html(report: dict[str, Any]) -> str:
@@ -196,12 +204,24 @@ def render_html(report: dict[str, Any]) -> str:
            "location_scale": "location_scale" in fig, "penalties": bool(report.get("penalties")),
            "apply": bool(report.get("apply")), "methods": True}
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE), autoescape=True)
+    env.filters["num"] = _num
     return env.get_template("report.html.j2").render(r=report, spec=spec, has=has, fig=fig,
                                                      pct=_pct)
 
 
 def to_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=1, default=str, allow_nan=True)
+    """Strict JSON: a statistic that could not be computed is null, never NaN."""
+    return json.dumps(_finite(report), indent=1, default=str, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def write_report(report: dict[str, Any], html_path: str | Path) -> tuple[Path, Path]:

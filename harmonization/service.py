@@ -131,12 +131,8 @@ def apply_lake(lake: Lake, model: combat.ComBatModel, model_id: str, rows: pd.Da
         data = data.subset([key not in done for key in data.features.index])
     if data.n == 0:
         return Outcome(model_id, 0, 0, left_out, {})
-    try:
-        result = combat.apply(model, data, model_id)
-    except HarmonizationRefused as exc:
-        append_event(lake, "harmonization_apply_refused", model_id=model_id,
-                     reasons=[f.message for f in exc.findings])
-        raise
+    # Scans the model cannot speak for are a decision to record, not a failed night.
+    result = combat.apply(model, data, model_id, refuse_empty=False)
     per_site = lake_io.harmonized_rows(rows, result.harmonized[result.ok], result.batch[result.ok],
                                        model_id)
     written = lake_io.write_harmonized(lake, per_site)
