@@ -16,11 +16,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
 from data_contracts.trial import load_trial
 from harmonization.lake import read_biomarkers_task, read_covariates, select_rows
 from harmonization.model_store import load_model_task
-from harmonization.service import apply_lake_task, fit_lake_task
+from harmonization.service import apply_lake_task, fit_lake_task, summary_markdown
 from tasks.storage import open_lake
 
 QC_USABLE = ["PASS", "WARN"]
@@ -56,4 +57,7 @@ def harmonize(lake_url: str, trial_file: str, covariates_file: str,
     for f in applied.findings:
         log.warning(f.message)
     log.info("%d of %d scans harmonized with %s", applied.harmonized, applied.rows, model_id)
+    # 4. a summary people find in the Prefect UI, one version per run
+    create_markdown_artifact(key="harmonization-summary", markdown=summary_markdown(summary),
+                             description=f"harmonization with model {model_id}")
     return summary

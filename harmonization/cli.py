@@ -63,12 +63,7 @@ def _lake_flow(lake: Optional[str], trial: Optional[str], covariates_table: Opti
                             only_new=only_new)
     except (HarmonizationError, TrialConfigError) as exc:
         _fail(str(exc))
-    for step, s in summary.items():
-        typer.echo(f"{step}: model {s['model_id']}, {s['harmonized']} of {s['rows']} scans")
-        for w in s["warnings"]:
-            typer.secho(f"  warning: {w}", fg=typer.colors.YELLOW, err=True)
-        for kind, where in s["outputs"].items():
-            typer.echo(f"  {kind}: {where}")
+    typer.echo(service.summary_markdown(summary))
 
 
 @app.command()

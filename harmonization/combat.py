@@ -48,8 +48,9 @@ from tasks.tables import software_versions as table_software
 ARRAYS = ("B_hat", "grand_mean", "var_pooled", "gamma_star", "delta_star", "gamma_hat", "delta_hat")
 # Beyond tasks.tables.SOFTWARE: what else shapes a ComBat model (all hard dependencies).
 SOFTWARE = ("neuroCombat", "statsmodels", "scipy")
-# Metadata that changes from run to run without changing the model; kept out of its id.
-VOLATILE = ("created_at", "fit_seconds")
+# Metadata that can differ between two fits of the same values with the same settings
+# (when, how long, from which path); kept out of the model id.
+VOLATILE = ("created_at", "fit_seconds", "source")
 
 
 def software_versions() -> dict[str, str]:
@@ -267,7 +268,8 @@ def _metadata(model: ComBatModel, data: HarmonizationData, settings: Harmonizati
             for i in range(gam.DF - 1)] if model.spline else []),
         "settings": settings.model_dump(mode="json"),
         "software": software_versions(),
-        "input": {"source": data.source, "fingerprint": fingerprint, "rows": data.n},
+        "source": data.source,
+        "input": {"fingerprint": fingerprint, "rows": data.n},
         "association_with_batch": assoc,
         "findings": [f.to_dict() for f in findings],
     }

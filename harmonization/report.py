@@ -64,7 +64,7 @@ def _sites(covariates: pd.DataFrame, batch: pd.Series, kinds: list[dict[str, Any
 def _model_section(model: ComBatModel, model_id: str) -> dict[str, Any]:
     meta = model.metadata
     keep = ("method", "batches", "batch_map", "features", "covariates", "settings", "input",
-            "created_at", "association_with_batch", "empirical_bayes")
+            "source", "created_at", "association_with_batch", "empirical_bayes")
     return dict({k: meta[k] for k in keep if k in meta}, model_id=model_id)
 
 

@@ -146,6 +146,16 @@ def apply_lake(lake: Lake, model: combat.ComBatModel, model_id: str, rows: pd.Da
                    {"report": html, "report_json": js})
 
 
+def summary_markdown(summary: dict[str, dict[str, Any]]) -> str:
+    """The flow's summary (``{"fit": Outcome.summary(), "apply": ...}``) as Markdown."""
+    lines = []
+    for step, s in summary.items():
+        lines.append(f"### {step}: model `{s['model_id']}`, {s['harmonized']} of {s['rows']} scans")
+        lines += [f"- {kind}: `{where}`" for kind, where in s["outputs"].items()]
+        lines += [f"- warning: {w}" for w in s["warnings"]]
+    return "\n".join(lines)
+
+
 @task(name="fit-harmonization-model", cache_policy=NO_CACHE)
 def fit_lake_task(lake: Lake, rows: pd.DataFrame, covariates: pd.DataFrame,
                   settings: HarmonizationSettings) -> tuple[combat.ComBatModel, Outcome]:

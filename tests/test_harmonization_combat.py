@@ -20,6 +20,8 @@ from harmonization.abide import constant_columns, load_abide
 from harmonization.inputs import from_wide_table
 from tasks.storage import Lake
 
+pytestmark = pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+
 COVS = ["AGE", "SEX", "DX"]
 SETTINGS = HarmonizationSettings(covariates=COVS)
 
@@ -138,6 +140,9 @@ def test_model_store_roundtrip_and_integrity(tmp_path, data, fitted):
     model_id = model_store.save_model(lake, fitted.model)
     assert model_id == fitted.model.model_id and model_id.startswith("hm-")
     assert model_store.save_model(lake, fitted.model) == model_id  # idempotent, unlike neuroHarmonize
+    elsewhere = data.subset(np.ones(data.n, dtype=bool))
+    elsewhere.source = "a copy of the table under another name"
+    assert combat.fit(elsewhere, SETTINGS).model.model_id == model_id  # the id is the content
     loaded = model_store.load_model(lake, model_id)
     assert loaded.model_id == model_id
     assert loaded.metadata["batches"] == dict(zip(fitted.model.batches, fitted.model.batch_sizes))

@@ -14,10 +14,12 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
 from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization import combat, lake as lake_io, model_store, service
 from harmonization.abide import load_abide
+from harmonization.cli import app
 from harmonization.inputs import from_wide_table
 from tasks.audit import read_events, verify_chain
 from tasks.storage import Lake
@@ -157,3 +159,13 @@ def test_harmonize_flow_fit_then_nightly_apply(world, prefect_harness):
                      model_id=model_id, only_new=False)
     assert redo["apply"]["harmonized"] == fit["apply"]["harmonized"]
     assert any("NYU:e2" in w for w in redo["apply"]["warnings"])
+    # the same from the command line (lake mode runs the flow)
+    res = CliRunner().invoke(app, ["apply", model_id, "--lake", lake.url, "--trial",
+                                   str(root / "trial.yaml"), "--covariates-table",
+                                   str(root / "covariates.tsv"), "--all"])
+    assert res.exit_code == 0, res.output
+    assert f"model `{model_id}`, {fit['apply']['harmonized']} of" in res.output
+    bad = CliRunner().invoke(app, ["apply", "hm-0000000000000000", "--lake", lake.url, "--trial",
+                                   str(root / "trial.yaml"), "--covariates-table",
+                                   str(root / "covariates.tsv")])
+    assert bad.exit_code == 2 and "no harmonization model hm-0000000000000000" in bad.output
