@@ -37,7 +37,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 from pydicom._uid_dict import UID_dictionary
 
 from data_contracts.trial import Deidentification, vendor_of
@@ -132,8 +132,7 @@ class DeidContext:
             return uid  # standard UIDs (SOP classes, transfer syntaxes) identify nothing
         if uid not in self.replaced_uids:
             for attempt in range(100):
-                new = generate_uid(prefix=None, entropy_srcs=[self.key.hex(), self.trial_id, uid]
-                                   + ([str(attempt)] if attempt else []))
+                new = keyed_uid(self.key, f"{self.trial_id}|{uid}|{attempt}")
                 # a new UID must not spell an original date by chance: verification would
                 # (rightly) take it for a leaked date
                 if not any(d in new for d in self.original_dates):
@@ -151,6 +150,17 @@ class DeidContext:
         except ValueError:
             return ""
         return (d + timedelta(days=self.date_shift_days)).strftime("%Y%m%d") + value[8:]
+
+
+def keyed_uid(key: bytes, text: str) -> str:
+    """A 2.25 UID (PS3.5 B.2: an integer form of a 128-bit UUID) derived from a keyed hash.
+
+    Written here because pydicom's generate_uid ignores its entropy sources
+    when the prefix is None and returns a random uuid4; replacement must be
+    reproducible so that receiving a study twice yields the same bytes.
+    """
+    digest = hmac.new(key, text.encode(), hashlib.sha256).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
 @functools.lru_cache(maxsize=1)
