@@ -41,7 +41,7 @@ def _lake_url(lake: Optional[str]) -> str:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -106,7 +106,7 @@ def protocol_infer(path: Path = typer.Argument(..., help="a site's qualification
     if not path.exists():
         _fail(f"{path}: no such file or folder")
     try:
-        console.print(dump_protocol(infer_protocol(path, visit)), highlight=False, markup=False)
+        typer.echo(dump_protocol(infer_protocol(path, visit)), nl=False)
     except ValueError as exc:
         _fail(str(exc))
 

@@ -49,7 +49,8 @@ def reject_study(lake: Lake, site: str, upload_key: str, files: list[ReceivedFil
 def quarantine_finding(r: QuarantineRecord) -> Finding:
     """A rejected file as a deviation; a stray non-DICOM file (a README) is minor."""
     return Finding(kind="quarantined_file", severity="minor" if r.code == "not_dicom" else "major",
-                   observed=r.code, message=f"file with sha256 {r.sha256[:12]} quarantined ({r.code})")
+                   observed=f"{r.code} sha256:{r.sha256[:12]}",
+                   message=f"file with sha256 {r.sha256[:12]} quarantined ({r.code})")
 
 
 def _studies(files: list[ReceivedFile]) -> dict[str, list[ReceivedFile]]:
