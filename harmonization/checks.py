@@ -225,10 +225,11 @@ def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
                                list[Finding], dict[str, float]]:
     """Run every check of a fit; raise :class:`HarmonizationRefused` listing all refusals.
 
-    Values first (a NaN makes the later checks meaningless), then batches,
-    confounding and the design. Returns the covariate encoding, the encoded
-    covariates, the batch per row after pooling, the input-to-model batch map,
-    the findings and each covariate's association with batch.
+    Values and batch sizes first, then (on complete values only, where they
+    mean something) confounding, within-site variation and the design. Returns
+    the covariate encoding, the encoded covariates, the batch per row after
+    pooling, the input-to-model batch map, the findings and each covariate's
+    association with batch.
     """
     labels = data.row_labels
     findings = check_features(data.features, labels)
@@ -236,13 +237,14 @@ def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
     if data.batch.isna().any():
         findings.append(Finding("refusal", "missing_batch", "the batch (site) is empty in "
                                 f"{int(data.batch.isna().sum())} row(s)", {}))
+        raise_if_refused(findings)
+    batch, mapping, small = resolve_small_batches(data.batch, settings.min_site_n,
+                                                  settings.small_site)
+    findings += small
     raise_if_refused(findings)
     encoding = infer_encoding(data.covariates, settings.covariates,
                               settings.categorical_covariates, settings.smooth_terms)
     encoded, _ = encoding.encode(data.covariates)
-    batch, mapping, small = resolve_small_batches(data.batch, settings.min_site_n,
-                                                  settings.small_site)
-    findings += small
     if batch.nunique() < 2:
         findings.append(Finding("refusal", "single_batch", "all rows are in one batch "
                                 f"({batch.iloc[0]!r}): there is no site effect to estimate", {}))

@@ -124,11 +124,16 @@ def test_feature_constant_within_one_site_is_refused(abide):
     assert "site 'KKI': feature(s) ['CSF'] do not vary within the site" in str(err)
 
 
+def test_a_single_site_is_refused(abide):
+    err = _refusal(abide[abide["SITE"] == "NYU"])
+    assert "all rows are in one batch ('NYU')" in str(err)
+
+
 def test_every_reason_is_reported_at_once(abide):
     df = abide[(abide["SITE"] != "CMU") | (abide.groupby("SITE").cumcount() < 3)].copy()
     df.loc[df.index[0], "CSF"] = np.nan
-    codes = {f.code for f in _refusal(df).findings if f.level == "refusal"}
-    assert codes == {"nan_feature"}  # checks on values come first: a NaN makes the rest meaningless
-    df = df.dropna()
-    codes = {f.code for f in _refusal(df).findings if f.level == "refusal"}
-    assert codes == {"small_site"}
+    df.loc[df.index[1], "AGE"] = np.nan
+    err = _refusal(df)
+    assert {f.code for f in err.findings if f.level == "refusal"} == \
+        {"nan_feature", "missing_covariate_value", "small_site"}
+    assert len(str(err).splitlines()) == 4  # the heading and one line per reason
