@@ -32,8 +32,14 @@ EPOCH_SEP = ":"
 
 
 def read_covariates(path: str) -> pd.DataFrame:
-    """A covariate table keyed by ``subject`` (and optionally ``session``)."""
+    """A covariate table keyed by ``subject`` (and optionally ``session``).
+
+    A BIDS ``participants.tsv`` works as is: its ``participant_id`` (``sub-<label>``)
+    becomes ``subject`` (``<label>``).
+    """
     df = read_table_file(path)
+    if "subject" not in df.columns and "participant_id" in df.columns:
+        df["subject"] = df["participant_id"].astype(str).str.removeprefix("sub-")
     if "subject" not in df.columns:
         raise InputTableError(f"{path}: a covariate table needs a 'subject' column "
                               f"(it has {', '.join(map(str, df.columns))})")

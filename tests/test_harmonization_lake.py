@@ -139,6 +139,16 @@ def test_fit_on_reference_set_then_apply_to_every_qc_passed_scan(world):
     assert verify_chain(lake).ok
 
 
+def test_bids_participants_tsv_is_a_covariate_table(world):
+    root, _, abide, _ = world
+    cov = pd.read_csv(root / "covariates.tsv", sep="\t")
+    bids = cov.assign(participant_id="sub-" + cov["subject"]).drop(columns="subject")
+    bids.to_csv(root / "participants.tsv", sep="\t", index=False)
+    read = lake_io.read_covariates(str(root / "participants.tsv"))
+    assert read["subject"].tolist() == cov["subject"].tolist()
+    assert read["subject"].iloc[0] == abide["FILE_ID"].iloc[5].replace("_", "")
+
+
 @pytest.mark.prefect
 def test_harmonize_flow_fit_then_nightly_apply(world, prefect_harness):
     from flows.harmonize import harmonize
