@@ -25,6 +25,15 @@ protocol_app = typer.Typer(no_args_is_help=True, help="Protocol tools.")
 audit_app = typer.Typer(no_args_is_help=True, help="The hash-chained audit log.")
 app.add_typer(protocol_app, name="protocol")
 app.add_typer(audit_app, name="audit")
+
+
+def _mount_subcommands() -> None:
+    from harmonization.cli import app as harmonize_app
+
+    app.add_typer(harmonize_app, name="harmonize")
+
+
+_mount_subcommands()
 console = Console()
 err = Console(stderr=True)
 

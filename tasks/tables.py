@@ -29,7 +29,7 @@ from tasks.storage import Lake
 PART_FILE = "part-0.parquet"
 # Recorded in every file so a table says which software wrote it.
 SOFTWARE = ("corelab-imaging", "pyarrow", "pydicom", "dcm2niix", "prefect", "neuroHarmonize",
-            "SimpleITK", "nibabel", "pandas", "numpy")
+            "neuroCombat", "statsmodels", "scipy", "SimpleITK", "nibabel", "pandas", "numpy")
 
 
 class SchemaViolation(ValueError):
