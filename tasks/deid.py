@@ -24,10 +24,12 @@ independently before anything reaches ``deid/``.
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import hmac
 import io
 import re
+import zlib
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from importlib import metadata
@@ -395,9 +397,31 @@ def _clean_private(elem: DataElement, ctx: DeidContext, safe: frozenset[tuple[st
         for item in elem.value:
             _walk(item, ctx, safe)
     elif isinstance(elem.value, bytes):
-        elem.value = scrub(elem.value)
+        elem.value = _scrub_gzip_block(elem.value, scrub) or scrub(elem.value)
     elif isinstance(elem.value, str):
         elem.value = scrub(elem.value.encode("latin-1", "replace")).decode("latin-1")
+
+
+def _scrub_gzip_block(value: bytes, scrub: "SameLength") -> bytes | None:
+    """Clean a gzip stream inside a private element; None when there is none.
+
+    GE keeps its protocol data block (0025,101B) as a 4-byte length and a gzip
+    stream whose header carries the exam number in its file name and the scan
+    time as its timestamp, and whose text repeats the series description. A
+    byte search cannot see into it, so it is unpacked, cleaned and packed again
+    with an empty header (no name, time 0).
+    """
+    # the length prefix excludes the pad byte that evens an odd value (PS3.5 7.1.1)
+    prefixed = value[4:7] == b"\x1f\x8b\x08" and int.from_bytes(value[:4], "little") in (len(value) - 4,
+                                                                                          len(value) - 5)
+    if not (prefixed or value[:3] == b"\x1f\x8b\x08"):
+        return None
+    try:
+        text = gzip.decompress(value[4:] if prefixed else value)
+    except (OSError, EOFError, zlib.error):
+        return b""  # an unreadable stream cannot be verified: drop its content
+    packed = gzip.compress(scrub(text), mtime=0)
+    return (len(packed).to_bytes(4, "little") + packed) if prefixed else packed
 
 
 def deidentify(ds: Dataset, ctx: DeidContext) -> Dataset:

@@ -20,8 +20,10 @@ import gzip
 import io
 import json
 import re
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -214,8 +216,32 @@ def decoded(name: str, data: bytes) -> tuple[bytes, int | None]:
         return (json.dumps(table.to_pylist(), default=str) + meta).encode(), None
     if data[128:132] == b"DICM":
         pos = data.rfind(PIXEL_TAG_LE)
-        return data, (pos if pos > 0 else None)
+        header_end = pos if pos > 0 else None
+        return data + b"\n" + b"\n".join(gzip_contents(data[:header_end])), header_end
     return data, None
+
+
+def gzip_contents(data: bytes) -> list[bytes]:
+    """Text hidden in gzip streams inside a header (GE's protocol data block).
+
+    Both the stream and its header: a gzip header names a file and stamps a
+    time (RFC 1952), and GE puts the exam number and the scan time there.
+    """
+    out = []
+    start = data.find(b"\x1f\x8b\x08")
+    while start >= 0:
+        member = data[start:]
+        flags, mtime = member[3], int.from_bytes(member[4:8], "little")
+        if mtime:
+            out.append(datetime.fromtimestamp(mtime, timezone.utc).strftime("gzip-mtime %Y%m%d").encode())
+        if flags & 0x08:  # FNAME: zero-terminated
+            out.append(member[10:member.find(b"\x00", 10)])
+        try:
+            out.append(zlib.decompressobj(31).decompress(member))
+        except zlib.error:
+            out.append(b"unreadable gzip stream")
+        start = data.find(b"\x1f\x8b\x08", start + 3)
+    return out
 
 
 def find_leaks(name: str, data: bytes, matcher: Matcher) -> list[Leak]:
