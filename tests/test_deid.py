@@ -143,3 +143,19 @@ def test_verifier_finds_values_in_names_and_compressed_tables():
     buf = io.BytesIO()
     pq.write_table(pa.table({"c": [f"patient {str(files[0].dataset.StudyDate)}"]}), buf, compression="zstd")
     assert any("(unshifted)" in leak.source for leak in find_leaks("t.parquet", buf.getvalue(), matcher))
+
+
+def test_ge_protocol_block_is_cleaned_inside_its_gzip_stream():
+    from tasks.phi_verify import gzip_contents
+
+    files = _files("ge", limit=2)
+    headers = [f.dataset for f in files]
+    matcher = Matcher(collect_identifiers(headers))
+    # the original block names the exam (StudyID) in its gzip file name and stamps the scan date
+    assert {leak.source for leak in find_leaks("orig.dcm", files[0].raw, matcher)} >= {"StudyID"}
+    assert any(c.startswith(b"gzip-mtime 2018") for c in gzip_contents(files[0].raw))
+    data = to_bytes(deidentify(files[0].dataset, _ctx().prepare(headers)))
+    inside = gzip_contents(data)
+    assert not any(c.startswith(b"gzip-mtime") for c in inside)
+    assert any(b"SEDESC" in c for c in inside)   # the block itself survives for dcm2niix
+    assert find_leaks("deid.dcm", data, matcher) == []
