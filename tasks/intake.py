@@ -25,7 +25,7 @@ from tasks.dicom_params import scanner_identity, series_parameters
 from tasks.identify import VisitAssignment, assign_visit, subject_label
 from tasks.inbox import QuarantineRecord, quarantine
 from tasks.inventory import ReceivedFile, group_series, study_key
-from tasks.phi_verify import Matcher, collect_identifiers, find_leaks
+from tasks.phi_verify import Fingerprint, Matcher, collect_identifiers, find_leaks
 from tasks.protocol import Finding, check_completeness, check_scanner, check_series
 from tasks.records import SeriesOutcome, StudyOutcome
 from tasks.storage import Lake
@@ -48,6 +48,18 @@ class StudyContext:
     site: str
     upload: str
     lake: Lake
+
+
+def fingerprint_path(site: str, subject: str, session: str, study_key: str) -> str:
+    return f"deid/{site}/{subject}/{session}/phi-fingerprint-{study_key[:16]}.json"
+
+
+def load_fingerprints(lake: Lake, trial: TrialConfig, site: str, subject: str, session: str) -> list[Fingerprint]:
+    """Every fingerprint of a subject's session (one per study received for it)."""
+    key = trial.secret(trial.deidentification.secret_env)
+    folder = f"deid/{site}/{subject}/{session}"
+    return [Fingerprint.from_json(lake.read_text(p), key) for p in lake.find(folder)
+            if p.rsplit("/", 1)[-1].startswith("phi-fingerprint-")]
 
 
 def _study_date(files: list[ReceivedFile]) -> date:
@@ -120,6 +132,9 @@ def receive_one_study(sc: StudyContext, files: list[ReceivedFile]) -> StudyOutco
         else:
             outcome.quarantined += _quarantine_series(sc, members, deid)
     outcome.findings += list(scanner_findings.values())
+    # later stages (BIDS, derivatives) verify against this, long after the raw upload is gone
+    lake.write_text(fingerprint_path(site, subject, visit.session, key),
+                    Fingerprint.from_matcher(matcher, secret).to_json())
     present = {s.series_type for s in outcome.series if s.series_type and s.verdict != "rejected"}
     outcome.findings += check_completeness(trial, site, visit.session, present)
     outcome.n_quarantined = len(outcome.quarantined)
