@@ -65,6 +65,10 @@ STUDIES = TableSchema(
         ("acquisition_date", pa.date32()),     # shifted
         ("days_from_baseline", pa.int32()),
         ("in_window", pa.bool_()),
+        ("age_years", pa.float64()),           # retained patient characteristics (ComBat covariates)
+        ("sex", pa.string()),
+        ("weight_kg", pa.float64()),
+        ("height_m", pa.float64()),
         ("status", pa.string()),
         ("n_files", pa.int32()),
         ("n_series", pa.int32()),
@@ -77,7 +81,8 @@ STUDIES = TableSchema(
     ),
     primary_key=("study_key",),
     required=("study_key", "trial_id", "subject", "session", "status", "received_at"),
-    allowed={"status": frozenset({"accepted", "accepted_with_deviations", "rejected"})},
+    allowed={"status": frozenset({"accepted", "accepted_with_deviations", "rejected"}),
+             "sex": frozenset({"M", "F", "O"})},
 )
 
 SERIES = TableSchema(

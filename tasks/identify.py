@@ -87,3 +87,29 @@ def assign_visit(trial: TrialConfig, shifted_date: date, baseline: date | None,
     f = Finding(kind="unscheduled_visit", severity="minor", observed=f"day {days}",
                 message=f"study on day {days} matches no remaining scheduled visit")
     return VisitAssignment(f"unsched{days}", days, False, (f,))
+
+
+AGE_UNITS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+
+
+def patient_characteristics(header: object, retained: bool) -> dict[str, object]:
+    """Age (years), sex, weight (kg) and height (m) when the trial retains them."""
+    if not retained:
+        return {}
+    get = getattr(header, "get")
+    age = str(get("PatientAge", "") or "").strip().upper()
+    years = None
+    # "000Y" is what scanners write when nobody entered an age: unknown, not a newborn
+    if len(age) == 4 and age[:3].isdigit() and age[3] in AGE_UNITS and int(age[:3]) > 0:
+        years = round(int(age[:3]) * AGE_UNITS[age[3]], 3)
+    sex = str(get("PatientSex", "") or "").strip().upper()
+
+    def num(kw: str) -> float | None:
+        try:
+            v = float(get(kw))
+        except (TypeError, ValueError):
+            return None
+        return v if v > 0 else None
+
+    return {"age_years": years, "sex": sex if sex in ("M", "F", "O") else None,
+            "weight_kg": num("PatientWeight"), "height_m": num("PatientSize")}

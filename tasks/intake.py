@@ -22,7 +22,7 @@ from tasks.audit import append_event
 from tasks.deid import DeidContext, date_shift_days
 from tasks.deid_series import DeidSeries, burned_in, deidentify_series, write_series
 from tasks.dicom_params import scanner_identity, series_parameters
-from tasks.identify import VisitAssignment, assign_visit, subject_label
+from tasks.identify import VisitAssignment, assign_visit, patient_characteristics, subject_label
 from tasks.inbox import QuarantineRecord, quarantine
 from tasks.inventory import ReceivedFile, group_series, study_key
 from tasks.phi_verify import Fingerprint, Matcher, collect_identifiers, find_leaks
@@ -118,7 +118,8 @@ def receive_one_study(sc: StudyContext, files: list[ReceivedFile]) -> StudyOutco
                       own_labels=[trial.trial_id, site, subject, visit.session])
     outcome = StudyOutcome(key, trial.trial_id, site, subject, visit.session, new_study_uid, acq,
                            visit.days_from_baseline, visit.in_window, len(files), 0,
-                           "; ".join(ctx.method_text), findings=list(visit.findings), matcher=matcher)
+                           "; ".join(ctx.method_text), findings=list(visit.findings), matcher=matcher,
+                           characteristics=patient_characteristics(headers[0], opts.retain_patient_characteristics))
     scanner_findings: dict[tuple[str, str], Finding] = {}
     for (_, _), members in group_series(files).items():
         so, deid = _one_series(sc, ctx, matcher, members)

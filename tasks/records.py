@@ -51,6 +51,7 @@ class StudyOutcome:
     series: list[SeriesOutcome] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)   # study-level
     quarantined: list[Any] = field(default_factory=list)    # QuarantineRecord
+    characteristics: dict[str, Any] = field(default_factory=dict)  # age_years, sex, weight_kg, height_m
     already_received: bool = False
     verified_files: list[str] = field(default_factory=list)  # upload names now verified in deid/
     matcher: Any = field(default=None, repr=False)            # this study's identifying values
@@ -78,6 +79,7 @@ def study_row(s: StudyOutcome, corelab_version: str) -> dict[str, Any]:
         "study_key": s.study_key, "trial_id": s.trial_id, "subject": s.subject,
         "session": s.session, "study_uid": s.study_uid, "acquisition_date": s.acquisition_date,
         "days_from_baseline": s.days_from_baseline, "in_window": s.in_window, "status": s.status,
+        **{k: s.characteristics.get(k) for k in ("age_years", "sex", "weight_kg", "height_m")},
         "n_files": s.n_files, "n_series": len(s.series), "n_quarantined": s.n_quarantined,
         "n_deviations": len(s.all_findings), "deid_method": s.deid_method,
         "received_at": s.received_at, "flow_run_id": s.flow_run_id, "corelab_version": corelab_version,
