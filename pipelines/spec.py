@@ -6,7 +6,7 @@ a run with ``ds005_outputs.txt``). The image is named by its key in ``containers
 lock, not the spec, holds the digest, so rebuilding an image never edits a spec.
 
 Command templates use ``str.format`` fields filled by :meth:`PipelineSpec.render`:
-``{input}``, ``{output_dir}``, ``{subject}``, ``{session}``. Optional parameters (BIDS
+``{input}``, ``{output_dir}``, ``{subject}``, ``{session}`` (literal braces are doubled). Optional parameters (BIDS
 entities, threads, the container digest) are appended as ``flag value`` only when given.
 """
 

@@ -145,8 +145,9 @@ def plan_container(backend: str, spec: PipelineSpec, entry: LockedImage, input_p
         raise StaleLock(f"containers/lock is stale for image {entry.key!r}: {'; '.join(drift)}. "
                         f"Rebuild with `corelab containers build {entry.key}`.", drift)
     mounts, inside_input, inside_output = plan_mounts(input_path, output_dir)
-    argv = spec.render(inside_input, inside_output, subject, session,
-                       container_digest=entry.digest, **options)
+    if "container_digest" in spec.options:  # the pipeline stamps it into its outputs
+        options = options | {"container_digest": entry.digest}
+    argv = spec.render(inside_input, inside_output, subject, session, **options)
     env = RUN_ENV | thread_env(options.get("threads"))
     if backend == "apptainer":
         sif = sif_path(entry, sif_dir)
