@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_contracts.harmonization_settings import HarmonizationSettings
+from data_contracts.qc_settings import QCSettings
 
 LABEL = r"^[A-Za-z0-9]+$"        # BIDS labels are alphanumeric
 SITE_ID = r"^[a-z0-9][a-z0-9-]*$"
@@ -265,6 +266,7 @@ class TrialConfig(Strict):
     visits: list[Visit] = Field(min_length=1)
     subjects: SubjectIds
     deidentification: Deidentification = Field(default_factory=Deidentification)
+    qc: QCSettings = Field(default_factory=QCSettings)
     harmonization: HarmonizationSettings = Field(default_factory=HarmonizationSettings)
 
     @model_validator(mode="after")
@@ -282,9 +284,9 @@ class TrialConfig(Strict):
             for v in st.required.visits:
                 if v not in visit_ids:
                     raise ValueError(f"series type {st.name}: unknown visit {v!r}")
-        for site in self.subjects.roster:
+        for site in list(self.subjects.roster) + list(self.qc.site_rules):
             if site not in site_ids:
-                raise ValueError(f"subjects.roster: unknown site {site!r}")
+                raise ValueError(f"unknown site {site!r} in subjects.roster or qc.site_rules")
         return self
 
     def site(self, site_id: str) -> Site:

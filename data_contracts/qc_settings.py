@@ -1,0 +1,67 @@
+"""QC thresholds of a trial (the ``qc:`` section of TrialConfig): defaults, per-site overrides,
+and the site's own distribution."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Rule(BaseModel):
+    """Limits of one metric: WARN beyond the warn limits, FAIL beyond the fail limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    warn_below: float | None = None
+    fail_below: float | None = None
+    warn_above: float | None = None
+    fail_above: float | None = None
+    better: Literal["higher", "lower", "range"] = Field(
+        "range", description="which way is better (the robust z-score only flags the worse side)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Rule":
+        if None not in (self.warn_below, self.fail_below) and self.fail_below > self.warn_below:
+            raise ValueError("fail_below must not be above warn_below")
+        if None not in (self.warn_above, self.fail_above) and self.fail_above < self.warn_above:
+            raise ValueError("fail_above must not be below warn_above")
+        return self
+
+
+# Defaults for the built-in anat pipeline on a 3 T T1w, set from the real T1s of ../shared/data
+# and the MRIQC distributions (Esteban 2017); each trial can override them.
+DEFAULT_RULES: dict[str, Rule] = {
+    "coverage": Rule(warn_below=0.97, fail_below=0.90, better="higher"),
+    "snr_wm": Rule(warn_below=8.0, fail_below=4.0, better="higher"),
+    "snr_gm": Rule(warn_below=5.0, fail_below=2.5, better="higher"),
+    "cnr": Rule(warn_below=1.5, fail_below=0.8, better="higher"),
+    "cjv": Rule(warn_above=0.8, fail_above=1.2, better="lower"),
+    "efc": Rule(warn_above=0.85, fail_above=0.95, better="lower"),
+    "fber": Rule(warn_below=10.0, fail_below=2.0, better="higher"),
+    "wm2max": Rule(warn_below=0.3, fail_below=0.1, warn_above=1.0, better="range"),
+    "inu_range": Rule(warn_above=0.6, fail_above=1.0, better="lower"),
+    "tiv_cm3": Rule(warn_below=1100, fail_below=800, warn_above=2000, fail_above=2500),
+    "gm_fraction": Rule(warn_below=0.30, fail_below=0.20, warn_above=0.65, fail_above=0.75),
+    "wm_fraction": Rule(warn_below=0.20, fail_below=0.10, warn_above=0.55, fail_above=0.65),
+    "csf_fraction": Rule(warn_below=0.08, fail_below=0.03, warn_above=0.45, fail_above=0.60),
+}
+
+
+class RobustZ(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_n: int = Field(10, ge=3, description="scans a site needs before its own distribution counts")
+    warn: float = Field(3.0, gt=0, description="|z| from the site's median/MAD that warns")
+    fail: float = Field(5.0, gt=0, description="|z| that fails")
+
+
+class QCSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rules: dict[str, Rule] = Field(default_factory=dict, description="overrides of the default rules")
+    site_rules: dict[str, dict[str, Rule]] = Field(default_factory=dict, description="per-site overrides")
+    robust_z: RobustZ = Field(default_factory=RobustZ)
+
+    def rules_for(self, site: str) -> dict[str, Rule]:
+        return {**DEFAULT_RULES, **self.rules, **self.site_rules.get(site, {})}

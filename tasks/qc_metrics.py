@@ -1,0 +1,155 @@
+"""Image quality metrics of a structural MRI, the MRIQC way: small pure functions.
+
+Catalogue (direction: which way is better):
+
+snr_gm, snr_wm (higher)
+    Signal-to-noise ratio inside a tissue: :math:`\\mu_T / (\\sigma_T \\sqrt{n/(n-1)})`
+    (MRIQC ``snr``; Esteban et al. 2017, doi:10.1371/journal.pone.0184661).
+cnr (higher)
+    Contrast-to-noise ratio: :math:`|\\mu_{WM}-\\mu_{GM}| / \\sqrt{\\sigma_{air}^2+\\sigma_{GM}^2+\\sigma_{WM}^2}`
+    (Magnotta & Friedman 2006, doi:10.1007/s10278-006-0264-x).
+cjv (lower)
+    Coefficient of joint variation of GM and WM: :math:`(\\sigma_{WM}+\\sigma_{GM})/|\\mu_{WM}-\\mu_{GM}|`,
+    sensitive to noise and intensity non-uniformity (Ganzetti et al. 2016, doi:10.3389/fninf.2016.00010).
+efc (lower)
+    Entropy focus criterion, the Shannon entropy of intensities normalised by its maximum; rises
+    with ghosting and blurring from motion (Atkinson et al. 1997, doi:10.1109/42.650883).
+fber (higher)
+    Foreground-background energy ratio :math:`median(|F|^2)/median(|B|^2)` (Shehzad et al. 2015,
+    doi:10.3389/conf.fnins.2015.91.00047).
+wm2max (range)
+    Median WM intensity over the 99.95th percentile of the image; far from ~0.6-0.9 means a
+    long tail of bright artefacts (MRIQC ``wm2max``).
+inu_range (lower)
+    Spread (95th minus 5th percentile) of the N4 bias field inside the brain: intensity
+    non-uniformity (Tustison et al. 2010, doi:10.1109/TMI.2010.2046908).
+coverage (higher)
+    Fraction of the template brain that the registration maps inside the field of view;
+    catches missed slices and a cut vertex or cerebellum.
+tiv_cm3, gm_fraction, wm_fraction, csf_fraction (range)
+    Segmentation sanity: intracranial volume and tissue fractions of an adult brain.
+
+A metric that cannot be computed is ``None`` with a reason (never a sentinel such as -1):
+the gate turns it into a FAIL that names it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+# MRIQC's robust estimator of sigma from the MAD (1.4826 = 1/Phi^-1(3/4)).
+MAD_TO_SIGMA = 1.4826
+
+
+@dataclass(frozen=True)
+class TissueStats:
+    mean: float
+    sd: float
+    n: int
+
+
+def tissue_stats(img: np.ndarray, mask: np.ndarray) -> TissueStats:
+    values = img[mask]
+    if values.size < 2:
+        return TissueStats(math.nan, math.nan, int(values.size))
+    return TissueStats(float(values.mean()), float(values.std(ddof=1)), int(values.size))
+
+
+def snr(t: TissueStats) -> float:
+    """:math:`\\mu / (\\sigma \\sqrt{n/(n-1)})` (MRIQC ``snr``)."""
+    if t.n < 2 or not t.sd > 0:
+        return math.nan
+    return t.mean / (t.sd * math.sqrt(t.n / (t.n - 1)))
+
+
+def cnr(gm: TissueStats, wm: TissueStats, air_sd: float) -> float:
+    denom = math.sqrt(air_sd ** 2 + gm.sd ** 2 + wm.sd ** 2)
+    return abs(wm.mean - gm.mean) / denom if denom > 0 else math.nan
+
+
+def cjv(gm: TissueStats, wm: TissueStats) -> float:
+    diff = abs(wm.mean - gm.mean)
+    return (wm.sd + gm.sd) / diff if diff > 0 else math.nan
+
+
+def efc(img: np.ndarray) -> float:
+    """Entropy focus criterion normalised by its maximum (MRIQC ``efc``, Atkinson 1997 eq. 3)."""
+    x = np.abs(img.astype(np.float64)).ravel()
+    n = x.size
+    b_max = math.sqrt(float((x ** 2).sum()))
+    if n < 2 or b_max <= 0:
+        return math.nan
+    efc_max = n * (1.0 / math.sqrt(n)) * math.log(1.0 / math.sqrt(n))
+    return float((1.0 / efc_max) * np.sum((x / b_max) * np.log((x + 1e-16) / b_max)))
+
+
+def fber(img: np.ndarray, head: np.ndarray) -> float:
+    fg, bg = img[head], img[~head]
+    if fg.size == 0 or bg.size == 0:
+        return math.nan
+    bg_e = float(np.median(np.abs(bg) ** 2))
+    return float(np.median(np.abs(fg) ** 2)) / bg_e if bg_e > 1e-3 else math.inf
+
+
+def wm2max(img: np.ndarray, wm: np.ndarray) -> float:
+    top = float(np.percentile(img, 99.95))
+    return float(np.median(img[wm])) / top if top > 0 and wm.any() else math.nan
+
+
+def head_mask(img: np.ndarray) -> np.ndarray:
+    """The head: voxels above 10 % of the 98th percentile, closed, filled, largest component.
+
+    Otsu's threshold, which MRIQC applies to its background-rich images,
+    splits tissue classes instead of head from air when the field of view is
+    tight; a fraction of a robust maximum separates air reliably.
+    """
+    top = float(np.percentile(img, 98))
+    if top <= 0:
+        return np.zeros(img.shape, bool)
+    mask = ndimage.binary_closing(img > 0.1 * top, iterations=2)
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+        mask = labels == 1 + int(np.argmax(sizes))
+    return ndimage.binary_fill_holes(mask)
+
+
+def air_sd(img: np.ndarray, head: np.ndarray) -> float:
+    """Noise in the air: a robust sigma of voxels well away from the head."""
+    far = ~ndimage.binary_dilation(head, iterations=3)
+    air = img[far & (img != 0)]
+    if air.size < 100:
+        return 0.0
+    return float(MAD_TO_SIGMA * np.median(np.abs(air - np.median(air))))
+
+
+def anat_iqms(raw: np.ndarray, brain: np.ndarray, gm: np.ndarray, wm: np.ndarray, csf: np.ndarray,
+              voxel_mm3: float) -> dict[str, float]:
+    """Every metric of the catalogue that needs only images (all on one grid).
+
+    ``gm``, ``wm``, ``csf`` are probability maps; a voxel belongs to a tissue
+    when its probability is at least 0.5 (MRIQC uses the hard segmentation).
+    """
+    raw = raw.astype(np.float32)
+    g, w = (gm >= 0.5) & brain, (wm >= 0.5) & brain
+    tg, tw = tissue_stats(raw, g), tissue_stats(raw, w)
+    head = head_mask(raw)
+    tiv = float(brain.sum()) * voxel_mm3
+    gm_v, wm_v, csf_v = (float(p[brain].sum()) * voxel_mm3 for p in (gm, wm, csf))
+    return {
+        "snr_gm": snr(tg),
+        "snr_wm": snr(tw),
+        "cnr": cnr(tg, tw, air_sd(raw, head)),
+        "cjv": cjv(tg, tw),
+        "efc": efc(raw),
+        "fber": fber(raw, head),
+        "wm2max": wm2max(raw, w),
+        "tiv_cm3": tiv / 1000.0,
+        "gm_fraction": gm_v / tiv if tiv else math.nan,
+        "wm_fraction": wm_v / tiv if tiv else math.nan,
+        "csf_fraction": csf_v / tiv if tiv else math.nan,
+    }
