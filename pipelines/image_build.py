@@ -6,7 +6,7 @@ Steps of :func:`build_image` (each logs what it runs):
    mirror this machine uses, imported into podman) unless another base is given;
 2. a wheelhouse on the host: ``pip download --require-hashes`` of the image's requirements
    lock into ``containers/.cache/wheelhouse`` (git-ignored; reused by later builds);
-3. a wheel of corelab itself, built from a copy of the repository's packages;
+3. a wheel of the pipeline's own code (``spec.sources``), built from a copy of those folders;
 4. ``podman build --network none``: the Containerfile installs from the wheelhouse with
    ``--no-index --require-hashes``, so nothing inside the build reaches a network;
 5. the image ID (see :mod:`pipelines.images` for why that is the digest), the image's Python
@@ -40,6 +40,21 @@ WHEELHOUSE = CACHE / "wheelhouse"
 DEFAULT_BASE = "localhost/corelab-base:bookworm"
 PODMAN_CONF = CONTAINERS / "podman" / "containers.conf"
 IMAGE_PREFIX = "localhost/corelab-"
+WHEEL_EPOCH = 315532800  # 1980-01-01, the earliest time a zip file can hold
+WHEEL_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "corelab-imaging"
+version = "{version}"
+description = "corelab pipeline code, as installed in a pinned image"
+requires-python = ">=3.11,<3.12"
+
+[tool.setuptools.packages.find]
+include = [{include}]
+"""
 
 
 class BuildError(RuntimeError):
@@ -100,29 +115,42 @@ def fill_wheelhouse(requirements: Path, wheelhouse: Path = WHEELHOUSE) -> None:
                 "-d", str(wheelhouse)], step="wheelhouse")
 
 
-def corelab_wheel(out_dir: Path, repo: Path = REPO) -> Path:
-    """A wheel of corelab built from a copy of its packages (the work tree stays clean)."""
-    pyproject = tomllib.loads((repo / "pyproject.toml").read_text())
-    patterns = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    tops = sorted({p.split(".")[0].rstrip("*") for p in patterns})
+def corelab_wheel(out_dir: Path, sources: tuple[str, ...], repo: Path = REPO) -> Path:
+    """A wheel of the pipeline's code only: its source folders and their parent packages.
+
+    Built from a copy (the work tree stays clean). Only ``sources`` go in, so the image's
+    code is exactly what ``source_sha256`` in the lock hashes, and edits elsewhere in the
+    repository (flows, tasks) neither change the image nor its digest.
+    """
+    if not sources:
+        raise BuildError("the pipeline spec lists no source folders to put in its image")
+    version = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["version"]
+    tops = sorted({Path(folder).parts[0] for folder in sources})
     with tempfile.TemporaryDirectory(dir=CACHE, prefix="src-") as tmp:
         src = Path(tmp)
-        for name in ("pyproject.toml", "README.md"):
-            shutil.copy2(repo / name, src / name)
-        for top in tops:
-            if (repo / top).is_dir():
-                shutil.copytree(repo / top, src / top,
-                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+        # A minimal project of its own: the repository's pyproject (dependencies, readme) is
+        # not the image's business; its dependencies come from the requirements lock.
+        (src / "pyproject.toml").write_text(WHEEL_PYPROJECT.format(
+            version=version, include=", ".join(f'"{top}*"' for top in tops)))
+        for folder in sources:
+            shutil.copytree(repo / folder, src / folder,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+            for parent in Path(folder).parents:
+                if parent != Path(".") and (repo / parent / "__init__.py").is_file():
+                    shutil.copy2(repo / parent / "__init__.py", src / parent / "__init__.py")
         out_dir.mkdir(parents=True, exist_ok=True)
+        # Fixed zip timestamps: the same sources give the same wheel bytes, so podman's layer
+        # cache is hit and a rebuild of an unchanged tree keeps the locked digest.
+        env = dict(os.environ, SOURCE_DATE_EPOCH=str(WHEEL_EPOCH))
         run_logged([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
-                    "--no-deps", "-w", str(out_dir), str(src)], step="corelab wheel")
+                    "--no-deps", "-w", str(out_dir), str(src)], env=env, step="corelab wheel")
     wheels = sorted(out_dir.glob("corelab_imaging-*.whl"))
     if len(wheels) != 1:
         raise BuildError(f"expected one corelab wheel in {out_dir}, found {len(wheels)}")
     return wheels[0]
 
 
-def stage_context(key: str, wheelhouse: Path = WHEELHOUSE) -> Path:
+def stage_context(key: str, sources: tuple[str, ...], wheelhouse: Path = WHEELHOUSE) -> Path:
     """The build context: requirements lock, the wheels it pins, and corelab's wheel."""
     context = CACHE / "build" / key
     shutil.rmtree(context, ignore_errors=True)
@@ -134,7 +162,7 @@ def stage_context(key: str, wheelhouse: Path = WHEELHOUSE) -> Path:
         name, version = wheel.name.split("-")[:2]
         if pins.get(normalize(name)) == version:
             os.link(wheel, context / "wheels" / wheel.name)
-    corelab_wheel(context / "corelab")
+    corelab_wheel(context / "corelab", sources)
     return context
 
 
@@ -167,7 +195,7 @@ def build_image(spec: PipelineSpec, *, base: str = DEFAULT_BASE, lock_path: Path
     env = podman_env()
     base_id = ensure_base(base, env)
     fill_wheelhouse(requirements)
-    context = stage_context(key)
+    context = stage_context(key, spec.sources)
     tag = f"{IMAGE_PREFIX}{key}:{spec.version}"
     argv = ["podman", "build", "--network", "none", "--pull=never", "-f", str(containerfile),
             "--build-arg", f"BASE={base}", "--label", f"org.corelab.pipeline={spec.name}",

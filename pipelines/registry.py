@@ -18,7 +18,8 @@ def anat_spec() -> PipelineSpec:
     """The built-in anatomical pipeline (``pipelines/anat``) in image ``anat``."""
     from pipelines import anat
 
-    deriv = "sub-{subject}/ses-{session}/anat/{prefix}"
+    # Output names as pipelines/anat/derivatives.py writes them below the derivatives root.
+    anat_dir = "sub-{subject}/ses-{session}/anat/{prefix}"
     return PipelineSpec(
         name=anat.NAME,
         version=anat.VERSION,
@@ -30,12 +31,15 @@ def anat_spec() -> PipelineSpec:
         inputs=(BidsQuery(datatype="anat", suffix="T1w"),),
         outputs=(
             "dataset_description.json",
-            f"{deriv}_desc-preproc_T1w.nii.gz",
-            f"{deriv}_desc-brain_mask.nii.gz",
-            f"{deriv}_dseg.nii.gz",
-            f"{deriv}_label-GM_probseg.nii.gz",
-            f"{deriv}_label-WM_probseg.nii.gz",
-            f"{deriv}_label-CSF_probseg.nii.gz",
+            f"{anat_dir}_desc-preproc_T1w.nii.gz",
+            f"{anat_dir}_desc-biasfield_T1w.nii.gz",
+            f"{anat_dir}_desc-brain_mask.nii.gz",
+            f"{anat_dir}_dseg.nii.gz",
+            f"{anat_dir}_label-GM_probseg.nii.gz",
+            f"{anat_dir}_label-WM_probseg.nii.gz",
+            f"{anat_dir}_label-CSF_probseg.nii.gz",
+            "sub-{subject}/figures/{prefix}_desc-dseg_T1w.png",
+            f"{anat_dir}_desc-volumes_measures.tsv",
         ),
         sources=("pipelines/anat",),
     )

@@ -145,7 +145,8 @@ def bids_prefix(subject: str, session: str, entities: Mapping[str, str] | None =
         if entities.get(key) is not None:
             value = str(entities[key])
             _check_label(key, value, index=key == "run")
-            parts.append(f"{key}-{value}")
+            # An index is written without leading zeros, as the pipelines name their files.
+            parts.append(f"{key}-{int(value) if key == 'run' else value}")
     return "_".join(parts)
 
 

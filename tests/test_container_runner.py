@@ -23,6 +23,7 @@ from pipelines.image_build import export_sif
 from pipelines.images import (REPO, LockedImage, LockError, definition_drift, installed_mismatches,
                               read_lock, read_requirements, sha256_file, source_sha256,
                               write_lock_entry)
+from pipelines.registry import get_spec
 from pipelines.spec import BidsQuery, PipelineSpec, SpecError, bids_prefix
 from tasks.container_engines import apptainer_command, oci_command, plan_mounts
 from tasks.container_runner import (ContainerRunError, DigestMismatch, EngineMissing, ImageMissing,
@@ -146,7 +147,7 @@ def test_render_refuses_unknown_options():
 
 
 def test_bids_prefix_orders_entities_and_checks_run_index():
-    assert bids_prefix("01", "V1", {"run": "2", "acq": "mprage"}) == "sub-01_ses-V1_acq-mprage_run-2"
+    assert bids_prefix("01", "V1", {"run": "02", "acq": "mprage"}) == "sub-01_ses-V1_acq-mprage_run-2"
     with pytest.raises(SpecError, match="run"):
         bids_prefix("01", "V1", {"run": "2a"})
     with pytest.raises(SpecError, match="echo"):
@@ -359,3 +360,15 @@ def test_cli_verify_reports_drift(setup, monkeypatch):
     (setup["repo"] / "toysrc" / "main.py").write_text("print('changed')\n")
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 1 and "toysrc changed" in result.output
+
+
+def test_committed_lock_describes_the_current_anat_definition():
+    """Fails when containers/anat/ or pipelines/anat/ changed without a rebuild.
+
+    Fix: ``corelab containers build anat`` (podman; see containers/README.md), then commit
+    containers/lock. The local backend would refuse the stale lock anyway; this says so early.
+    """
+    spec = get_spec("anat")
+    entry = read_lock(REPO / "containers" / "lock")["anat"]
+    assert entry.pipeline_version == spec.version
+    assert definition_drift(entry, spec.sources) == []
