@@ -105,7 +105,13 @@ def cold_cli(prefect_home: str) -> float:
 
 
 def main() -> None:
-    trial = load_trial(demo_trial_path())
+    from flows.embedded import embedded_runs
+
+    with embedded_runs():
+        run(load_trial(demo_trial_path()))
+
+
+def run(trial) -> None:
     blobs = dicom_bytes()
     n, mb = len(blobs), sum(map(len, blobs)) / 1e6
     flow_ge(trial)  # warm-up: starts the embedded Prefect server once, as a service would

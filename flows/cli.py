@@ -148,8 +148,11 @@ def demo(data: Path = typer.Option(Path("../shared/data"), help="the shared real
 
 
 def main() -> None:
+    from flows.embedded import embedded_runs
+
     try:
-        app()
+        with embedded_runs():
+            app()
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -117,6 +117,41 @@ class DeidContext:
                        for n in self.needles if not n.isdigit() or len(n) >= 5))
         return self
 
+    @functools.cached_property
+    def _stamp(self) -> tuple[DataElement, ...]:
+        ds = Dataset()
+        ds.PatientName = self.subject
+        ds.PatientID = self.subject
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = self.method_text
+        codes = Sequence()
+        for name in ["basic"] + [n for n in OPTION_COLUMNS if getattr(self.options, n)]:
+            value, meaning = METHOD_CODES[name]
+            item = Dataset()
+            item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+            codes.append(item)
+        ds.DeidentificationMethodCodeSequence = codes
+        if self.options.retain_longitudinal_modified_dates:
+            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+        ds.ClinicalTrialProtocolID = self.trial_id
+        ds.ClinicalTrialSiteID = self.site
+        ds.ClinicalTrialSubjectID = self.subject
+        ds.ClinicalTrialTimePointID = self.session
+        ds.ClinicalTrialSponsorName = self.trial_id  # Type 1 in the Clinical Trial Subject module
+        ds.ClinicalTrialProtocolName = ""
+        ds.ClinicalTrialSiteName = ""
+        return tuple(ds)
+
+    def stamp_elements(self) -> tuple[DataElement, ...]:
+        """What every de-identified file says about itself, built once per study.
+
+        The elements are shared by all files of the study (they are only written,
+        never changed), so stamping a file costs a dictionary insert each.
+        """
+        if not self.session:
+            raise DeidError("the session must be known before files are stamped")
+        return self._stamp
+
     def _same_length_uid(self, uid: str) -> str:
         """A stand-in of the same length for a UID inside a binary private header."""
         new = self.new_uid(uid).replace("2.25.", "")
@@ -349,8 +384,8 @@ def _shift_element(elem: DataElement, ctx: DeidContext) -> None:
 def _walk(ds: Dataset, ctx: DeidContext, safe: frozenset[tuple[str, int, int]]) -> None:
     needles = ctx.needles or []
     items = list(ds.items())  # raw elements: nothing is converted unless an action needs its value
-    creators = {(t.group, t.element): str(ds[t].value).strip()
-                for t, _ in items if t.is_private and 0x10 <= t.element <= 0xFF}
+    creators = {(t.group, t.element): _creator(raw)
+                for t, raw in items if t.is_private and 0x10 <= t.element <= 0xFF}
     kept_blocks: set[tuple[int, int]] = set()
     for tag, raw in items:
         if tag.is_private:
@@ -379,6 +414,14 @@ def _walk(ds: Dataset, ctx: DeidContext, safe: frozenset[tuple[str, int, int]]) 
         _apply(ds, elem, action, ctx, needles)
     for block in set(creators) - kept_blocks:
         del ds[Tag(*block)]
+
+
+def _creator(raw: object) -> str:
+    """A private creator's name, read from the raw element without converting it."""
+    value = getattr(raw, "value", b"")
+    if isinstance(value, bytes):
+        return value.decode("latin-1").strip(" \x00")
+    return str(value).strip()
 
 
 def _default_action(vr: str) -> str:
@@ -445,26 +488,8 @@ def deidentify(ds: Dataset, ctx: DeidContext) -> Dataset:
 
 
 def _stamp(ds: Dataset, ctx: DeidContext) -> None:
-    ds.PatientName = ctx.subject
-    ds.PatientID = ctx.subject
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = ctx.method_text
-    codes = Sequence()
-    for name in ["basic"] + [n for n in OPTION_COLUMNS if getattr(ctx.options, n)]:
-        value, meaning = METHOD_CODES[name]
-        item = Dataset()
-        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
-        codes.append(item)
-    ds.DeidentificationMethodCodeSequence = codes
-    if ctx.options.retain_longitudinal_modified_dates:
-        ds.LongitudinalTemporalInformationModified = "MODIFIED"
-    ds.ClinicalTrialProtocolID = ctx.trial_id
-    ds.ClinicalTrialSiteID = ctx.site
-    ds.ClinicalTrialSubjectID = ctx.subject
-    ds.ClinicalTrialTimePointID = ctx.session
-    ds.ClinicalTrialSponsorName = ctx.trial_id  # Type 1 in the Clinical Trial Subject module
-    ds.ClinicalTrialProtocolName = ""
-    ds.ClinicalTrialSiteName = ""
+    for elem in ctx.stamp_elements():
+        ds[elem.tag] = elem
 
 
 def _fix_file_meta(ds: Dataset) -> None:

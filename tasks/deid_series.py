@@ -9,8 +9,18 @@ quarantines the series: fail closed.
 
 from __future__ import annotations
 
+import atexit
+import gzip
 import hashlib
+import io
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+
+import pydicom
+from pydicom.dataset import Dataset
 
 from tasks.deid import DeidContext, DeidError, deidentify, to_bytes
 from tasks.dicom_params import SECONDARY_CAPTURE_PREFIX
@@ -57,9 +67,81 @@ def series_folder(site: str, subject: str, session: str, series_number: int, ser
     return f"deid/{site}/{subject}/{session}/series-{series_number:04d}-{tag}"
 
 
+PARALLEL_MIN_FILES = 48   # below this, starting workers costs more than it saves
+_POOL: ProcessPoolExecutor | None = None
+
+
+def _pool() -> ProcessPoolExecutor:
+    """Worker processes for de-identification, started once per process.
+
+    De-identifying is pure-Python CPU work, so threads would queue on the GIL.
+    Workers are forked: spawn and forkserver re-import the caller's main
+    script, which runs an unguarded script's flow again in every worker. The
+    workers run only pydicom and our pure functions; logging and the import
+    lock are re-initialised after fork, so Prefect's threads in the parent
+    cannot leave them locked.
+    """
+    global _POOL
+    if _POOL is None:
+        _POOL = ProcessPoolExecutor(max_workers=os.cpu_count() or 2,
+                                    mp_context=multiprocessing.get_context("fork"))
+        atexit.register(_POOL.shutdown, cancel_futures=True)
+    return _POOL
+
+
+@dataclass
+class FileOut:
+    rel: str
+    name: str = ""
+    data: bytes = field(default=b"", repr=False)
+    description: str = ""
+    leaks: list[Leak] = field(default_factory=list)
+    error: str | None = None
+
+
+def _deid_dataset(ds: Dataset, rel: str, ctx: DeidContext, matcher: Matcher, folder: str) -> FileOut:
+    try:
+        deidentify(ds, ctx)
+        data = to_bytes(ds)
+    except (DeidError, ValueError, TypeError, AttributeError, OverflowError) as exc:
+        return FileOut(rel, error=f"{rel}: de-identification failed ({type(exc).__name__}: {exc})")
+    sop = hashlib.sha256(str(ds.SOPInstanceUID).encode()).hexdigest()[:12]
+    name = f"{int(ds.get('InstanceNumber', 0) or 0):05d}-{sop}.dcm"
+    return FileOut(rel, name, data, str(ds.get("SeriesDescription", "") or ""),
+                   find_leaks(f"{folder}/{name}", data, matcher))
+
+
+def _deid_chunk(items: list[tuple[str, bytes]], ctx: DeidContext, matcher: Matcher, folder: str) -> list[FileOut]:
+    """Worker side: parse each received file again and de-identify it."""
+    out = []
+    for rel, raw in items:
+        data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        out.append(_deid_dataset(pydicom.dcmread(io.BytesIO(data)), rel, ctx, matcher, folder))
+    return out
+
+
+def _deid_all(files: list[ReceivedFile], ctx: DeidContext, matcher: Matcher, folder: str) -> list[FileOut]:
+    if len(files) < PARALLEL_MIN_FILES or not all(f.raw for f in files):
+        return [_deid_dataset(f.dataset, f.rel, ctx, matcher, folder) for f in files]
+    workers = os.cpu_count() or 2
+    size = -(-len(files) // workers)
+    chunks = [[(f.rel, f.raw) for f in files[i:i + size]] for i in range(0, len(files), size)]
+    try:
+        futures = [_pool().submit(_deid_chunk, chunk, ctx, matcher, folder) for chunk in chunks]
+        return [r for fut in futures for r in fut.result()]
+    except BrokenProcessPool:
+        global _POOL
+        _POOL = None  # a killed worker: do the work here rather than fail the study
+        return [r for chunk in chunks for r in _deid_chunk(chunk, ctx, matcher, folder)]
+
+
 def deidentify_series(files: list[ReceivedFile], ctx: DeidContext, matcher: Matcher,
                       series_number: int) -> DeidSeries:
-    """De-identify and verify every file of one series, in memory."""
+    """De-identify and verify every file of one series, in memory.
+
+    Large series are spread over worker processes; the received headers stay
+    as they were (workers parse their own copy).
+    """
     new_series_uid = ctx.new_uid(str(files[0].header.SeriesInstanceUID))
     out = DeidSeries(new_series_uid, series_folder(ctx.site, ctx.subject, ctx.session,
                                                    series_number, new_series_uid))
@@ -67,21 +149,12 @@ def deidentify_series(files: list[ReceivedFile], ctx: DeidContext, matcher: Matc
     if why:
         out.refused, out.refused_code = f"pixel data may hold identifying text: {why}", "burned_in"
         return out
-    for f in files:
-        try:
-            ds = f.dataset
-            deidentify(ds, ctx)
-            data = to_bytes(ds)
-        except (DeidError, ValueError, TypeError, AttributeError, OverflowError) as exc:
-            out.refused = f"{f.rel}: de-identification failed ({type(exc).__name__}: {exc})"
-            out.refused_code = "deid_failed"
+    for r in _deid_all(files, ctx, matcher, out.folder):
+        if r.error:
+            out.refused, out.refused_code = r.error, "deid_failed"
             return out
-        name = f"{int(ds.get('InstanceNumber', 0) or 0):05d}-{hashlib.sha256(str(ds.SOPInstanceUID).encode()).hexdigest()[:12]}.dcm"
-        out.files[name] = data
-        out.sources[name] = f.rel
-        out.description = str(ds.get("SeriesDescription", "") or "")
-    for name, data in out.files.items():
-        out.leaks += find_leaks(f"{out.folder}/{name}", data, matcher)
+        out.files[r.name], out.sources[r.name], out.description = r.data, r.rel, r.description
+        out.leaks += r.leaks
     if out.leaks:
         kinds = sorted({leak.source for leak in out.leaks})
         out.refused = (f"de-identification could not be verified: {len(out.leaks)} identifying "

@@ -10,6 +10,7 @@ merge that changes nothing does not touch the file, which keeps re-ingest a no-o
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -36,6 +37,7 @@ class SchemaViolation(ValueError):
     """Rows that do not meet their table's contract; nothing was written."""
 
 
+@functools.lru_cache(maxsize=1)
 def software_versions() -> dict[str, str]:
     """Installed versions of the packages that shape our outputs."""
     out = {}
@@ -107,7 +109,7 @@ def _file_metadata(spec: TableSchema) -> dict[bytes, bytes]:
     return {
         b"corelab.table": spec.name.encode(),
         b"corelab.schema_version": spec.version.encode(),
-        b"corelab.software": json.dumps(software_versions(), sort_keys=True).encode(),
+        b"corelab.software": json.dumps(dict(software_versions()), sort_keys=True).encode(),
     }
 
 

@@ -47,5 +47,7 @@ def prefect_harness():
     """One embedded Prefect server for the whole session (20-30 s to start)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=180):
+    from flows.embedded import embedded_runs
+
+    with prefect_test_harness(server_startup_timeout=180), embedded_runs():
         yield
