@@ -150,7 +150,8 @@ DEVIATIONS = TableSchema(
         "kind": frozenset({
             "parameter", "missing_series", "unclassified_series", "ambiguous_series",
             "unknown_scanner", "new_scanner_epoch", "out_of_window", "unscheduled_visit",
-            "quarantined_file", "burned_in_annotation", "duplicate_series",
+            "quarantined_file", "burned_in_annotation", "duplicate_series", "qc_fail",
+            "processing_failed",
         }),
     },
 )
@@ -171,6 +172,40 @@ QUERIES = TableSchema(
     primary_key=("query_id",),
     required=("query_id", "study_key", "status", "message", "created_at"),
     allowed={"status": frozenset({"open", "answered", "closed"})},
+)
+
+QC = TableSchema(
+    name="qc",
+    version="1.0",
+    # One row per processed series and metric, plus a row with metric "verdict" whose
+    # status is the series' verdict and whose reason lists every reason.
+    schema=_s(
+        ("series_uid", pa.string()),
+        ("study_key", pa.string()),
+        ("subject", pa.string()),
+        ("session", pa.string()),
+        ("pipeline_name", pa.string()),
+        ("pipeline_version", pa.string()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+        ("status", pa.string()),               # PASS | WARN | FAIL for this metric
+        ("reason", pa.string()),
+        ("robust_z", pa.float64()),
+        ("verdict", pa.string()),              # the series' verdict in force (after any override)
+        ("automatic_verdict", pa.string()),    # what the gate said
+        ("override_by", pa.string()),
+        ("override_reason", pa.string()),
+        ("override_at", UTC_TS),
+        ("input_sha256", pa.string()),
+        ("container_digest", pa.string()),
+        ("flow_run_id", pa.string()),
+        ("created_at", UTC_TS),
+    ),
+    primary_key=("series_uid", "pipeline_name", "pipeline_version", "metric"),
+    required=("series_uid", "study_key", "subject", "session", "pipeline_name", "pipeline_version",
+              "metric", "status", "verdict", "automatic_verdict", "created_at"),
+    allowed={"status": frozenset({"PASS", "WARN", "FAIL"}), "verdict": frozenset({"PASS", "WARN", "FAIL"}),
+             "automatic_verdict": frozenset({"PASS", "WARN", "FAIL"})},
 )
 
 BIOMARKERS = TableSchema(
@@ -216,5 +251,5 @@ BIOMARKERS_HARMONIZED = TableSchema(
 )
 
 TABLES: dict[str, TableSchema] = {
-    t.name: t for t in (STUDIES, SERIES, DEVIATIONS, QUERIES, BIOMARKERS, BIOMARKERS_HARMONIZED)
+    t.name: t for t in (STUDIES, SERIES, DEVIATIONS, QUERIES, QC, BIOMARKERS, BIOMARKERS_HARMONIZED)
 }

@@ -141,6 +141,32 @@ def write_rows(lake: Lake, table: str, site: str, rows: Iterable[Mapping[str, An
     return merged.num_rows
 
 
+def delete_rows(lake: Lake, table: str, site: str, where: Mapping[str, Any]) -> int:
+    """Remove the rows of one site's partition whose columns equal ``where``; returns how many.
+
+    Used when a decision withdraws data (a reviewer fails a series: its
+    biomarkers go). The partition is rewritten atomically like any write.
+    """
+    spec = TABLES[table]
+    unknown = set(where) - set(spec.columns)
+    if unknown:
+        raise SchemaViolation(f"table {table!r} has no columns {sorted(unknown)}")
+    with lake.lock(f"table-{table}-{site}"):
+        old = read_partition(lake, table, site)
+        if old is None or old.num_rows == 0:
+            return 0
+        old = old.select(spec.columns).cast(spec.schema)
+        cols = {k: old.column(k).to_pylist() for k in where}
+        keep = [not all(cols[k][i] == v for k, v in where.items()) for i in range(old.num_rows)]
+        removed = keep.count(False)
+        if removed:
+            kept = old.filter(pa.array(keep, pa.bool_())).replace_schema_metadata(_file_metadata(spec))
+            buf = io.BytesIO()
+            pq.write_table(kept, buf, compression="zstd")
+            lake.write_bytes(partition_path(table, site), buf.getvalue())
+    return removed
+
+
 def _merge(old: pa.Table | None, new: pa.Table, spec: TableSchema) -> pa.Table:
     if old is None or old.num_rows == 0:
         merged = new

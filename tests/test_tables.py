@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from tasks.storage import Lake
-from tasks.tables import SchemaViolation, partition_path, read_table, table_metadata, write_rows
+from tasks.tables import SchemaViolation, delete_rows, partition_path, read_table, table_metadata, write_rows
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
@@ -79,3 +79,12 @@ def test_duckdb_and_pandas_read_the_partitioned_table(lake):
 def test_site_cannot_escape_the_table(lake):
     with pytest.raises(SchemaViolation, match="cannot name a table partition"):
         write_rows(lake, "studies", "../x", [_study("k1")])
+
+
+def test_delete_rows(lake):
+    write_rows(lake, "studies", "site-a", [_study("k1"), _study("k2"), _study("k3", status="rejected")])
+    assert delete_rows(lake, "studies", "site-a", {"status": "accepted"}) == 2
+    assert read_table(lake, "studies")["study_key"].tolist() == ["k3"]
+    assert delete_rows(lake, "studies", "site-a", {"status": "accepted"}) == 0
+    with pytest.raises(SchemaViolation, match="no columns"):
+        delete_rows(lake, "studies", "site-a", {"colour": "red"})
