@@ -151,7 +151,7 @@ def sif_path(entry: LockedImage, sif_dir: Path = SIF_DIR) -> Path:
 def verify_sif(entry: LockedImage, sif: Path) -> None:
     if not entry.sif_sha256:
         raise ImageMissing(f"containers/lock has no SIF for image {entry.key!r}: convert the locked "
-                           "image to SIF and record its sha256 as sif_sha256")
+                           f"image with `corelab containers sif {entry.key}` (records sif_sha256)")
     if not sif.is_file():
         raise ImageMissing(f"SIF file {sif} for image {entry.reference} does not exist")
     actual = sha256_file(sif)

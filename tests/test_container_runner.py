@@ -27,7 +27,8 @@ from pipelines.registry import get_spec
 from pipelines.spec import BidsQuery, PipelineSpec, SpecError, bids_prefix
 from tasks.container_engines import apptainer_command, oci_command, plan_mounts
 from tasks.container_runner import (ContainerRunError, DigestMismatch, EngineMissing, ImageMissing,
-                                    StaleLock, VersionMismatch, run_pipeline)
+                                    StaleLock, VersionMismatch, run_pipeline,
+                                    run_pipeline_task)
 from tests.conftest import shared_path
 
 DIGEST = "sha256:" + "ab" * 32
@@ -309,7 +310,7 @@ def test_missing_engine_is_named(setup, t1, monkeypatch):
 # --- local backend -----------------------------------------------------------------------------
 
 def test_local_runs_when_the_environment_equals_the_image(setup, t1):
-    rec = toy_run(setup, t1, "local")
+    rec = run_pipeline_task.fn(TOY, t1, setup["out"], "01", "V1", backend="local", **setup["kw"])
     assert rec.ok and rec.command[0] == sys.executable and "--container-digest" not in rec.command
     assert not rec.version_override and rec.version_mismatches == []
     assert rec.outputs["sub-01/out.nii.gz"] == sha256_file(t1)
