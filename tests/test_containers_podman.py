@@ -53,8 +53,8 @@ def t1() -> Path:
 def runs(locked, t1, tmp_path_factory):
     lock, _ = locked
     out = tmp_path_factory.mktemp("runs")
-    # One thread: with more, ITK's multi-threaded filters sum in a varying order and two runs
-    # of the same backend already differ in the last bits; that is not what is tested here.
+    # One thread, so the comparison cannot depend on whether multi-threaded ITK filters reduce
+    # in a fixed order (an earlier anat at 2 threads differed run to run in the last bits).
     records = {backend: run_pipeline(get_spec("anat"), t1, out / backend, "xa30", "1",
                                      backend=backend, entities={"acq": "tfl"}, threads=1,
                                      lock_path=lock)
