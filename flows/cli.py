@@ -29,8 +29,10 @@ app.add_typer(audit_app, name="audit")
 
 def _mount_subcommands() -> None:
     from harmonization.cli import app as harmonize_app
+    from pipelines.containers_cli import app as containers_app
 
     app.add_typer(harmonize_app, name="harmonize")
+    app.add_typer(containers_app, name="containers")
 
 
 _mount_subcommands()
