@@ -4,21 +4,38 @@ Call :func:`run_anat` (or ``python -m pipelines.anat --help``) on one T1w NIfTI;
 it writes a BIDS derivatives dataset and returns an :class:`AnatResult`. Every
 input needed ships with the installed packages (the MNI152 2009a template and
 tissue maps come from nilearn), so nothing is downloaded at run time.
+
+Importing the package is cheap (name, version, exceptions); the imaging stack
+(SimpleITK, nibabel, matplotlib) loads on first use of ``run_anat`` and friends,
+so pipeline registries can read ``NAME``/``VERSION`` without it.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import Any
+
+from pipelines.anat.errors import (
+    AnatArgumentError, AnatError, AnatInputError, AnatOutputError, AnatProcessingError,
+)
+
 NAME = "anat"
 VERSION = "0.1.0"
 
-from pipelines.anat.errors import (  # noqa: E402
-    AnatArgumentError, AnatError, AnatInputError, AnatOutputError, AnatProcessingError,
-)
-from pipelines.anat.parameters import AnatParameters  # noqa: E402
-from pipelines.anat.process import MEASURES  # noqa: E402
-from pipelines.anat.run import AnatResult, run_anat  # noqa: E402
+_LAZY = {
+    "run_anat": "pipelines.anat.run",
+    "AnatResult": "pipelines.anat.run",
+    "AnatParameters": "pipelines.anat.parameters",
+    "MEASURES": "pipelines.anat.process",
+}
 
 __all__ = [
     "NAME", "VERSION", "MEASURES", "AnatParameters", "AnatResult", "run_anat",
     "AnatError", "AnatInputError", "AnatArgumentError", "AnatProcessingError", "AnatOutputError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m pipelines.{NAME}",
                                 description=f"{NAME} {VERSION}: T1w -> BIDS derivatives")
     p.add_argument("--input", required=True, help="T1w NIfTI (.nii or .nii.gz)")
-    p.add_argument("--output-dir", required=True, help="derivatives root, e.g. derivatives/anat-<version>")
+    p.add_argument("--output-dir", required=True,
+                   help="derivatives root, e.g. derivatives/anat-<version>")
     p.add_argument("--subject", required=True, help="BIDS subject label (no 'sub-')")
     p.add_argument("--session", required=True, help="BIDS session label (no 'ses-')")
     p.add_argument("--acq", help="BIDS acq label")

@@ -92,7 +92,8 @@ def n4_correct(
     log_field = n4.GetLogBiasFieldAsImage(positive)
     # N4 leaves the field's overall scale free; fix it to 1 at the head's median
     # so the corrected intensities keep the input's unit.
-    centre = float(np.median(sitk.GetArrayViewFromImage(log_field)[sitk.GetArrayViewFromImage(mask) > 0]))
+    inside = sitk.GetArrayViewFromImage(mask) > 0
+    centre = float(np.median(sitk.GetArrayViewFromImage(log_field)[inside]))
     field = sitk.Cast(sitk.Exp(log_field - centre), sitk.sitkFloat32)
     corrected = sitk.Cast(image / field, sitk.sitkFloat32)
     return BiasResult(corrected=corrected, field=field, head_mask=mask)

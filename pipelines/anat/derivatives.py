@@ -108,28 +108,35 @@ def dataset_description(name: str, version: str, container_digest: str | None) -
     }
 
 
-def ensure_dataset(root: Path, description: dict[str, Any], lookup_tsv: str) -> None:
-    """Create the derivatives root files, or check that the existing ones agree.
+def check_dataset(root: Path, description: dict[str, Any]) -> None:
+    """Refuse a derivatives root made by another pipeline version or container (reads only).
 
     Raises
     ------
     AnatOutputError
-        When ``root`` already holds a dataset made by another pipeline version or
-        container: mixing them would break the provenance of every file there.
+        Mixing outputs of different versions or images in one dataset would
+        break the provenance of every file there.
     """
+    path = root / "dataset_description.json"
+    if not path.exists():
+        return
+    try:
+        existing = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AnatOutputError(f"{path}: unreadable ({exc})") from exc
+    if existing.get("GeneratedBy") != description["GeneratedBy"]:
+        raise AnatOutputError(
+            f"{path}: made by {existing.get('GeneratedBy')}, not "
+            f"{description['GeneratedBy']}; write to a folder of its own"
+        )
+
+
+def ensure_dataset(root: Path, description: dict[str, Any], lookup_tsv: str) -> None:
+    """Create the derivatives root files, or check that the existing ones agree."""
+    check_dataset(root, description)
     root.mkdir(parents=True, exist_ok=True)
     path = root / "dataset_description.json"
-    if path.exists():
-        try:
-            existing = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise AnatOutputError(f"{path}: unreadable ({exc})") from exc
-        if existing.get("GeneratedBy") != description["GeneratedBy"]:
-            raise AnatOutputError(
-                f"{path}: made by {existing.get('GeneratedBy')}, not "
-                f"{description['GeneratedBy']}; write to a folder of its own"
-            )
-    else:
+    if not path.exists():
         atomic_write_text(path, json.dumps(description, indent=2) + "\n")
     lookup = root / "dseg.tsv"
     if not lookup.exists():

@@ -55,7 +55,8 @@ class AnatMaps:
 
 #: Measure name -> (unit, description). GM fraction is GM volume over TIV.
 MEASURES: dict[str, tuple[str, str]] = {
-    "TIV": ("mm3", "total intracranial volume: the brain mask (template intracranial mask warped to the subject)"),
+    "TIV": ("mm3", "total intracranial volume: the brain mask "
+                   "(template intracranial mask warped to the subject)"),
     "GM": ("mm3", "grey matter volume: sum of GM posteriors in the brain mask"),
     "WM": ("mm3", "white matter volume: sum of WM posteriors in the brain mask"),
     "CSF": ("mm3", "cerebrospinal fluid volume: sum of CSF posteriors in the brain mask"),

@@ -67,7 +67,9 @@ def _world_points(mask: np.ndarray, image: sitk.Image) -> np.ndarray:
     return idx @ direction.T + np.array(image.GetOrigin())
 
 
-def initial_translation(subject_head: sitk.Image, template_mask: sitk.Image) -> sitk.TranslationTransform:
+def initial_translation(
+    subject_head: sitk.Image, template_mask: sitk.Image
+) -> sitk.TranslationTransform:
     """Translation (template -> subject) from the head's vertex and left-right/front-back centre."""
     head = sitk.GetArrayViewFromImage(subject_head) > 0
     brain = sitk.GetArrayViewFromImage(template_mask) > 0.5

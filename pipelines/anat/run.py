@@ -17,8 +17,9 @@ from typing import Any, Mapping
 import nibabel as nib
 import numpy as np
 
+from pipelines.anat import NAME, VERSION
 from pipelines.anat.derivatives import (
-    Staging, check_digest, dataset_description, dseg_tsv, ensure_dataset, file_prefix,
+    Staging, check_dataset, check_digest, dataset_description, dseg_tsv, ensure_dataset, file_prefix,
     generated_by, measures_tsv, output_names, sidecar_name, write_json,
 )
 from pipelines.anat.io import load_t1, nifti_like, sha256_file
@@ -94,7 +95,8 @@ def _sidecars(names: dict[str, str], maps: AnatMaps, common: dict[str, Any]) -> 
                     "SkullStripped": False, "BiasField": maps.qc["bias_field"]},
         "bias_field": {"Description": "N4 multiplicative bias field: input / field = desc-preproc",
                        "Sources": [preproc], "BiasField": maps.qc["bias_field"]},
-        "brain_mask": {"Description": "intracranial mask: MNI152 template mask, affine-warped, in the head",
+        "brain_mask": {"Description": "intracranial mask: MNI152 template mask, "
+                                      "affine-warped, within the head",
                        "Type": "Brain", "Sources": [preproc]},
         "dseg": {"Description": "most probable tissue in the brain mask (labels in dseg.tsv)",
                  "Sources": [preproc, f"bids::{names['brain_mask']}"]},
@@ -102,7 +104,8 @@ def _sidecars(names: dict[str, str], maps: AnatMaps, common: dict[str, Any]) -> 
                    "Sources": [preproc, f"bids::{names['dseg']}"]},
         "measures": {"Description": "volumes from the tissue posteriors in the brain mask",
                      "Sources": [f"bids::{names[f'probseg_{t}']}" for t in TISSUES],
-                     "measure": {"Description": "measure name", "Levels": {k: d for k, (_, d) in MEASURES.items()}},
+                     "measure": {"Description": "measure name",
+                                 "Levels": {k: d for k, (_, d) in MEASURES.items()}},
                      "value": {"Description": "measured value"},
                      "unit": {"Description": "unit of value (mm3, or 1 for a ratio)"}},
     }
@@ -188,11 +191,10 @@ def run_anat(
         ``output_dir`` belongs to another version or container.
     """
     start = time.perf_counter()
-    from pipelines.anat import NAME, VERSION  # the package's identity, set in __init__
-
     input_path, root = Path(input_path), Path(output_dir)
     prefix = file_prefix(subject, session, entities)
-    check_digest(container_digest)
+    description = dataset_description(NAME, VERSION, check_digest(container_digest))
+    check_dataset(root, description)  # before the work, not after it
     params = (params or AnatParameters()).with_threads(threads)
     img = load_t1(input_path)  # raises AnatInputError before anything is written
     input_sha = sha256_file(input_path)
@@ -207,7 +209,7 @@ def run_anat(
                      "Files": load_template().files},
         "SpatialReference": "orig",
     }
-    ensure_dataset(root, dataset_description(NAME, VERSION, container_digest), dseg_tsv())
+    ensure_dataset(root, description, dseg_tsv())
     placed = _write_outputs(root, prefix, names, maps, img, common)
     units = {k: u for k, (u, _) in MEASURES.items()}
     return AnatResult(

@@ -112,7 +112,8 @@ def segment(
     means, sds = _gaussians(y, post)
     it = 0
     # Plain EM to convergence first (cheap), then the MRF (a 3D filter per class).
-    for phase_beta, budget in ((0.0, max_iterations), (mrf_beta, mrf_iterations if mrf_beta > 0 else 0)):
+    phases = ((0.0, max_iterations), (mrf_beta, mrf_iterations if mrf_beta > 0 else 0))
+    for phase_beta, budget in phases:
         for _ in range(budget):
             it += 1
             loglik = -0.5 * ((y[None, :] - means[:, None]) / sds[:, None]) ** 2 - np.log(sds)[:, None]
