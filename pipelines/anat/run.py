@@ -107,7 +107,9 @@ def _sidecars(names: dict[str, str], maps: AnatMaps, common: dict[str, Any]) -> 
                      "measure": {"Description": "measure name",
                                  "Levels": {k: d for k, (_, d) in MEASURES.items()}},
                      "value": {"Description": "measured value"},
-                     "unit": {"Description": "unit of value (mm3, or 1 for a ratio)"}},
+                     "unit": {"Description": "unit of value (mm3, or 1 for a ratio)"},
+                     # what only the pipeline can know (registration, N4), for the QC gate
+                     "QC": maps.qc},
     }
     for t in TISSUES:
         own[f"probseg_{t}"] = {"Description": f"posterior probability of {t}", "Label": t,
