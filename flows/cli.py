@@ -23,8 +23,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="corelab: an imaging core lab in a box for multi-site MRI trials.")
 protocol_app = typer.Typer(no_args_is_help=True, help="Protocol tools.")
 audit_app = typer.Typer(no_args_is_help=True, help="The hash-chained audit log.")
+qc_app = typer.Typer(no_args_is_help=True, help="QC verdicts and reviewer overrides.")
+export_app = typer.Typer(no_args_is_help=True, help="Tables for data managers and statisticians.")
 app.add_typer(protocol_app, name="protocol")
 app.add_typer(audit_app, name="audit")
+app.add_typer(qc_app, name="qc")
+app.add_typer(export_app, name="export")
 
 
 def _mount_subcommands() -> None:
@@ -40,6 +44,10 @@ console = Console()
 err = Console(stderr=True)
 
 TrialOpt = typer.Option(None, "--trial", help="trial YAML (default $CORELAB_TRIAL or ./trial.yaml)")
+BackendOpt = typer.Option("local", "--backend", help="where pipelines run: local, podman, docker, apptainer")
+OverrideOpt = typer.Option(False, "--allow-version-mismatch",
+                           help="local backend only: run although the environment differs from the "
+                                "image's lock (recorded in provenance)")
 LakeOpt = typer.Option(None, "--lake", help="lake folder or URL (default $CORELAB_LAKE or ./corelab-lake)")
 
 
@@ -87,8 +95,12 @@ def ingest(
     site: str = typer.Option(..., "--site", help="site id from the trial file"),
     trial: Optional[Path] = TrialOpt,
     lake: Optional[str] = LakeOpt,
+    backend: str = BackendOpt,
+    allow_version_mismatch: bool = OverrideOpt,
+    process: bool = typer.Option(True, "--process/--no-process",
+                                 help="also convert to BIDS, run the pipelines and gate on QC"),
 ) -> None:
-    """Receive a study: inventory, de-identify, verify, check the protocol, record."""
+    """Receive a study (inventory, de-identify, verify, check the protocol) and process it."""
     from data_contracts.trial import MissingSecretError, TrialConfigError, UnknownSiteError, load_trial
     from flows.receive_study import receive_study
 
@@ -106,6 +118,87 @@ def ingest(
     print_outcomes(outcomes, site)
     if not outcomes or all(o.status == "rejected" and not o.already_received for o in outcomes):
         _fail(f"{path}: nothing was accepted; see quarantine/{site}/ in the lake for the reasons", 1)
+    if process:
+        for o in outcomes:
+            if o.status != "rejected":
+                _process(o.study_key, site, cfg, _lake_url(lake), backend, allow_version_mismatch)
+
+
+def _process(study_key: str, site: str, cfg, lake_url: str, backend: str, allow: bool) -> None:
+    from flows.process_study import process_study
+
+    done = process_study(study_key, site, lake_url=lake_url, backend=backend,
+                         allow_version_mismatch=allow, trial=cfg)
+    if not done:
+        console.print(f"study {study_key[:16]}: nothing new to process")
+        return
+    t = Table("series", "pipeline", "QC", "reasons")
+    for sp in done:
+        status = sp.verdict.status if sp.verdict else "FAIL"
+        reasons = "; ".join(sp.verdict.reasons) if sp.verdict else (sp.error or "")
+        t.add_row(sp.series_uid[-12:], f"{sp.pipeline} {sp.version}", status, reasons or "-")
+    console.print(t)
+
+
+@app.command()
+def process(
+    study: str = typer.Argument(..., help="study key (or a unique prefix of it)"),
+    site: str = typer.Option(..., "--site", help="site id"),
+    trial: Optional[Path] = TrialOpt,
+    lake: Optional[str] = LakeOpt,
+    backend: str = BackendOpt,
+    allow_version_mismatch: bool = OverrideOpt,
+) -> None:
+    """Process a received study again: BIDS, pinned pipelines, QC gate, biomarkers."""
+    from data_contracts.trial import TrialConfigError, load_trial
+    from tasks.study_processing import UnknownStudyError
+
+    try:
+        cfg = load_trial(_trial_path(trial))
+        _process(study, site, cfg, _lake_url(lake), backend, allow_version_mismatch)
+    except (TrialConfigError, UnknownStudyError) as exc:
+        _fail(str(exc))
+
+
+@qc_app.command("override")
+def qc_override(
+    series: str = typer.Argument(..., help="SeriesInstanceUID (or a unique prefix) of a processed series"),
+    verdict: str = typer.Option(..., "--verdict", help="pass or fail"),
+    reason: str = typer.Option(..., "--reason", help="why (kept with the decision)"),
+    by: str = typer.Option(..., "--by", help="the reviewer's name"),
+    lake: Optional[str] = LakeOpt,
+) -> None:
+    """Record a reviewer's verdict; the biomarkers table follows it."""
+    from tasks.qc_records import OverrideError, override
+    from tasks.storage import open_lake
+
+    try:
+        event = override(open_lake(_lake_url(lake)), series, verdict, reason, by)
+    except OverrideError as exc:
+        _fail(str(exc))
+    console.print(f"series {event['series_uid'][-12:]}: {event['automatic_verdict']} -> {event['verdict']} "
+                  f"by {by}; biomarkers added {event['biomarkers_added']}, "
+                  f"withdrawn {event['biomarkers_withdrawn']}", highlight=False)
+
+
+@export_app.command("biomarkers")
+def export_biomarkers_cmd(
+    out: Path = typer.Option(..., "--out", help="file to write"),
+    fmt: str = typer.Option("parquet", "--format", help="parquet or csv"),
+    wide_view: bool = typer.Option(False, "--wide", help="one row per subject and session"),
+    harmonized: bool = typer.Option(False, "--harmonized", help="the ComBat-harmonized table"),
+    version: Optional[str] = typer.Option(None, "--pipeline-version", help="default: newest per pipeline"),
+    lake: Optional[str] = LakeOpt,
+) -> None:
+    """Write the biomarker table (long, or wide for direct loading)."""
+    from tasks.export import ExportError, export_biomarkers
+    from tasks.storage import open_lake
+
+    try:
+        n = export_biomarkers(open_lake(_lake_url(lake)), out, fmt, wide_view, harmonized, version)
+    except ExportError as exc:
+        _fail(str(exc))
+    console.print(f"{out}: {n} rows")
 
 
 @protocol_app.command("infer")

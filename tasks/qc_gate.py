@@ -98,7 +98,7 @@ def judge(metrics: Mapping[str, float | None], rules: Mapping[str, Rule],
     results = []
     for name in sorted(set(metrics) | set(missing or {})):
         value = metrics.get(name)
-        if value is None or not math.isfinite(value):
+        if value is None or math.isnan(value):  # +inf is a value (FBER of a zero-filled background)
             why = (missing or {}).get(name) or ("is NaN" if value is not None else "is missing")
             results.append(MetricResult(name, None, "FAIL", f"{name} could not be computed: {why}"))
             continue

@@ -37,8 +37,8 @@ def test_noise_moves_every_metric_the_right_way():
     clean, wm, gm, head = phantom(noise=2.0)
     noisy, *_ = phantom(noise=25.0)
     brain = wm | gm
-    a = anat_iqms(clean, brain, gm.astype(float), wm.astype(float), np.zeros_like(clean), 1.0)
-    b = anat_iqms(noisy, brain, gm.astype(float), wm.astype(float), np.zeros_like(clean), 1.0)
+    a = anat_iqms(clean, clean, brain, gm.astype(float), wm.astype(float), np.zeros_like(clean), (1.0, 1.0, 1.0))
+    b = anat_iqms(noisy, noisy, brain, gm.astype(float), wm.astype(float), np.zeros_like(clean), (1.0, 1.0, 1.0))
     assert b["snr_wm"] < a["snr_wm"] and b["cnr"] < a["cnr"] and b["cjv"] > a["cjv"]
     assert b["efc"] > a["efc"] and b["fber"] < a["fber"]
     assert a["gm_fraction"] == pytest.approx(gm.sum() / brain.sum())

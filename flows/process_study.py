@@ -1,0 +1,53 @@
+"""Flow ``process_study``: a received study becomes BIDS, pinned-pipeline derivatives,
+QC verdicts and biomarker rows.
+
+Inputs: the study key (or a unique prefix), its site, the trial file, the lake and
+the container backend. Outputs: ``bids/`` images and tables, ``derivatives/<pipeline>-<version>/``
+with each run's provenance, rows in ``qc`` and (PASS/WARN only) ``biomarkers``,
+deviations and site queries for failures, audit events. Returns one
+:class:`SeriesProcessing` per series processed in this run (skipped ones are not).
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from data_contracts.trial import TrialConfig, load_trial
+from flows.receive_study import run_id
+from pipelines.registry import BUILTIN, get_spec
+from tasks.processing import SeriesProcessing
+from tasks.storage import open_lake
+from tasks.study_processing import (convert_study_task, process_series_task, record_findings,
+                                    record_processing_task, skip_if_judged, study_row)
+
+
+@flow(name="process_study")
+def process_study(study_key: str, site: str, trial_file: str | None = None, lake_url: str | None = None,
+                  backend: str = "local", allow_version_mismatch: bool = False,
+                  pipelines: list[str] | None = None, trial: TrialConfig | None = None) -> list[SeriesProcessing]:
+    """Process one received study (see module docstring)."""
+    log = get_run_logger()
+    trial = trial or load_trial(trial_file or "trial.yaml")
+    lake = open_lake(lake_url)
+    study = study_row(lake, site, study_key)
+    specs = [get_spec(name) for name in (pipelines or sorted(BUILTIN))]
+
+    # 1. BIDS raw dataset: every accepted series of a known type
+    images, findings = convert_study_task(lake, trial, study)
+    record_findings(lake, study, findings)
+    done: list[SeriesProcessing] = []
+    for spec in specs:
+        for series_uid, image in sorted(images.items()):
+            if not any(q.matches(image.removeprefix("bids/")) for q in spec.inputs):
+                continue
+            # 2. skip what this pipeline version already judged
+            if skip_if_judged(lake, study, spec, series_uid):
+                continue
+            # 3. run the pinned pipeline, measure quality, gate on the site's rules
+            sp = process_series_task(lake, trial, spec, image, study, series_uid, backend,
+                                     allow_version_mismatch)
+            # 4. record: qc, biomarkers (PASS/WARN), queries for FAIL, audit
+            verdict = record_processing_task(lake, trial, study, sp, run_id())
+            log.info("%s %s on series %s: %s", spec.name, spec.version, series_uid[-12:], verdict)
+            done.append(sp)
+    return done
