@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.events import emit_event
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -103,6 +104,9 @@ def receive_study(upload: str, site: str, trial_file: str | None = None, lake_ur
         outcome.flow_run_id = run_id()
         # 6. record: tables, site queries, audit (each checked for PHI first)
         record_study_task(lake, outcome, outcome.matcher)
+        # the processing deployment listens for this (deployments/prefect.yaml)
+        emit_event("corelab.study.received", resource={"prefect.resource.id": f"corelab.study.{outcome.study_key}"},
+                   payload={"study_key": outcome.study_key, "site": site, "status": outcome.status})
         outcomes.append(outcome)
     # 7. release raw copies whose de-identified copies are verified; the rest stays
     verified = {rel for o in outcomes for rel in o.verified_files}

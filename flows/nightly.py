@@ -1,0 +1,51 @@
+"""Flow ``nightly_reprocess`` (cron): every study that has something left to do.
+
+Inputs: the lake, the trial file and the container backend. For every accepted
+study it runs ``process_study``, which converts what is not yet in BIDS and runs
+each pipeline version that has not judged a series yet: new studies, and all
+studies after a pipeline version change. Series whose pipeline could not run at
+all (no engine, a refused image: reasons with "not run") are retried; a pipeline
+that ran and failed on its input is not retried blindly. Returns counts.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from data_contracts.trial import load_trial
+from flows.process_study import process_study
+from tasks import tables
+from tasks.storage import open_lake
+
+RETRYABLE = "not run:"
+
+
+def clear_retryable(lake, site: str) -> int:
+    """Forget verdicts of runs that never started, so tonight's run tries again."""
+    qc = tables.read_table(lake, "qc", [site])
+    if qc.empty:
+        return 0
+    failed = qc[(qc.metric == "verdict") & (qc.verdict == "FAIL") & qc.override_by.isna()
+                & qc.reason.fillna("").str.contains(RETRYABLE, regex=False)]
+    for row in failed.itertuples():
+        tables.delete_rows(lake, "qc", site, {"series_uid": row.series_uid,
+                                              "pipeline_name": row.pipeline_name,
+                                              "pipeline_version": row.pipeline_version})
+    return len(failed)
+
+
+@flow(name="nightly_reprocess")
+def nightly_reprocess(lake_url: str, trial_file: str, backend: str = "local") -> dict[str, int]:
+    """Process whatever is new, failed-retryable or pipeline-changed (see module docstring)."""
+    log = get_run_logger()
+    trial = load_trial(trial_file)
+    lake = open_lake(lake_url)
+    studies = tables.read_table(lake, "studies")
+    studies = studies[studies.status != "rejected"] if len(studies) else studies
+    retried = sum(clear_retryable(lake, site) for site in sorted(set(studies.get("site", []))))
+    processed = 0
+    for row in studies.itertuples():
+        processed += len(process_study(row.study_key, row.site, lake_url=lake_url, backend=backend,
+                                       trial=trial))
+    log.info("%d series processed (%d retried) in %d studies", processed, retried, len(studies))
+    return {"studies": len(studies), "series_processed": processed, "retried": retried}
