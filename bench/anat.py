@@ -95,10 +95,41 @@ def time_dcm2niix(dicom_dir: Path, workdir: Path) -> Timing:
     return Timing(time.perf_counter() - start, cpu, peak, "max RSS over all children so far")
 
 
-#: Backend name -> timing function. Add container backends here (see module docstring).
-BACKENDS: dict[str, Callable[[Path, Path], Timing]] = {"local": time_local}
-#: Conversion name -> timing function. Add "wrapper" (our BIDS conversion) here.
-CONVERSIONS: dict[str, Callable[[Path, Path], Timing]] = {"dcm2niix": time_dcm2niix}
+def time_podman(t1: Path, workdir: Path) -> Timing:
+    """The pinned anat image under podman, through the runner (digest checked, --network none)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from containers import time_backends  # bench/containers.py
+
+    (row,) = time_backends(t1, backends=("podman",), threads=THREADS)
+    if not row["ok"]:
+        raise RuntimeError(row["note"] or "podman run failed")
+    return Timing(row["seconds"], float("nan"), row["peak_mb"] / 1024, f"{_voxel(t1)}, image by digest")
+
+
+def time_wrapper(dicom_dir: Path, workdir: Path) -> Timing:
+    """Our BIDS conversion (tasks.bids.convert_series): dcm2niix plus naming, validation, checks."""
+    sys.path.insert(0, str(REPO))
+    from data_contracts.trial import load_trial
+    from flows.demo import demo_trial_path
+    from tasks.bids import SeriesToConvert, convert_series
+    from tasks.storage import Lake
+
+    lake = Lake(str(workdir / "wrapper_lake")).init()
+    shutil.copytree(dicom_dir, lake.path("deid/s/sub/v1/series-1"))
+    t1w = next(st for st in load_trial(demo_trial_path()).protocol.series_types if st.name == "T1w")
+    start, before = time.perf_counter(), os.times()
+    convert_series(lake, SeriesToConvert("2.25.1", 1, "deid/s/sub/v1/series-1", t1w, "E0"), "bench", "v1", [])
+    after = os.times()
+    cpu = (after.children_user + after.children_system + after.user + after.system) - \
+          (before.children_user + before.children_system + before.user + before.system)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+    return Timing(time.perf_counter() - start, cpu, peak, "BIDS name, validator, sidecar")
+
+
+#: Backend name -> timing function.
+BACKENDS: dict[str, Callable[[Path, Path], Timing]] = {"local": time_local, "podman": time_podman}
+#: Conversion name -> timing function.
+CONVERSIONS: dict[str, Callable[[Path, Path], Timing]] = {"dcm2niix": time_dcm2niix, "wrapper": time_wrapper}
 
 
 def philips_dicom(workdir: Path) -> Path:

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,25 +137,29 @@ def _load(lake: Lake, rel: str, tmp: Path) -> nib.Nifti1Image:
     return nib.load(str(_local(lake, rel, tmp)))
 
 
+def _array(lake: Lake, rel: str, tmp: Path) -> np.ndarray:
+    return np.asanyarray(_load(lake, rel, tmp).dataobj, dtype=np.float32)
+
+
 def measure_quality(lake: Lake, sp: SeriesProcessing) -> None:
     """QC metrics from the raw image and the derivatives; a missing input is a named reason."""
     if sp.error:
         sp.missing["segmentation"] = sp.error
         return
     try:
-        with tempfile.TemporaryDirectory(prefix="corelab-qc-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="corelab-qc-") as tmp, ThreadPoolExecutor(4) as pool:
             t = Path(tmp)
+            # gzip decompression releases the GIL: the six images load side by side
+            keys = ("preproc", "brain_mask", "GM", "WM", "CSF")
+            jobs = {k: pool.submit(_array, lake, sp.outputs[k], t) for k in keys}
             raw = nib.as_closest_canonical(_load(lake, sp.bids_image, t))
-            corrected = _load(lake, sp.outputs["preproc"], t)
-            brain = _load(lake, sp.outputs["brain_mask"], t)
-            probs = {k: np.asanyarray(_load(lake, sp.outputs[k], t).dataobj, dtype=np.float32)
-                     for k in ("GM", "WM", "CSF")}
-            if raw.shape[:3] != brain.shape[:3]:
-                raise ValueError(f"raw image {raw.shape} and brain mask {brain.shape} are not on one grid")
-            sp.metrics.update(anat_iqms(np.asanyarray(raw.dataobj, dtype=np.float32),
-                                        np.asanyarray(corrected.dataobj, dtype=np.float32),
-                                        np.asanyarray(brain.dataobj) > 0, probs["GM"], probs["WM"],
-                                        probs["CSF"], tuple(raw.header.get_zooms()[:3])))
+            raw_data = np.asanyarray(raw.dataobj, dtype=np.float32)
+            arrays = {k: job.result() for k, job in jobs.items()}
+            if raw_data.shape[:3] != arrays["brain_mask"].shape[:3]:
+                raise ValueError(f"raw image {raw_data.shape} and brain mask {arrays['brain_mask'].shape} "
+                                 "are not on one grid")
+            sp.metrics.update(anat_iqms(raw_data, arrays["preproc"], arrays["brain_mask"] > 0, arrays["GM"],
+                                        arrays["WM"], arrays["CSF"], tuple(raw.header.get_zooms()[:3])))
     except (KeyError, FileNotFoundError, ValueError, OSError) as exc:
         sp.missing["segmentation"] = f"derivatives unreadable ({type(exc).__name__}: {exc})"
         return
