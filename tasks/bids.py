@@ -11,6 +11,7 @@ NIfTI header is checked against the study's PHI fingerprint.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import subprocess
@@ -58,10 +59,15 @@ def bids_stem(subject: str, session: str, entities: dict[str, str], suffix: str)
     return "_".join(f"{k}-{parts[k]}" for k in ENTITY_ORDER if parts.get(k)) + f"_{suffix}"
 
 
-def check_bids_name(rel_path: str) -> None:
+@functools.lru_cache(maxsize=1)
+def _validator():
     from bids_validator import BIDSValidator
 
-    if not BIDSValidator().is_bids("/" + rel_path):
+    return BIDSValidator()  # loads its rule files once per process
+
+
+def check_bids_name(rel_path: str) -> None:
+    if not _validator().is_bids("/" + rel_path):
         raise ConversionError(f"{rel_path} is not a valid BIDS name (BIDS validator rules)")
 
 
