@@ -22,12 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("CORELAB_SHARED_DATA", REPO.parent / "shared" / "data"))
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="corelab-bench-prefect-"))
-os.environ.setdefault("CORELAB_DEID_KEY", "bench-only-key")
-os.environ.setdefault("CORELAB_PSEUDONYM_KEY", "bench-only-key-2")
-sys.path.insert(0, str(REPO))
+from _flowbench import DATA  # noqa: E402  (paths, PREFECT_HOME, bench keys)
 
 import pydicom  # noqa: E402
 

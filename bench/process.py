@@ -13,17 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("CORELAB_SHARED_DATA", REPO.parent / "shared" / "data"))
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="corelab-bench-prefect-"))
-os.environ.setdefault("CORELAB_DEID_KEY", "bench-only-key")
-os.environ.setdefault("CORELAB_PSEUDONYM_KEY", "bench-only-key-2")
-sys.path.insert(0, str(REPO))
+from _flowbench import DATA  # noqa: E402  (paths, PREFECT_HOME, bench keys)
 
 STUDIES = {"siemens-xa30": "dcm_qa_xa30/In", "philips-ingenia": "dcm_qa_philips_enh/In"}
 
