@@ -19,17 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from tasks.storage import Lake
 
 HEAD = "audit/head.json"
 GENESIS = "0" * 64
-
-
-class AuditChainError(RuntimeError):
-    """The audit log's hash chain is broken."""
 
 
 def _canonical(obj: dict[str, Any]) -> bytes:
@@ -96,10 +89,5 @@ def verify_chain(lake: Lake) -> ChainReport:
 
 
 def read_events(lake: Lake) -> list[dict[str, Any]]:
+    """Every event, oldest first."""
     return [json.loads(lake.read_text(p)) for p in lake.find("audit/events") if p.endswith(".json")]
-
-
-@task(name="audit", cache_policy=NO_CACHE)
-def audit_task(lake: Lake, action: str, **details: Any) -> dict[str, Any]:
-    """Prefect wrapper of :func:`append_event`."""
-    return append_event(lake, action, **details)

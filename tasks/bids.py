@@ -44,12 +44,6 @@ def dcm2niix_binary() -> str:
     return str(dcm2niix.bin)
 
 
-def dcm2niix_version() -> str:
-    from importlib import metadata
-
-    return metadata.version("dcm2niix")
-
-
 def bids_stem(subject: str, session: str, entities: dict[str, str], suffix: str) -> str:
     """``sub-<s>_ses-<v>_<entities in spec order>_<suffix>``."""
     unknown = set(entities) - set(ENTITY_ORDER)

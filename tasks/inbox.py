@@ -88,8 +88,3 @@ def release_inbox(lake: Lake, site: str, upload: str, verified: set[str], all_fi
             lake.remove(path)
             released += 1
     return released
-
-
-def pending(lake: Lake, site: str, upload: str) -> list[str]:
-    """Raw files still held in the inbox for this upload."""
-    return lake.find(inbox_prefix(site, upload))

@@ -28,8 +28,6 @@ STORES = (
     "inbox", "quarantine", "deid", "bids", "derivatives", "qc",
     "tables", "models", "reports", "audit", "queries",
 )
-# Stores that may hold PHI. Everything else is checked for PHI after each study.
-RESTRICTED_STORES = ("inbox", "quarantine")
 
 
 class LakePathError(ValueError):

@@ -21,8 +21,6 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from data_contracts.schemas import TABLES, TableSchema
 from tasks.storage import Lake
@@ -226,9 +224,3 @@ def table_metadata(lake: Lake, table: str, site: str) -> dict[str, Any]:
     if "corelab.software" in out:
         out["corelab.software"] = json.loads(out["corelab.software"])
     return out
-
-
-@task(name="write-table-rows", cache_policy=NO_CACHE)
-def write_rows_task(lake: Lake, table: str, site: str, rows: list[dict[str, Any]]) -> int:
-    """Prefect wrapper of :func:`write_rows`."""
-    return write_rows(lake, table, site, rows)
