@@ -167,4 +167,4 @@ def write_series(lake: Lake, series: DeidSeries) -> list[str]:
     """Write a verified series to deid/ (refuses an unverified one)."""
     if not series.ok:
         raise ValueError(f"refusing to write an unverified series to deid/: {series.refused}")
-    return [lake.write_bytes(f"{series.folder}/{name}", data) for name, data in sorted(series.files.items())]
+    return lake.write_many({f"{series.folder}/{name}": data for name, data in sorted(series.files.items())})

@@ -36,14 +36,15 @@ def stage_inbox(lake: Lake, site: str, upload: str, root: Path) -> list[str]:
     """Copy the upload, as received, into the inbox (idempotent)."""
     root = Path(root)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    out = []
+    todo: dict[str, bytes] = {}
     for p in files:
         rel = p.name if root.is_file() else p.relative_to(root).as_posix()
         dest = f"{inbox_prefix(site, upload)}/{rel}"
         if not lake.exists(dest):
-            lake.put_file(str(p), dest)
-        out.append(dest)
-    return out
+            todo[dest] = p.read_bytes()
+    lake.write_many(todo)
+    return [f"{inbox_prefix(site, upload)}/{p.name if root.is_file() else p.relative_to(root).as_posix()}"
+            for p in files]
 
 
 def _safe_name(rel: str) -> str:

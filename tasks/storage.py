@@ -136,6 +136,38 @@ class Lake:
             self.fs.pipe_file(target, data)  # one PUT: all or nothing
         return rel
 
+    def write_many(self, items: dict[str, bytes]) -> list[str]:
+        """Write many files, each atomically, with one flush to disk for all of them.
+
+        A series of hundreds of slices would otherwise pay one ``fsync`` per file
+        (about a millisecond each here); the data reach the disk with a single
+        ``os.sync`` before any file takes its final name, so a crash leaves either
+        the old state or complete files, never a partial one.
+        """
+        if not self.is_local:
+            for rel, data in items.items():
+                self.fs.pipe_file(self.path(rel), data)
+            return list(items)
+        staged = []
+        try:
+            for rel, data in items.items():
+                target = self.path(rel)
+                folder = posixpath.dirname(target)
+                os.makedirs(folder, exist_ok=True)
+                tmp = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}")
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                staged.append((tmp, target))
+            os.sync()
+            for tmp, target in staged:
+                os.replace(tmp, target)
+            staged = []
+        finally:
+            for tmp, _ in staged:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        return list(items)
+
     def write_text(self, rel: str, text: str) -> str:
         return self.write_bytes(rel, text.encode("utf-8"))
 

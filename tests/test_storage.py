@@ -50,3 +50,12 @@ def test_paths_cannot_leave_the_lake(tmp_path):
     for bad in ("../etc/passwd", "/etc/passwd", "a/../../b"):
         with pytest.raises(LakePathError):
             lake.path(bad)
+
+
+def test_write_many_is_all_there_and_leaves_no_temporary_files(tmp_path, s3_url):
+    for lake in _lakes(tmp_path, s3_url):
+        items = {f"deid/s/{i:03d}.dcm": bytes([i]) * 100 for i in range(20)}
+        lake.write_many(items)
+        assert lake.find("deid") == sorted(items)
+        assert all(lake.read_bytes(k) == v for k, v in items.items())
+    assert not [p for p in (tmp_path / "local").rglob(".tmp-*")]
