@@ -121,11 +121,12 @@ def head_mask(img: np.ndarray) -> np.ndarray:
     tight; a fraction of a robust maximum separates air reliably. Large images
     are shaped at half resolution (the mask only separates head from air).
     """
-    top = float(np.percentile(img, 98))
+    step = 2 if img.size > 4_000_000 else 1
+    small = img[::step, ::step, ::step]
+    top = float(np.percentile(small, 98))
     if top <= 0:
         return np.zeros(img.shape, bool)
-    step = 2 if img.size > 4_000_000 else 1
-    small = img[::step, ::step, ::step] > 0.1 * top
+    small = small > 0.1 * top
     mask = ndimage.binary_closing(small, iterations=2)
     labels, n = ndimage.label(mask)
     if n > 1:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import tomllib
+from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
@@ -20,10 +21,10 @@ from flows.receive_study import receive_study
 from pipelines.registry import get_spec
 from tasks.export import export_biomarkers
 from tasks.processing import gate, measure_quality, read_measures, run_on_image
-from tasks.qc_records import OverrideError, biomarker_rows, override
+from tasks.qc_records import OverrideError, StudyContextRow, biomarker_rows, override, qc_rows
 from tasks.storage import Lake
 from tasks.study_processing import study_row
-from tasks.tables import read_table
+from tasks.tables import read_table, write_rows
 from tests.conftest import REPO, shared_path
 from tests.helpers import DEMO_TRIAL
 
@@ -162,12 +163,28 @@ def xa30(processed):
 
 
 def _judge(lake, trial, study, rel):
-    sp = run_on_image(lake, get_spec("anat"), rel, study.subject, study.session, "1.2.3", "local")
+    """Run, measure, gate and record one staged image as if it were a series of the study."""
+    uid = "2.25.9" + str(abs(hash(rel)))[:12]
+    sp = run_on_image(lake, get_spec("anat"), rel, study.subject, study.session, uid, "local")
     if sp.error is None:
         read_measures(lake, sp)
     measure_quality(lake, sp)
     gate(trial, study.site, sp, {})
+    st = StudyContextRow(study.trial_id, study.site, study.study_key, study.subject, study.session,
+                         pd.Timestamp(study.acquisition_date).date(), "E0")
+    now = datetime.now(timezone.utc)
+    write_rows(lake, "qc", study.site, qc_rows(sp, st, None, now))
+    bio = biomarker_rows(sp, st, sp.verdict.status, None, now)
+    if bio:
+        write_rows(lake, "biomarkers", study.site, bio)
     return sp
+
+
+def _recorded(lake, sp):
+    qc = read_table(lake, "qc")
+    verdict = qc[(qc.series_uid == sp.series_uid) & (qc.metric == "verdict")].iloc[0]
+    bio = read_table(lake, "biomarkers")
+    return verdict, bio[bio.series_uid == sp.series_uid]
 
 
 def test_top_30_percent_removed_fails_on_coverage(xa30, trial):
@@ -176,7 +193,8 @@ def test_top_30_percent_removed_fails_on_coverage(xa30, trial):
     sp = _judge(lake, trial, study, _stage(lake, study, cut, affine, "acq-cut"))
     assert sp.verdict.status == "FAIL"
     assert any(r.startswith("fov_cut") for r in sp.verdict.reasons), sp.verdict.reasons
-    assert biomarker_rows(sp, None, sp.verdict.status, None, None) == []
+    verdict, bio = _recorded(lake, sp)
+    assert verdict.status == "FAIL" and "fov_cut" in verdict.reason and bio.empty
 
 
 def test_heavy_noise_fails_or_warns_on_snr_cnr(xa30, trial):
@@ -188,6 +206,10 @@ def test_heavy_noise_fails_or_warns_on_snr_cnr(xa30, trial):
     assert sp.verdict.status in ("FAIL", "WARN")
     flagged = {m.metric for m in sp.verdict.metrics if m.status != "PASS"}
     assert flagged & {"snr_wm", "snr_gm", "cnr"}, sp.verdict.reasons
+    verdict, bio = _recorded(lake, sp)
+    assert "snr_wm" in verdict.reason or "cnr" in verdict.reason
+    assert bio.empty or sp.verdict.status == "WARN"   # a WARN is kept, flagged
+    assert set(bio.qc_status) <= {"WARN"}
 
 
 def test_no_segmentation_output_is_a_named_fail(processed, trial):
@@ -198,6 +220,8 @@ def test_no_segmentation_output_is_a_named_fail(processed, trial):
     sp = _judge(lake, trial, study, rel)
     assert sp.verdict.status == "FAIL"
     assert sp.verdict.reasons[0].startswith("segmentation could not be computed: anat 0.1.0 failed")
+    verdict, bio = _recorded(lake, sp)
+    assert "anat 0.1.0 failed" in verdict.reason and bio.empty
     assert not [p for p in lake.find("derivatives") if "acq-flat" in p and not p.endswith("_provenance.json")]
 
 
