@@ -174,6 +174,10 @@ def plan_local(spec: PipelineSpec, entry: LockedImage, input_path: Path, output_
             f"local backend refused for {spec.name} {spec.version}: this environment differs from "
             f"image {entry.reference}: {'; '.join(mismatches)}. Run in the container, align the "
             "environment (make setup), or pass allow_version_mismatch=True (recorded).", mismatches)
+    if "container_digest" in spec.options and not mismatches:
+        # An environment proven equal to the image stamps the image's digest, so its outputs
+        # and the container's share one derivatives root; an overridden one does not.
+        options = options | {"container_digest": entry.digest}
     argv = spec.render(str(input_path.resolve()), str(output_dir.resolve()), subject, session,
                        **options)
     if argv[0] in ("python", "python3"):

@@ -78,6 +78,7 @@ def test_every_biomarker_row_carries_its_provenance(processed):
     assert len(provenance) == 2 and all(p["ok"] and p["digest"] == locked_digest() for p in provenance)
     desc = json.loads(lake.read_text("derivatives/anat-0.1.0/dataset_description.json"))
     assert desc["GeneratedBy"][0]["Name"] == "anat"
+    assert desc["GeneratedBy"][0]["Container"]["Tag"] == locked_digest()
 
 
 def test_duckdb_and_the_wide_export(processed, tmp_path):
