@@ -62,6 +62,17 @@ def load_fingerprints(lake: Lake, trial: TrialConfig, site: str, subject: str, s
             if p.rsplit("/", 1)[-1].startswith("phi-fingerprint-")]
 
 
+def _verified_before(lake: Lake, site: str, ctx: DeidContext, files: list[ReceivedFile]) -> list[str]:
+    """Files of a re-sent study whose series were de-identified and verified the first time.
+
+    Their raw copies (staged again with the re-sent upload) can be released at once;
+    files of a series refused then stay where they were put, in quarantine and inbox.
+    """
+    series = tables.read_table(lake, "series", [site])
+    accepted = set(series.loc[series.verdict != "rejected", "series_uid"]) if len(series) else set()
+    return [f.rel for f in files if ctx.new_uid(str(f.header.SeriesInstanceUID)) in accepted]
+
+
 def _study_date(files: list[ReceivedFile]) -> date:
     h = files[0].header
     for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
@@ -104,7 +115,8 @@ def receive_one_study(sc: StudyContext, files: list[ReceivedFile]) -> StudyOutco
         row = prior[prior["study_key"] == key].iloc[0]
         return StudyOutcome(key, trial.trial_id, site, subject, row["session"], new_study_uid, acq,
                             int(row["days_from_baseline"]), bool(row["in_window"]), len(files), 0,
-                            "", already_received=True)
+                            "", already_received=True,
+                            verified_files=_verified_before(lake, site, ctx, files))
     same = prior[prior["study_uid"] == new_study_uid] if len(prior) else prior
     if len(same):  # more files of a study already received: it keeps its visit
         row = same.iloc[0]

@@ -111,6 +111,8 @@ def test_second_ingest_changes_no_table(received, trial):
              for p in lake.find("tables")}
     again = receive_study(str(shared_path(*GE_SERIES[:3])), "ge-nih", lake_url=lake.url, trial=trial)
     assert [o.already_received for o in again] == [True]
+    # the re-sent raw files were staged again, and released again: no PHI piles up in the inbox
+    assert not [p for p in lake.find("inbox/ge-nih") if p.endswith(".dcm")]
     after = {p: (Path(lake.path(p)).read_bytes(), Path(lake.path(p)).stat().st_mtime_ns)
              for p in lake.find("tables")}
     assert after == parts
