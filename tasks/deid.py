@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from importlib import metadata
 
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -94,6 +94,7 @@ class DeidContext:
     replaced_uids: dict[str, str] = field(default_factory=dict)
     needles: list[str] | None = None                     # set by prepare()
     same_length: "SameLength | None" = None
+    text_probe: "re.Pattern[bytes] | None" = None
     original_dates: frozenset[str] = frozenset()
 
     def prepare(self, headers: list[Dataset]) -> "DeidContext":
@@ -113,8 +114,9 @@ class DeidContext:
             uids={u.encode(): self._same_length_uid(u).encode() for u in uids},
             dates={d.encode(): (self.shift(d) if keep_dates else "") .encode() or b"0" * len(d)
                    for d in dates},
-            text=tuple((SameLength.text_pattern(n), b"X" * len(n.encode("latin-1", "replace")))
-                       for n in self.needles if not n.isdigit() or len(n) >= 5))
+            text=SameLength.text_pattern([n for n in self.needles if not n.isdigit() or len(n) >= 5]))
+        # free text that holds none of the values need not even be decoded
+        self.text_probe = SameLength.text_pattern(self.needles)
         return self
 
     @functools.cached_property
@@ -311,29 +313,33 @@ class SameLength:
 
     uids: dict[bytes, bytes]
     dates: dict[bytes, bytes]
-    text: tuple[tuple[re.Pattern[bytes], bytes], ...]
+    text: re.Pattern[bytes] | None    # every text value in one pattern (see text_pattern)
 
     @staticmethod
-    def text_pattern(value: str) -> re.Pattern[bytes]:
-        """Case-insensitive; short values and numbers only as whole words or numbers.
+    def text_pattern(values: list[str]) -> re.Pattern[bytes] | None:
+        """One case-insensitive pattern; short values and numbers only as whole words or numbers.
 
         "27018" inside a longer number is another number, and "Test" inside
         "Latest" is not a name; overwriting them would only maim the header.
         """
-        v = re.escape(value.encode("latin-1", "replace"))
-        if value.isdigit():
-            return re.compile(rb"(?<![0-9])" + v + rb"(?![0-9])")
-        if len(value) < 5:
-            return re.compile(rb"(?<![A-Za-z0-9])" + v + rb"(?![A-Za-z0-9])", re.IGNORECASE)
-        return re.compile(v, re.IGNORECASE)
+        parts = []
+        for value in sorted(values, key=lambda v: (-len(v), v)):
+            v = re.escape(value.encode("latin-1", "replace"))
+            if value.isdigit():
+                parts.append(rb"(?<![0-9])" + v + rb"(?![0-9])")
+            elif len(value) < 5:
+                parts.append(rb"(?<![A-Za-z0-9])" + v + rb"(?![A-Za-z0-9])")
+            else:
+                parts.append(v)
+        return re.compile(b"|".join(parts), re.IGNORECASE) if parts else None
 
     def __call__(self, value: bytes) -> bytes:
         if self.uids:
             value = UID_TOKEN.sub(lambda m: self.uids.get(m.group(0), m.group(0)), value)
         if self.dates:
             value = DIGIT_RUN.sub(self._dates_in_run, value)
-        for pattern, new in self.text:
-            value = pattern.sub(new, value)
+        if self.text is not None:
+            value = self.text.sub(lambda m: b"X" * len(m.group(0)), value)
         return value
 
     def _dates_in_run(self, m: re.Match[bytes]) -> bytes:
@@ -397,15 +403,17 @@ def _walk(ds: Dataset, ctx: DeidContext, safe: frozenset[tuple[str, int, int]]) 
                 del ds[tag]  # no conversion needed to drop it
                 continue
             kept_blocks.add(block)
-            _clean_private(ds[tag], ctx, safe)
+            _clean_private(ds, tag, raw, ctx, safe)
             continue
         vr = raw_vr(tag, raw)
         action = action_for(tag, ctx.options) or _default_action(vr)
         if action == "X":
             del ds[tag]
             continue
-        if action == "K" and not maybe_sequence(vr, raw) and vr not in ("UI", "DA", "DT"):
+        if (action == "K" or vr == "TM") and not maybe_sequence(vr, raw) and vr not in ("UI", "DA", "DT"):
             continue  # kept as is, never converted
+        if action == "C" and vr in TEXT_VRS and _clean_raw(raw, ctx):
+            continue  # a descriptor with no identifying value in it stays as it is
         elem = ds[tag]
         if elem.VR == "SQ" and action not in ("X", "Z"):
             for item in elem.value:
@@ -414,6 +422,14 @@ def _walk(ds: Dataset, ctx: DeidContext, safe: frozenset[tuple[str, int, int]]) 
         _apply(ds, elem, action, ctx, needles)
     for block in set(creators) - kept_blocks:
         del ds[Tag(*block)]
+
+
+def _clean_raw(raw: object, ctx: DeidContext) -> bool:
+    """True when an undecoded text value holds none of the study's identifying values."""
+    value = getattr(raw, "value", None)
+    if not isinstance(value, bytes):
+        return False
+    return ctx.text_probe is None or ctx.text_probe.search(value) is None
 
 
 def _creator(raw: object) -> str:
@@ -434,15 +450,30 @@ def _default_action(vr: str) -> str:
     return "C" if vr in TEXT_VRS else "K"
 
 
-def _clean_private(elem: DataElement, ctx: DeidContext, safe: frozenset[tuple[str, int, int]]) -> None:
+def _clean_private(ds: Dataset, tag: BaseTag, raw: object, ctx: DeidContext,
+                   safe: frozenset[tuple[str, int, int]]) -> None:
+    """Scrub a kept private element in place, on its undecoded bytes when it has them.
+
+    Most kept elements hold nothing to scrub; working on the raw bytes leaves
+    those untouched and unconverted (decoding hundreds per file is what costs).
+    """
     scrub = ctx.same_length
-    if elem.VR == "SQ":
-        for item in elem.value:
-            _walk(item, ctx, safe)
-    elif isinstance(elem.value, bytes):
-        elem.value = _scrub_gzip_block(elem.value, scrub) or scrub(elem.value)
-    elif isinstance(elem.value, str):
-        elem.value = scrub(elem.value.encode("latin-1", "replace")).decode("latin-1")
+    vr = raw_vr(tag, raw)
+    value = getattr(raw, "value", None)
+    if maybe_sequence(vr, raw) or not isinstance(raw, RawDataElement) or not isinstance(value, bytes):
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _walk(item, ctx, safe)
+        elif isinstance(elem.value, bytes):
+            elem.value = _scrub_gzip_block(elem.value, scrub) or scrub(elem.value)
+        elif isinstance(elem.value, str):
+            elem.value = scrub(elem.value.encode("latin-1", "replace")).decode("latin-1")
+        return
+    new = _scrub_gzip_block(value, scrub) or scrub(value)
+    if new != value:
+        new += b"\x00" * (len(new) % 2)  # values have even length (PS3.5 7.1.1)
+        ds[tag] = raw._replace(value=new, length=len(new))
 
 
 def _scrub_gzip_block(value: bytes, scrub: "SameLength") -> bytes | None:
