@@ -31,7 +31,7 @@ import io
 import re
 import zlib
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from importlib import metadata
 
 from pydicom.dataelem import DataElement, RawDataElement
@@ -214,10 +214,6 @@ def date_shift_days(key: bytes, trial_id: str, subject: str, max_days: int) -> i
     """Per-subject shift, 1..max_days days back, stable for the subject's life in the trial."""
     digest = hmac.new(key, f"date-shift|{trial_id}|{subject}".encode(), hashlib.sha256).digest()
     return -(1 + int.from_bytes(digest[:8], "big") % max_days)
-
-
-def shifted_date(d: date, shift_days: int) -> date:
-    return d + timedelta(days=shift_days)
 
 
 # -- identifying values, for cleaning --------------------------------------------------
