@@ -198,11 +198,12 @@ def check_no_phi(label: str, payload: object, matcher: Matcher) -> None:
 def record_study(lake: Lake, outcome: StudyOutcome, matcher: Matcher) -> dict[str, int]:
     """Write the study's rows (checked for PHI first) and its audit events."""
     version = corelab_version()
+    deviations = records.deviation_rows(records.ref(outcome), outcome.all_findings, outcome.received_at)
     rows = {
         "studies": [records.study_row(outcome, version)],
         "series": records.series_rows(outcome),
-        "deviations": records.deviation_rows(outcome),
-        "queries": records.query_rows(outcome),
+        "deviations": deviations,
+        "queries": records.query_rows(records.ref(outcome), deviations),
     }
     check_no_phi(f"tables for study {outcome.study_key[:12]}", rows, matcher)
     counts = {}

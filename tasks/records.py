@@ -107,28 +107,42 @@ def series_rows(s: StudyOutcome) -> list[dict[str, Any]]:
     return rows
 
 
-def deviation_rows(s: StudyOutcome) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class StudyRef:
+    """What a deviation or a query says about the study it belongs to."""
+
+    study_key: str
+    site: str
+    subject: str
+    session: str
+
+
+def ref(s: StudyOutcome) -> StudyRef:
+    return StudyRef(s.study_key, s.site, s.subject, s.session)
+
+
+def deviation_rows(study: StudyRef, findings: list[Finding], now: datetime) -> list[dict[str, Any]]:
     rows, seen = [], set()
-    for f in s.all_findings:
-        did = deviation_id(s.study_key, f)
+    for f in findings:
+        did = deviation_id(study.study_key, f)
         if did in seen:
             continue
         seen.add(did)
         rows.append({
-            "deviation_id": did, "study_key": s.study_key, "series_uid": f.series_key,
-            "subject": s.subject, "session": s.session, "kind": f.kind, "parameter": f.parameter,
+            "deviation_id": did, "study_key": study.study_key, "series_uid": f.series_key,
+            "subject": study.subject, "session": study.session, "kind": f.kind, "parameter": f.parameter,
             "expected": f.expected, "observed": f.observed, "severity": f.severity,
-            "message": f.message, "created_at": s.received_at,
+            "message": f.message, "created_at": now,
         })
     return rows
 
 
-def query_rows(s: StudyOutcome) -> list[dict[str, Any]]:
+def query_rows(study: StudyRef, deviations: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One site query per major deviation."""
     return [{
-        "query_id": "Q" + d["deviation_id"][:15], "study_key": s.study_key,
-        "deviation_id": d["deviation_id"], "subject": s.subject, "session": s.session,
-        "status": "open", "created_at": s.received_at,
-        "message": (f"Site {s.site}, subject {s.subject}, visit {s.session}: {d['message']}. "
+        "query_id": "Q" + d["deviation_id"][:15], "study_key": study.study_key,
+        "deviation_id": d["deviation_id"], "subject": study.subject, "session": study.session,
+        "status": "open", "created_at": d["created_at"],
+        "message": (f"Site {study.site}, subject {study.subject}, visit {study.session}: {d['message']}. "
                     "Please confirm, correct or re-send."),
-    } for d in deviation_rows(s) if d["severity"] == "major"]
+    } for d in deviations if d["severity"] == "major"]

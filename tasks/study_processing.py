@@ -105,11 +105,10 @@ def record_findings(lake: Lake, study: pd.Series, findings: list[Finding]) -> No
     """Deviations (and site queries for the major ones) found while processing a study."""
     if not findings:
         return
-    outcome = records.StudyOutcome(study.study_key, study.trial_id, study.site, study.subject,
-                                   study.session, study.study_uid, pd.Timestamp(study.acquisition_date).date(),
-                                   0, True, 0, 0, "", findings=list(findings))
-    tables.write_rows(lake, "deviations", study.site, records.deviation_rows(outcome))
-    queries = records.query_rows(outcome)
+    ref = records.StudyRef(study.study_key, study.site, study.subject, study.session)
+    deviations = records.deviation_rows(ref, findings, datetime.now(timezone.utc))
+    tables.write_rows(lake, "deviations", study.site, deviations)
+    queries = records.query_rows(ref, deviations)
     if queries:
         tables.write_rows(lake, "queries", study.site, queries)
 
