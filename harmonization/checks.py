@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy.stats import chi2_contingency
 
 from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization.errors import Finding, raise_if_refused
@@ -33,10 +32,12 @@ def _rows(labels: pd.Series, mask: np.ndarray, limit: int = 5) -> str:
     return ", ".join(hit[:limit]) + more
 
 
-def check_features(features: pd.DataFrame, labels: pd.Series) -> list[Finding]:
-    """NaN or infinite values, and features with one value only."""
+def check_features(features: pd.DataFrame, labels: pd.Series,
+                   values: np.ndarray | None = None) -> list[Finding]:
+    """NaN or infinite values, and features with one value only (``values``: the features
+    as a float array, when the caller has it already)."""
     out = []
-    values = features.to_numpy(dtype=float)
+    values = features.to_numpy(dtype=float) if values is None else values
     finite = np.isfinite(values)
     if not values.size:
         return out
@@ -83,16 +84,18 @@ def check_covariates(covariates: pd.DataFrame, names: list[str],
     return out
 
 
-def resolve_small_batches(batch: pd.Series, min_n: int,
-                          policy: str) -> tuple[pd.Series, dict[str, str], list[Finding]]:
+def resolve_small_batches(batch: pd.Series, min_n: int, policy: str,
+                          codes: "BatchCodes | None" = None
+                          ) -> tuple[pd.Series, dict[str, str], list[Finding]]:
     """Refuse, or pool into one batch, every batch with fewer than ``min_n`` rows.
 
     Returns the batch label each row is fitted with, the map from input batch
     to model batch, and the findings.
     """
-    counts = batch.value_counts()
-    small = counts[counts < min_n].sort_index()
-    mapping = {str(b): str(b) for b in counts.index}
+    codes = BatchCodes(batch) if codes is None else codes
+    counts = pd.Series(codes.counts, index=codes.labels)
+    small = counts[counts < min_n]
+    mapping = {str(b): str(b) for b in codes.labels}
     if small.empty:
         return batch, mapping, []
     listed = ", ".join(f"{b} (N={n})" for b, n in small.items())
@@ -117,40 +120,77 @@ def resolve_small_batches(batch: pd.Series, min_n: int,
     return pooled, mapping, findings
 
 
-def _contingency(values: pd.Series, batch: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+class BatchCodes:
+    """Each row's batch as a code into the sorted batch labels, computed once for every check."""
+
+    def __init__(self, batch: pd.Series):
+        codes, labels = pd.factorize(batch.astype(str), sort=True)
+        self.codes = codes
+        self.labels = np.asarray(labels)
+        self.counts = np.bincount(codes, minlength=len(labels))
+
+
+def _contingency(values: pd.Series, batch: pd.Series | BatchCodes
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch x level counts, with the batch and level labels."""
-    b_codes, b_labels = pd.factorize(batch.astype(str), sort=True)
+    b = batch if isinstance(batch, BatchCodes) else BatchCodes(batch)
     v_codes, v_labels = pd.factorize(values, sort=True)
-    counts = np.bincount(b_codes * len(v_labels) + v_codes,
-                         minlength=len(b_labels) * len(v_labels))
-    return counts.reshape(len(b_labels), len(v_labels)), np.asarray(b_labels), np.asarray(v_labels)
+    return _table(b, v_codes, len(v_labels)), b.labels, np.asarray(v_labels)
 
 
-def association(values: pd.Series, batch: pd.Series, categorical: bool) -> float:
+def _table(b: BatchCodes, v_codes: np.ndarray, n_levels: int) -> np.ndarray:
+    counts = np.bincount(b.codes * n_levels + v_codes, minlength=len(b.labels) * n_levels)
+    return counts.reshape(len(b.labels), n_levels)
+
+
+def association(values: pd.Series, batch: pd.Series | BatchCodes, categorical: bool) -> float:
     """Cramér's V (categorical) or the correlation ratio eta (numeric) with batch."""
+    b = batch if isinstance(batch, BatchCodes) else BatchCodes(batch)
     if categorical:
-        table, _, _ = _contingency(values.map(str), batch)
-        if min(table.shape) < 2:
-            return 0.0
-        chi2 = chi2_contingency(table, correction=False)[0]
-        return float(np.sqrt(chi2 / (table.sum() * (min(table.shape) - 1))))
-    x = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+        table, _, _ = _contingency(values.map(str), b)
+        return _cramers_v(table)
+    return _eta(pd.to_numeric(values, errors="coerce").to_numpy(dtype=float), b)
+
+
+def _cramers_v(table: np.ndarray) -> float:
+    if min(table.shape) < 2:
+        return 0.0
+    # Pearson's chi-square of independence (scipy's chi2_contingency without correction);
+    # every row and column of the table has a count, so no expected count is 0
+    n = table.sum()
+    expected = np.outer(table.sum(axis=1), table.sum(axis=0)) / n
+    chi2 = float(((table - expected) ** 2 / expected).sum())
+    return float(np.sqrt(chi2 / (n * (min(table.shape) - 1))))
+
+
+def _eta(x: np.ndarray, b: BatchCodes) -> float:
     total = float(((x - x.mean()) ** 2).sum())
     if total == 0:
         return 0.0
-    codes, _ = pd.factorize(batch.astype(str))
-    n = np.bincount(codes)
-    means = np.bincount(codes, weights=x) / n
-    return float(np.sqrt(np.sum(n * (means - x.mean()) ** 2) / total))
+    means = np.bincount(b.codes, weights=x, minlength=len(b.labels)) / np.maximum(b.counts, 1)
+    return float(np.sqrt(np.sum(b.counts * (means - x.mean()) ** 2) / total))
 
 
-def check_confounding(covariates: pd.DataFrame, encoding: CovariateEncoding, batch: pd.Series,
+def check_confounding(covariates: pd.DataFrame, encoding: CovariateEncoding,
+                      batch: pd.Series | BatchCodes,
                       max_confounding: float) -> tuple[list[Finding], dict[str, float]]:
     """Association of each covariate with batch, and batches where a covariate does not vary."""
+    b = batch if isinstance(batch, BatchCodes) else BatchCodes(batch)
     out, table = [], {}
     for spec in encoding.covariates:
         col = covariates[spec.name]
-        value = association(col, batch, spec.kind == "categorical")
+        # one factorization of the column serves both the association and the per-site levels
+        v_codes, levels = pd.factorize(col, sort=True)
+        levels = np.asarray(levels)
+        counts = _table(b, v_codes, len(levels))
+        if spec.kind == "categorical":
+            # Cramér's V counts levels by their text, as association() does
+            s_codes, s_levels = pd.factorize(np.array([str(v) for v in levels], dtype=object))
+            merged = np.zeros((counts.shape[0], len(s_levels)), dtype=counts.dtype)
+            np.add.at(merged.T, s_codes, counts.T)
+            value = _cramers_v(merged)
+        else:
+            value = _eta(pd.to_numeric(col, errors="coerce").to_numpy(dtype=float), b)
         table[spec.name] = round(value, 4)
         measure = "Cramér's V" if spec.kind == "categorical" else "eta"
         where = {"covariate": spec.name, measure: value}
@@ -164,34 +204,33 @@ def check_confounding(covariates: pd.DataFrame, encoding: CovariateEncoding, bat
                                f"covariate {spec.name!r} is strongly associated with site "
                                f"({measure} = {value:.2f}); its effect is estimated mostly "
                                "across sites that overlap", where))
-        counts, batches, levels = _contingency(col, batch)
         for i in np.nonzero(((counts > 0).sum(axis=1) == 1) & (counts.sum(axis=1) > 1))[0]:
             level = levels[np.argmax(counts[i])]
             out.append(Finding("warning", "site_single_level",
-                               f"site {batches[i]!r}: all {int(counts[i].sum())} scans have "
+                               f"site {b.labels[i]!r}: all {int(counts[i].sum())} scans have "
                                f"{spec.name}={level!r}; that site's effect and {spec.name} "
                                "are told apart only through the other sites",
-                               {"batch": str(batches[i]), "covariate": spec.name}))
+                               {"batch": str(b.labels[i]), "covariate": spec.name}))
     return out, table
 
 
-def check_within_batch_variance(features: pd.DataFrame, batch: pd.Series) -> list[Finding]:
+def check_within_batch_variance(features: pd.DataFrame, batch: pd.Series | BatchCodes,
+                                values: np.ndarray | None = None) -> list[Finding]:
     """A feature constant inside one batch makes ComBat's scale estimate 0 (then NaN)."""
-    codes, labels = pd.factorize(batch.astype(str), sort=True)
-    order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(len(labels) + 1))
-    values = features.to_numpy(dtype=float)[order]
+    b = batch if isinstance(batch, BatchCodes) else BatchCodes(batch)
+    order = np.argsort(b.codes, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(b.counts)[:-1]])
+    values = (features.to_numpy(dtype=float) if values is None else values)[order]
     # max - min is exactly 0 for a constant; a variance may come out as 1e-13
-    spread = [values[a:b].max(axis=0) - values[a:b].min(axis=0)
-              for a, b in zip(bounds[:-1], bounds[1:])]
+    spread = np.maximum.reduceat(values, starts, axis=0) - np.minimum.reduceat(values, starts, axis=0)
     out = []
-    for b, row in zip(labels, spread):
+    for label, row in zip(b.labels, spread):
         flat = [str(features.columns[j]) for j in np.nonzero(row == 0)[0]]
         if flat:
             out.append(Finding("refusal", "constant_in_site",
-                               f"site {b!r}: feature(s) {flat[:5]}{' ...' if len(flat) > 5 else ''} "
+                               f"site {label!r}: feature(s) {flat[:5]}{' ...' if len(flat) > 5 else ''} "
                                "do not vary within the site; ComBat cannot estimate its scale",
-                               {"batch": str(b), "features": flat}))
+                               {"batch": str(label), "features": flat}))
     return out
 
 
@@ -232,27 +271,31 @@ def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
     association with batch.
     """
     labels = data.row_labels
-    findings = check_features(data.features, labels)
+    values = data.features.to_numpy(dtype=float)
+    findings = check_features(data.features, labels, values)
     findings += check_covariates(data.covariates, settings.covariates, labels)
     if data.batch.isna().any():
         findings.append(Finding("refusal", "missing_batch", "the batch (site) is empty in "
                                 f"{int(data.batch.isna().sum())} row(s)", {}))
         raise_if_refused(findings)
+    codes = BatchCodes(data.batch)
     batch, mapping, small = resolve_small_batches(data.batch, settings.min_site_n,
-                                                  settings.small_site)
+                                                  settings.small_site, codes)
     findings += small
     raise_if_refused(findings)
     encoding = infer_encoding(data.covariates, settings.covariates,
                               settings.categorical_covariates, settings.smooth_terms)
     encoded, _ = encoding.encode(data.covariates)
-    if batch.nunique() < 2:
+    if batch is not data.batch:  # small batches were pooled
+        codes = BatchCodes(batch)
+    if len(codes.labels) < 2:
         findings.append(Finding("refusal", "single_batch", "all rows are in one batch "
                                 f"({batch.iloc[0]!r}): there is no site effect to estimate", {}))
-    conf, assoc = check_confounding(data.covariates, encoding, batch, settings.max_confounding)
-    findings += conf + check_within_batch_variance(data.features, batch)
-    onehot = pd.get_dummies(batch).to_numpy(dtype=float)
-    findings += check_design_rank(
-        np.column_stack([onehot, encoded.to_numpy(dtype=float)]),
-        [*sorted(batch.unique()), *encoded.columns], onehot.shape[1])
+    conf, assoc = check_confounding(data.covariates, encoding, codes, settings.max_confounding)
+    findings += conf + check_within_batch_variance(data.features, codes, values)
+    design = np.zeros((len(codes.codes), len(codes.labels) + encoded.shape[1]))
+    design[np.arange(len(codes.codes)), codes.codes] = 1.0
+    design[:, len(codes.labels):] = encoded.to_numpy(dtype=float)
+    findings += check_design_rank(design, [*codes.labels, *encoded.columns], len(codes.labels))
     raise_if_refused(findings)
     return encoding, encoded, batch, mapping, findings, assoc

@@ -1,12 +1,19 @@
 """ComBat on neuroHarmonize: checked inputs, a model that can be frozen, an apply that decides.
 
 Fit
-    Linear covariates: ``neuroHarmonize.harmonizationLearn`` itself (which
-    equals neuroCombat). Smooth covariates (ComBat-GAM): the same model, with
-    the per-feature statsmodels GAM loop replaced by :mod:`harmonization.gam`;
-    the remaining ComBat steps are neuroHarmonize's and neuroCombat's own
-    functions (``fitLSModelAndFindPriors``, ``find_parametric_adjustments``,
-    ``adjust_data_final``).
+    neuroHarmonize's ``harmonizationLearn`` (which equals neuroCombat), step for
+    step: the design of neuroCombat's ``make_design_matrix`` (every batch's
+    indicator, covariates as float32), the coefficients by neuroHarmonize's
+    normal equations (linear covariates) or, for smooth covariates
+    (ComBat-GAM), by :mod:`harmonization.gam` in place of its per-feature
+    statsmodels GAM loop; the location/scale estimates and their priors by
+    neuroHarmonize's and neuroCombat's own functions
+    (``fitLSModelAndFindPriors``, ``find_parametric_adjustments``). The two
+    closed-form steps around them, standardizing and the final adjustment, are
+    its formulae over whole arrays instead of its (features x samples) matrices
+    of ones and per-batch index lists. The harmonized values equal
+    ``harmonizationLearn``'s to ~1e-9 (float rounding); the tests hold them to
+    neuroCombat and neuroHarmonize.
 Apply
     neuroHarmonize's ``harmonizationApply`` fails unless every training site is
     in the new batch and ``applyModelOne`` loops in Python, so the frozen model
@@ -36,8 +43,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from neuroCombat.neuroCombat import adjust_data_final, find_parametric_adjustments
-from neuroHarmonize import harmonizationLearn
+from neuroCombat.neuroCombat import find_parametric_adjustments
 from neuroHarmonize.harmonizationLearn import fitLSModelAndFindPriors
 
 from data_contracts.harmonization_settings import HarmonizationSettings
@@ -52,6 +58,9 @@ SOFTWARE = ("neuroCombat", "statsmodels", "scipy")
 # Metadata that can differ between two fits of the same values with the same settings
 # (when, how long, from which path); kept out of the model id.
 VOLATILE = ("created_at", "fit_seconds", "source")
+# Below this many bytes of features the input is fingerprinted before the fit, above it
+# in a thread while ComBat runs (a thread costs milliseconds to start and hand the GIL to).
+PARALLEL_FINGERPRINT_BYTES = 16 << 20
 
 
 def software_versions() -> dict[str, str]:
@@ -172,11 +181,17 @@ def _quiet_neuroharmonize() -> Iterator[None]:
 
 
 def _info_dict(codes: np.ndarray, n_batch: int) -> dict[str, Any]:
-    """neuroCombat's bookkeeping of which rows belong to which batch."""
-    levels = np.arange(n_batch)
-    return {"batch_levels": levels, "n_batch": n_batch, "n_sample": int(len(codes)),
-            "sample_per_batch": np.bincount(codes, minlength=n_batch).astype(int),
-            "batch_info": [list(np.nonzero(codes == b)[0]) for b in levels], "ref_level": None}
+    """neuroCombat's bookkeeping of which rows belong to which batch.
+
+    ``batch_info`` holds index arrays where neuroHarmonize builds lists of Python
+    ints: neuroCombat only indexes with them, and an array is not converted anew
+    at every use.
+    """
+    counts = np.bincount(codes, minlength=n_batch)
+    order = np.argsort(codes, kind="stable")
+    return {"batch_levels": np.arange(n_batch), "n_batch": n_batch, "n_sample": int(len(codes)),
+            "sample_per_batch": counts.astype(int),
+            "batch_info": np.split(order, np.cumsum(counts)[:-1]), "ref_level": None}
 
 
 def fit(data: HarmonizationData, settings: HarmonizationSettings) -> FitResult:
@@ -190,72 +205,108 @@ def fit(data: HarmonizationData, settings: HarmonizationSettings) -> FitResult:
     """
     encoding, encoded, batch, mapping, findings, assoc = checks.check_fit_input(data, settings)
     x = data.features.to_numpy(dtype=float)
-    # hashlib releases the GIL on large buffers: the input's fingerprint (a third of a
-    # second for 100,000 x 300) is computed while ComBat fits
-    with ThreadPoolExecutor(1) as pool:
-        fingerprint = pool.submit(data.fingerprint)
-        if encoding.smooth_terms:
-            model, bayes = _fit_gam(x, encoded, batch, encoding, settings.seed)
-        else:
-            model, bayes = _fit_linear(x, encoded, batch, encoding)
+    if x.nbytes < PARALLEL_FINGERPRINT_BYTES:
+        # small input: hashing takes about a millisecond, less than handing it to a thread
+        fingerprint = data.fingerprint()
+        model, bayes = _fit_model(x, encoded, batch, encoding, settings.seed)
+    else:
+        # hashlib releases the GIL on large buffers: the input's fingerprint (a third of a
+        # second for 100,000 x 300) is computed while ComBat fits
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(data.fingerprint)
+            model, bayes = _fit_model(x, encoded, batch, encoding, settings.seed)
+            fingerprint = pending.result()
     model.batch_map = mapping
     model.features = [str(c) for c in data.features.columns]
-    model.metadata = _metadata(model, data, settings, findings, assoc, fingerprint.result())
+    model.metadata = _metadata(model, data, settings, findings, assoc, fingerprint)
     harmonized = pd.DataFrame(bayes, index=data.features.index, columns=data.features.columns)
     return FitResult(model, harmonized, batch, encoded, findings, assoc)
 
 
+def _fit_model(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series,
+               encoding: CovariateEncoding, seed: int) -> tuple[ComBatModel, np.ndarray]:
+    if encoding.smooth_terms:
+        return _fit_gam(x, encoded, batch, encoding, seed)
+    return _fit_linear(x, encoded, batch, encoding)
+
+
+def _batch_codes(batch: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted batch labels (neuroHarmonize's ``np.unique(covars.SITE)``) and each row's code."""
+    codes, labels = pd.factorize(batch.to_numpy(dtype=str), sort=True)
+    return np.asarray(labels, dtype=str), codes
+
+
 def _fit_linear(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series,
                 encoding: CovariateEncoding) -> tuple[ComBatModel, np.ndarray]:
-    covars = pd.concat([pd.DataFrame({"SITE": batch.to_numpy()}),
-                        encoded.reset_index(drop=True)], axis=1)
-    with _quiet_neuroharmonize():
-        nh, bayes = harmonizationLearn(x, covars)
-    model = ComBatModel(
-        batches=[str(b) for b in nh["SITE_labels"]],
-        batch_sizes=[int(n) for n in nh["info_dict"]["sample_per_batch"]], batch_map={},
-        features=[], encoding=encoding, B_hat=np.asarray(nh["B_hat"]),
-        grand_mean=np.asarray(nh["stand_mean"])[:, 0], var_pooled=np.asarray(nh["var_pooled"])[:, 0],
-        gamma_star=np.asarray(nh["gamma_star"]), delta_star=np.asarray(nh["delta_star"]),
-        gamma_hat=np.asarray(nh["gamma_hat"]), delta_hat=np.asarray(nh["delta_hat"]), eb=nh["eb"])
+    labels, codes = _batch_codes(batch)
+    n_batch = len(labels)
+    # neuroCombat's make_design_matrix: every batch's indicator, then the covariates as float32
+    design = np.zeros((len(codes), n_batch + len(encoding.columns)))
+    design[np.arange(len(codes)), codes] = 1.0
+    design[:, n_batch:] = encoded[encoding.columns].to_numpy(dtype=np.float32)
+    # neuroHarmonize's standardizeAcrossFeatures, term for term
+    b_hat = np.dot(np.dot(np.linalg.inv(np.dot(design.T, design)), design.T), x)
+    model, bayes = _combat(x, design, codes, n_batch, b_hat)
+    model.batches = [str(b) for b in labels]
+    model.encoding = encoding
     return model, bayes
 
 
 def _fit_gam(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series, encoding: CovariateEncoding,
              seed: int) -> tuple[ComBatModel, np.ndarray]:
-    labels, codes = np.unique(batch.to_numpy(dtype=str), return_inverse=True)
+    labels, codes = _batch_codes(batch)
     n_batch = len(labels)
     linear = np.column_stack([np.eye(n_batch)[codes],
                               encoded[encoding.linear_columns].to_numpy(dtype=float)])
     bs = gam.make_bsplines(encoded[encoding.smooth_terms].to_numpy(dtype=float))
     smooth = gam.fit_smooth(linear, bs, x, np.random.default_rng(seed))
     design = np.column_stack([linear, bs.basis])
+    model, bayes = _combat(x, design, codes, n_batch, smooth.coef)
+    model.batches = [str(b) for b in labels]
+    model.encoding = encoding
+    model.spline = gam.spec_of(bs, encoding.smooth_terms)
+    model.alphas = smooth.alphas
+    return model, bayes
+
+
+def _combat(x: np.ndarray, design: np.ndarray, codes: np.ndarray, n_batch: int,
+            b_hat: np.ndarray) -> tuple[ComBatModel, np.ndarray]:
+    """ComBat once the coefficients ``b_hat`` of ``design`` (batch indicators first) are known.
+
+    Standardization and the final adjustment are neuroHarmonize's
+    ``standardizeAcrossFeatures`` and neuroCombat's ``adjust_data_final``
+    written row-major over whole arrays (they build (F, n) matrices of ones and
+    loop over batches with index lists); the estimates in between are their own
+    functions: ``fitLSModelAndFindPriors`` and ``find_parametric_adjustments``.
+    """
     info = _info_dict(codes, n_batch)
     eb = x.shape[1] > 1  # neuroHarmonize bypasses empirical Bayes for a single feature
-    # What neuroHarmonize's standardizeAcrossFeatures does once B_hat is known.
-    b_hat = smooth.coef
     grand_mean = (info["sample_per_batch"] / len(codes)) @ b_hat[:n_batch]
-    fitted = design @ b_hat
-    var_pooled = np.mean((x - fitted) ** 2, axis=0)
-    mod_mean = design[:, n_batch:] @ b_hat[n_batch:]
-    s_data = ((x - grand_mean - mod_mean) / np.sqrt(var_pooled)).T
+    # the residuals, row-major whatever the layout of x; become the standardized data, then the result
+    s = np.subtract(x, design @ b_hat, order="C")
+    var_pooled = np.einsum("ij,ij->j", s, s) / len(codes)
+    sd = np.sqrt(var_pooled)
+    s += (b_hat[:n_batch] - grand_mean)[codes]  # (x - grand mean - covariate part)
+    s /= sd
+    s_data = s.T  # neuroCombat's (features, samples) orientation, a view
     with _quiet_neuroharmonize():
         ls = fitLSModelAndFindPriors(s_data, design, info, eb=eb)
     if eb:
         gamma_star, delta_star = find_parametric_adjustments(s_data, ls, info, mean_only=False)
     else:
         gamma_star, delta_star = ls["gamma_hat"], np.array(ls["delta_hat"])
-    bayes = adjust_data_final(s_data, design, gamma_star, delta_star,
-                              np.repeat(grand_mean[:, None], len(codes), axis=1), mod_mean.T,
-                              var_pooled[:, None], info, x.T).T
+    gamma_star, delta_star = np.asarray(gamma_star), np.asarray(delta_star)
+    s -= gamma_star[codes]
+    s /= np.sqrt(delta_star)[codes]
+    s *= sd
+    s += grand_mean
+    s += design[:, n_batch:] @ b_hat[n_batch:]
     model = ComBatModel(
-        batches=[str(b) for b in labels], batch_sizes=[int(n) for n in info["sample_per_batch"]],
-        batch_map={}, features=[], encoding=encoding, B_hat=b_hat, grand_mean=grand_mean,
-        var_pooled=var_pooled, gamma_star=np.asarray(gamma_star),
-        delta_star=np.asarray(delta_star), gamma_hat=np.asarray(ls["gamma_hat"]),
-        delta_hat=np.asarray(ls["delta_hat"]), eb=eb,
-        spline=gam.spec_of(bs, encoding.smooth_terms), alphas=smooth.alphas)
-    return model, np.asarray(bayes)
+        batches=[], batch_sizes=[int(n) for n in info["sample_per_batch"]], batch_map={},
+        features=[], encoding=CovariateEncoding(), B_hat=b_hat, grand_mean=grand_mean,
+        var_pooled=var_pooled, gamma_star=gamma_star, delta_star=delta_star,
+        gamma_hat=np.asarray(ls["gamma_hat"]), delta_hat=np.asarray(ls["delta_hat"]), eb=eb)
+    return model, s
 
 
 def _metadata(model: ComBatModel, data: HarmonizationData, settings: HarmonizationSettings,
@@ -337,22 +388,26 @@ def apply(model: ComBatModel, data: HarmonizationData, model_id: str = "",
     batch = data.batch.map(model.batch_map)
     findings = _status_findings(status, data.batch)
     ok = (status == "").to_numpy()
-    out = np.full(x.shape, np.nan)
     if not ok.any() and refuse_empty:
         raise HarmonizationRefused([Finding("refusal", f.code, f.message, f.where) for f in findings])
+    every = bool(ok.all())  # the nightly case: skip the masked copies
+    out = np.empty(x.shape) if every else np.full(x.shape, np.nan)
     if ok.any():
-        every = bool(ok.all())  # the nightly case: skip the masked copies
-        position = {b: i for i, b in enumerate(model.batches)}
-        idx = batch[ok].map(position).to_numpy(dtype=int)
+        idx = pd.Index(model.batches).get_indexer((batch if every else batch[ok]).to_numpy())
         design = covariate_design(model, encoded if every else encoded[ok])
-        centre = model.grand_mean + design @ model.B_hat[len(model.batches):]
+        centre = design @ model.B_hat[len(model.batches):]
+        centre += model.grand_mean
         sd = np.sqrt(model.var_pooled)
-        s = ((x if every else x[ok]) - centre) / sd
+        s = np.subtract(x if every else x[ok], centre, order="C")
+        s /= sd
         s -= model.gamma_star[idx]
-        s /= np.sqrt(model.delta_star[idx])
+        s /= np.sqrt(model.delta_star)[idx]
         s *= sd
         s += centre
-        out[ok] = s
+        if every:
+            out = s
+        else:
+            out[ok] = s
     frame = pd.DataFrame(out, index=data.features.index, columns=model.features)
     return ApplyResult(frame, status, batch, findings)
 
@@ -360,30 +415,33 @@ def apply(model: ComBatModel, data: HarmonizationData, model_id: str = "",
 def _row_status(model: ComBatModel, data: HarmonizationData, model_id: str, x: np.ndarray,
                 why: pd.Series) -> pd.Series:
     """'' for a row the model can harmonize, else the first reason it cannot."""
-    status = pd.Series("", index=data.features.index, dtype=object)
-    known = data.batch.isin(list(model.batch_map))
+    status = np.full(len(x), "", dtype=object)
+    known = data.batch.isin(list(model.batch_map)).to_numpy()
     if not known.all():
         fitted_on = ", ".join(sorted(model.batch_map))
         status[~known] = [f"site {b!r} is not in model {model_id} (fitted on {fitted_on}): "
                           "needs a refit that includes it" for b in data.batch[~known]]
+    why = why.to_numpy()
     free = (status == "") & (why != "")
     status[free] = why[free]
     if model.spline is not None:
         for term, (lo, hi) in zip(model.spline.terms, model.spline.bounds):
-            v = pd.to_numeric(data.covariates[term], errors="coerce")
+            v = pd.to_numeric(data.covariates[term], errors="coerce").to_numpy(dtype=float)
             out = ((v < lo) | (v > hi)) & (status == "")
             status[out] = f"{term} is outside the fitted range {lo:g}..{hi:g}: needs a refit"
     bad_rows = ~np.isfinite(x).all(axis=1)
-    for i in np.nonzero(bad_rows & (status == "").to_numpy())[0]:
+    for i in np.nonzero(bad_rows & (status == ""))[0]:
         cols = [model.features[j] for j in np.nonzero(~np.isfinite(x[i]))[0]]
-        status.iloc[i] = f"feature(s) {cols[:3]} missing"
-    return status
+        status[i] = f"feature(s) {cols[:3]} missing"
+    return pd.Series(status, index=data.features.index)
 
 
 def _status_findings(status: pd.Series, batch: pd.Series) -> list[Finding]:
     """One warning per distinct reason, with the number of rows and sites concerned."""
     out = []
     left = status[status != ""]
+    if left.empty:
+        return out
     for reason, rows in left.groupby(left.to_numpy()):
         sites = sorted(set(batch[rows.index].astype(str)))
         out.append(Finding("warning", "not_harmonized",

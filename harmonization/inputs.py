@@ -152,21 +152,25 @@ class CovariateEncoding:
     def encode(self, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
         """Numeric design columns for ``df`` and, per row, why it cannot be encoded ('' if fine)."""
         out: dict[str, np.ndarray] = {}
-        why = pd.Series("", index=df.index, dtype=object)
+        why = np.full(len(df), "", dtype=object)
         for c in self.covariates:
             raw = df[c.name]
-            missing = raw.isna().to_numpy()
-            why[missing & (why == "")] = f"{c.name} is missing"
             if c.kind == "numeric":
+                why[raw.isna().to_numpy() & (why == "")] = f"{c.name} is missing"
                 out[c.name] = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
                 continue
-            text = raw.map(lambda v: None if pd.isna(v) else level_of(v))
-            unseen = (~text.isin(c.levels) & ~missing).to_numpy()
-            for i in np.nonzero(unseen & (why == "").to_numpy())[0]:
-                why.iloc[i] = f"{c.name}={text.iloc[i]!r} was not seen when the model was fitted"
-            for lvl in c.levels[1:]:
-                out[f"{c.name}={lvl}"] = (text == lvl).to_numpy(dtype=float)
-        return pd.DataFrame(out, index=df.index)[self.columns], why
+            # the text of each distinct value, not of each row
+            codes, uniques = pd.factorize(raw)  # missing -> -1
+            text = [level_of(v) for v in uniques]
+            where = {lvl: i for i, lvl in enumerate(c.levels)}
+            # position of each row's level in c.levels; -1 unseen, -2 missing (code -1 picks the -2)
+            level = np.array([where.get(t, -1) for t in text] + [-2], dtype=int)[codes]
+            why[(codes < 0) & (why == "")] = f"{c.name} is missing"
+            for i in np.nonzero((level == -1) & (why == ""))[0]:
+                why[i] = f"{c.name}={text[codes[i]]!r} was not seen when the model was fitted"
+            for k, lvl in enumerate(c.levels[1:], start=1):
+                out[f"{c.name}={lvl}"] = (level == k).astype(float)
+        return pd.DataFrame(out, index=df.index, columns=self.columns), pd.Series(why, index=df.index)
 
     def to_dict(self) -> list[dict[str, Any]]:
         return [{"name": c.name, "kind": c.kind, "levels": list(c.levels), "smooth": c.smooth}
