@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.events import emit_event
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 
 from data_contracts.trial import TrialConfig, load_trial
 from tasks.audit import append_event
@@ -79,17 +80,18 @@ def receive_study(upload: str, site: str, trial_file: str | None = None, lake_ur
     # 1. inventory: hash and parse every file; rejects named with their reason
     inv = take_inventory(path)
     key = upload_id(inv)
-    # 2. custody: raw copy in the inbox, rejects in quarantine
-    rejected = take_custody(lake, site, key, path, inv)
+    # 2. custody: raw copy in the inbox, rejects in quarantine. Big arguments are
+    # quoted: Prefect would otherwise walk every file of them looking for futures.
+    rejected = take_custody(lake, site, key, path, quote(inv))
     outcomes: list[StudyOutcome] = []
     for n, files in enumerate(_studies(inv.accepted).values()):
         sc = StudyContext(trial, site, key, lake)
         # 3-5. identify, de-identify + verify, check the protocol
         try:
-            outcome = receive_one_study_task(sc, files)
+            outcome = receive_one_study_task(sc, quote(files))
         except (SubjectError, ValueError) as exc:
             log.error("study rejected: %s", exc)
-            rejected += reject_study(lake, site, key, files, str(exc), "unattributable")
+            rejected += reject_study(lake, site, key, quote(files), str(exc), "unattributable")
             append_event(lake, "study_rejected", site=site, upload=key, n_files=len(files),
                          reason_code="unattributable")
             continue
@@ -103,7 +105,7 @@ def receive_study(upload: str, site: str, trial_file: str | None = None, lake_ur
             outcome.n_quarantined = len(outcome.quarantined)
         outcome.flow_run_id = run_id()
         # 6. record: tables, site queries, audit (each checked for PHI first)
-        record_study_task(lake, outcome, outcome.matcher)
+        record_study_task(lake, quote(outcome), quote(outcome.matcher))
         # the processing deployment listens for this (deployments/prefect.yaml)
         emit_event("corelab.study.received", resource={"prefect.resource.id": f"corelab.study.{outcome.study_key}"},
                    payload={"study_key": outcome.study_key, "site": site, "status": outcome.status})

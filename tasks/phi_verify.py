@@ -155,22 +155,27 @@ class Matcher:
         self._any_word = _alternation(text, word=True)
 
     def _numbers_in(self, low: bytes) -> list[tuple[bytes, int]]:
-        hits = []
-        for m in UID_TOKEN.finditer(low):
-            parts = m.group(0).split(b".")
-            for a in range(len(parts)):
-                for b in range(a + 2, len(parts) + 1):
-                    cand = b".".join(parts[a:b])
-                    if cand in self.uids:
-                        hits.append((cand, m.start()))
-        for m in DIGIT_RUN.finditer(low):
-            run = m.group(0)
-            if run in self.numbers:
-                hits.append((run, m.start()))
-            for w in self.windows:
-                for k in range(len(run) - w + 1):
-                    if run[k:k + w] in self.numbers and run[k:k + w] != run:
-                        hits.append((run[k:k + w], m.start() + k))
+        # Each distinct token and digit run is looked up once: pixel data and
+        # numeric headers repeat the same short runs thousands of times.
+        tokens = {t: self._uids_in_token(t) for t in set(UID_TOKEN.findall(low))}
+        runs = {r: self._numbers_in_run(r) for r in set(DIGIT_RUN.findall(low))}
+        if not any(tokens.values()) and not any(runs.values()):
+            return []
+        hits = [(c, m.start()) for m in UID_TOKEN.finditer(low) for c in tokens[m.group(0)]]
+        return hits + [(v, m.start() + k) for m in DIGIT_RUN.finditer(low) for v, k in runs[m.group(0)]]
+
+    def _uids_in_token(self, token: bytes) -> list[bytes]:
+        """Original UIDs equal to the token or to a run of its dot-separated components."""
+        parts = token.split(b".")
+        cands = (b".".join(parts[a:b]) for a in range(len(parts)) for b in range(a + 2, len(parts) + 1))
+        return [c for c in cands if c in self.uids]
+
+    def _numbers_in_run(self, run: bytes) -> list[tuple[bytes, int]]:
+        """Numbers equal to a digit run, or (dates, long numbers) inside it, with their offsets."""
+        hits = [(run, 0)] if run in self.numbers else []
+        for w in self.windows:
+            hits += [(run[k:k + w], k) for k in range(len(run) - w + 1)
+                     if run[k:k + w] in self.numbers and run[k:k + w] != run]
         return hits
 
     def in_content(self, data: bytes, header_end: int | None = None) -> list[tuple[str, int]]:

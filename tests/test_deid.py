@@ -159,3 +159,27 @@ def test_ge_protocol_block_is_cleaned_inside_its_gzip_stream():
     assert not any(c.startswith(b"gzip-mtime") for c in inside)
     assert any(b"SEDESC" in c for c in inside)   # the block itself survives for dcm2niix
     assert find_leaks("deid.dcm", data, matcher) == []
+
+
+def test_private_bytes_are_overwritten_in_any_case_and_only_as_whole_short_values():
+    from tasks.deid import SameLength
+
+    scrub = SameLength(uids={}, dates={}, text=SameLength.text_pattern(
+        ["Regression", "Test", "27018", "M\u00c9NARD"]))
+    value = b"REGRESSION test; Latest 127018 27018 TESTER m\xc9nard"
+    out = scrub(value)
+    assert len(out) == len(value)
+    assert out == b"XXXXXXXXXX XXXX; Latest 127018 XXXXX TESTER XXXXXX"
+
+
+def test_verifier_finds_numbers_inside_tokens_and_digit_runs():
+    from tasks.phi_verify import Identifier
+
+    uid, date = "1.2.840.113619.2.5.999", "20180918"
+    matcher = Matcher([Identifier("StudyInstanceUID (original)", uid),
+                       Identifier("StudyDate (unshifted)", date)])
+    data = b"x 9." + uid.encode() + b".7 y 77" + date.encode() + b"1 z 1.2 1.2"
+    hits = matcher.in_content(data)
+    assert sorted(hits) == [("StudyDate (unshifted)", data.index(date.encode())),
+                            ("StudyInstanceUID (original)", 2)]
+    assert matcher.in_content(b"1.2.840 2018091 " * 50) == []
