@@ -104,9 +104,9 @@ class DeidContext:
         uids: set[str] = set()
         for h in headers:
             needles.update(identifying_values(h, self.options))
-            dates |= _original_dates(h)
-            uids.update(str(e.value) for e in walk(h, frozenset({"UI"}))
-                        if isinstance(e.value, str) and e.value and e.value not in UID_dictionary)
+            h_dates, h_uids = _original_dates_and_uids(h)
+            dates |= h_dates
+            uids |= h_uids
         self.original_dates = frozenset(dates)
         self.needles = sorted(needles, key=lambda v: (-len(v), v))
         keep_dates = self.options.retain_longitudinal_modified_dates
@@ -248,12 +248,18 @@ def identifying_values(ds: Dataset, options: Deidentification) -> list[str]:
     return sorted((v for v in vals if len(v) >= 3), key=lambda v: (-len(v), v))
 
 
-def _original_dates(ds: Dataset) -> set[str]:
-    out: set[str] = set()
-    for elem in walk(ds, frozenset({"DA", "DT"})):
+def _original_dates_and_uids(ds: Dataset) -> tuple[set[str], set[str]]:
+    """Every date (YYYYMMDD) and every non-standard UID of a data set, in one walk."""
+    dates: set[str] = set()
+    uids: set[str] = set()
+    for elem in walk(ds, frozenset({"DA", "DT", "UI"})):
+        if elem.VR == "UI":
+            if isinstance(elem.value, str) and elem.value and elem.value not in UID_dictionary:
+                uids.add(elem.value)
+            continue
         vals = [elem.value] if isinstance(elem.value, str) else list(elem.value or [])
-        out.update(str(v)[:8] for v in vals if len(str(v)) >= 8 and str(v)[:8].isdigit())
-    return out
+        dates.update(str(v)[:8] for v in vals if len(str(v)) >= 8 and str(v)[:8].isdigit())
+    return dates, uids
 
 
 # -- the table ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import hashlib
 import io
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
@@ -67,7 +67,7 @@ def series_folder(site: str, subject: str, session: str, series_number: int, ser
     return f"deid/{site}/{subject}/{session}/series-{series_number:04d}-{tag}"
 
 
-PARALLEL_MIN_FILES = 48   # below this, starting workers costs more than it saves
+PARALLEL_MIN_FILES = 48   # files of a study below which handing them to workers costs more than it saves
 _POOL: ProcessPoolExecutor | None = None
 
 
@@ -120,36 +120,61 @@ def _deid_chunk(items: list[tuple[str, bytes]], ctx: DeidContext, matcher: Match
     return out
 
 
-def _deid_all(files: list[ReceivedFile], ctx: DeidContext, matcher: Matcher, folder: str) -> list[FileOut]:
-    if len(files) < PARALLEL_MIN_FILES or not all(f.raw for f in files):
-        return [_deid_dataset(f.dataset, f.rel, ctx, matcher, folder) for f in files]
+def _chunks(files: list[ReceivedFile]) -> list[list[tuple[str, bytes]]]:
     workers = os.cpu_count() or 2
     size = -(-len(files) // workers)
-    chunks = [[(f.rel, f.raw) for f in files[i:i + size]] for i in range(0, len(files), size)]
-    try:
-        futures = [_pool().submit(_deid_chunk, chunk, ctx, matcher, folder) for chunk in chunks]
-        return [r for fut in futures for r in fut.result()]
-    except BrokenProcessPool:
-        global _POOL
-        _POOL = None  # a killed worker: do the work here rather than fail the study
-        return [r for chunk in chunks for r in _deid_chunk(chunk, ctx, matcher, folder)]
+    return [[(f.rel, f.raw) for f in files[i:i + size]] for i in range(0, len(files), size)]
 
 
-def deidentify_series(files: list[ReceivedFile], ctx: DeidContext, matcher: Matcher,
-                      series_number: int) -> DeidSeries:
-    """De-identify and verify every file of one series, in memory.
+@dataclass
+class SeriesJob:
+    """One series' de-identification, started (in workers) or waiting to run here."""
 
-    Large series are spread over worker processes; the received headers stay
-    as they were (workers parse their own copy).
+    out: DeidSeries
+    files: list[ReceivedFile] = field(repr=False)
+    ctx: DeidContext = field(repr=False)
+    matcher: Matcher = field(repr=False)
+    chunks: list[list[tuple[str, bytes]]] = field(default_factory=list, repr=False)
+    futures: list[Future] = field(default_factory=list, repr=False)
+
+
+def start_series(files: list[ReceivedFile], ctx: DeidContext, matcher: Matcher, series_number: int,
+                 pooled: bool) -> SeriesJob:
+    """Start de-identifying one series; ``pooled`` hands it to the worker processes.
+
+    A study's series are all started before the first is collected, so workers
+    go on with the next series while this process writes the previous one.
     """
     new_series_uid = ctx.new_uid(str(files[0].header.SeriesInstanceUID))
     out = DeidSeries(new_series_uid, series_folder(ctx.site, ctx.subject, ctx.session,
                                                    series_number, new_series_uid))
+    job = SeriesJob(out, files, ctx, matcher)
     why = burned_in(files)
     if why:
         out.refused, out.refused_code = f"pixel data may hold identifying text: {why}", "burned_in"
+    elif pooled and all(f.raw for f in files):
+        job.chunks = _chunks(files)
+        job.futures = [_pool().submit(_deid_chunk, chunk, ctx, matcher, out.folder) for chunk in job.chunks]
+    return job
+
+
+def _results(job: SeriesJob) -> list[FileOut]:
+    if not job.futures:
+        return [_deid_dataset(f.dataset, f.rel, job.ctx, job.matcher, job.out.folder) for f in job.files]
+    try:
+        return [r for fut in job.futures for r in fut.result()]
+    except BrokenProcessPool:
+        global _POOL
+        _POOL = None  # a killed worker: do the work here rather than fail the study
+        return [r for chunk in job.chunks for r in _deid_chunk(chunk, job.ctx, job.matcher, job.out.folder)]
+
+
+def collect_series(job: SeriesJob) -> DeidSeries:
+    """The de-identified series, verified; refused when any file failed or leaked."""
+    out = job.out
+    if not out.ok:
         return out
-    for r in _deid_all(files, ctx, matcher, out.folder):
+    for r in _results(job):
         if r.error:
             out.refused, out.refused_code = r.error, "deid_failed"
             return out
@@ -161,6 +186,17 @@ def deidentify_series(files: list[ReceivedFile], ctx: DeidContext, matcher: Matc
                        f"value(s) left ({', '.join(kinds)})")
         out.refused_code = "phi_left"
     return out
+
+
+def deidentify_series(files: list[ReceivedFile], ctx: DeidContext, matcher: Matcher,
+                      series_number: int) -> DeidSeries:
+    """De-identify and verify every file of one series, in memory.
+
+    Large series are spread over worker processes; the received headers stay
+    as they were (workers parse their own copy).
+    """
+    return collect_series(start_series(files, ctx, matcher, series_number,
+                                       pooled=len(files) >= PARALLEL_MIN_FILES))
 
 
 def write_series(lake: Lake, series: DeidSeries) -> list[str]:

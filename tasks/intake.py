@@ -20,7 +20,8 @@ from data_contracts.trial import TrialConfig
 from tasks import records, tables
 from tasks.audit import append_event
 from tasks.deid import DeidContext, date_shift_days
-from tasks.deid_series import DeidSeries, burned_in, deidentify_series, write_series
+from tasks.deid_series import (PARALLEL_MIN_FILES, DeidSeries, SeriesJob, burned_in, collect_series,
+                                start_series, write_series)
 from tasks.dicom_params import scanner_identity, series_parameters
 from tasks.identify import VisitAssignment, assign_visit, patient_characteristics, subject_label
 from tasks.inbox import QuarantineRecord, quarantine
@@ -133,8 +134,10 @@ def receive_one_study(sc: StudyContext, files: list[ReceivedFile]) -> StudyOutco
                            "; ".join(ctx.method_text), findings=list(visit.findings), matcher=matcher,
                            characteristics=patient_characteristics(headers[0], opts.retain_patient_characteristics))
     scanner_findings: dict[tuple[str, str], Finding] = {}
-    for (_, _), members in group_series(files).items():
-        so, deid = _one_series(sc, ctx, matcher, members)
+    pooled = len(files) >= PARALLEL_MIN_FILES
+    started = [_start_series(sc, ctx, matcher, members, pooled) for members in group_series(files).values()]
+    for pending in started:
+        so, deid = _finish_series(sc, pending)
         for f in list(so.findings):
             if f.kind in ("unknown_scanner", "new_scanner_epoch"):
                 scanner_findings.setdefault((f.kind, f.observed or ""), f)
@@ -143,7 +146,7 @@ def receive_one_study(sc: StudyContext, files: list[ReceivedFile]) -> StudyOutco
         if deid.ok:
             outcome.verified_files += list(deid.sources.values())
         else:
-            outcome.quarantined += _quarantine_series(sc, members, deid)
+            outcome.quarantined += _quarantine_series(sc, pending.members, deid)
     outcome.findings += list(scanner_findings.values())
     # later stages (BIDS, derivatives) verify against this, long after the raw upload is gone
     lake.write_text(fingerprint_path(site, subject, visit.session, key),
@@ -154,22 +157,39 @@ def receive_one_study(sc: StudyContext, files: list[ReceivedFile]) -> StudyOutco
     return outcome
 
 
-def _one_series(sc: StudyContext, ctx: DeidContext, matcher: Matcher,
-                members: list[ReceivedFile]) -> tuple[SeriesOutcome, DeidSeries]:
+@dataclass
+class _PendingSeries:
+    """What the received headers said about a series, and its de-identification under way."""
+
+    members: list[ReceivedFile]
+    number: int
+    params: dict
+    identity: dict
+    descriptions: list[str]
+    burned_in: bool
+    job: SeriesJob
+
+
+def _start_series(sc: StudyContext, ctx: DeidContext, matcher: Matcher, members: list[ReceivedFile],
+                  pooled: bool) -> _PendingSeries:
+    # everything read from the received headers is read here: de-identification rewrites them
     headers = [m.header for m in members]
     h = headers[0]
     number = int(h.get("SeriesNumber", 0) or 0)
-    params = series_parameters(headers)
-    identity = scanner_identity(h)
-    descriptions = [str(h.get("SeriesDescription", "") or ""), str(h.get("ProtocolName", "") or "")]
-    was_burned_in = burned_in(members) is not None
-    deid = deidentify_series(members, ctx, matcher, number)  # from here on, headers are de-identified
-    epoch, scanner = check_scanner(sc.trial.site(sc.site), identity, deid.series_uid)
-    check = check_series(descriptions, params, identity["manufacturer"], sc.trial, sc.site,
-                         deid.series_uid, label=deid.description or f"series {number}")
-    so = SeriesOutcome(deid.series_uid, number, deid.description, len(members), params, identity,
+    return _PendingSeries(members, number, series_parameters(headers), scanner_identity(h),
+                          [str(h.get("SeriesDescription", "") or ""), str(h.get("ProtocolName", "") or "")],
+                          burned_in(members) is not None,
+                          start_series(members, ctx, matcher, number, pooled))
+
+
+def _finish_series(sc: StudyContext, p: _PendingSeries) -> tuple[SeriesOutcome, DeidSeries]:
+    deid = collect_series(p.job)
+    epoch, scanner = check_scanner(sc.trial.site(sc.site), p.identity, deid.series_uid)
+    check = check_series(p.descriptions, p.params, p.identity["manufacturer"], sc.trial, sc.site,
+                         deid.series_uid, label=deid.description or f"series {p.number}")
+    so = SeriesOutcome(deid.series_uid, p.number, deid.description, len(p.members), p.params, p.identity,
                        epoch, check.series_type, check.verdict, check.findings + scanner,
-                       burned_in=was_burned_in)
+                       burned_in=p.burned_in)
     if deid.ok:
         write_series(sc.lake, deid)
         so.deid_path, so.content_sha256 = deid.folder, deid.content_sha256
@@ -178,7 +198,7 @@ def _one_series(sc: StudyContext, ctx: DeidContext, matcher: Matcher,
         kind = "burned_in_annotation" if deid.refused_code == "burned_in" else "quarantined_file"
         so.findings.append(Finding(kind=kind, severity="major", series_key=deid.series_uid,
                                    observed=deid.refused_code,
-                                   message=f"series {number} quarantined: {deid.refused}"))
+                                   message=f"series {p.number} quarantined: {deid.refused}"))
     return so, deid
 
 

@@ -179,3 +179,30 @@ def test_cli_exit_codes(prefect_harness, tmp_path):
     assert "bold" in res.output and "deviation" in res.output and "n_volumes is 1" in res.output
     res = runner.invoke(app, ["audit", "verify", "--lake", lake])
     assert res.exit_code == 0 and "audit log intact" in res.output
+
+
+
+def test_burned_in_series_is_refused_and_the_rest_of_the_study_accepted(tmp_path, trial, monkeypatch):
+    import tasks.intake as intake
+    from tasks.intake import StudyContext, receive_one_study
+    from tasks.inventory import inventory_upload
+
+    up = tmp_path / "up"
+    copy_upload(up / "a", *GE_SERIES, limit=30)
+    for p in sorted(copy_upload(up / "b", "dcm_qa_nih", "In", "20180918GE", "mr_0005", limit=30).iterdir()):
+        rewrite(p, BurnedInAnnotation="YES")
+    hashes = {}
+    # 60 files: over the threshold both series go to worker processes, under it neither does
+    for mode, threshold in (("workers", 48), ("in-process", 61)):
+        monkeypatch.setattr(intake, "PARALLEL_MIN_FILES", threshold)
+        lake = Lake(str(tmp_path / f"lake-{mode}")).init()
+        o = receive_one_study(StudyContext(trial, "ge-nih", "u1", lake), inventory_upload(up).accepted)
+        good, burned = o.series
+        assert good.verdict != "rejected" and good.deid_path and burned.verdict == "rejected"
+        assert [f.kind for f in burned.findings if f.severity == "major"] == ["burned_in_annotation"]
+        assert len(o.quarantined) == 30 and all(q.code == "burned_in" for q in o.quarantined)
+        assert all(q.reason.startswith("b/") and "BurnedInAnnotation is YES" in q.reason for q in o.quarantined)
+        written = [p for p in lake.find("deid") if p.endswith(".dcm")]
+        assert len(written) == 30 and all(p.startswith(good.deid_path) for p in written)
+        hashes[mode] = good.content_sha256
+    assert hashes["workers"] == hashes["in-process"]   # the same bytes whichever process made them
