@@ -93,9 +93,11 @@ def resolve_small_batches(batch: pd.Series, min_n: int, policy: str,
     to model batch, and the findings.
     """
     codes = BatchCodes(batch) if codes is None else codes
+    mapping = {str(b): str(b) for b in codes.labels}
+    if (codes.counts >= min_n).all():
+        return batch, mapping, []
     counts = pd.Series(codes.counts, index=codes.labels)
     small = counts[counts < min_n]
-    mapping = {str(b): str(b) for b in codes.labels}
     if small.empty:
         return batch, mapping, []
     listed = ", ".join(f"{b} (N={n})" for b, n in small.items())
@@ -180,8 +182,11 @@ def check_confounding(covariates: pd.DataFrame, encoding: CovariateEncoding,
     for spec in encoding.covariates:
         col = covariates[spec.name]
         # one factorization of the column serves both the association and the per-site levels
-        v_codes, levels = pd.factorize(col, sort=True)
-        levels = np.asarray(levels)
+        if col.dtype.kind in "iuf":  # plain numbers: numpy sorts them faster
+            levels, v_codes = np.unique(col.to_numpy(), return_inverse=True)  # sorted, as below
+        else:
+            v_codes, levels = pd.factorize(col, sort=True)
+            levels = np.asarray(levels)
         counts = _table(b, v_codes, len(levels))
         if spec.kind == "categorical":
             # Cramér's V counts levels by their text, as association() does
@@ -190,7 +195,8 @@ def check_confounding(covariates: pd.DataFrame, encoding: CovariateEncoding,
             np.add.at(merged.T, s_codes, counts.T)
             value = _cramers_v(merged)
         else:
-            value = _eta(pd.to_numeric(col, errors="coerce").to_numpy(dtype=float), b)
+            value = _eta(col.to_numpy(dtype=float) if pd.api.types.is_numeric_dtype(col)
+                         else pd.to_numeric(col, errors="coerce").to_numpy(dtype=float), b)
         table[spec.name] = round(value, 4)
         measure = "Cramér's V" if spec.kind == "categorical" else "eta"
         where = {"covariate": spec.name, measure: value}
@@ -219,18 +225,27 @@ def check_within_batch_variance(features: pd.DataFrame, batch: pd.Series | Batch
     """A feature constant inside one batch makes ComBat's scale estimate 0 (then NaN)."""
     b = batch if isinstance(batch, BatchCodes) else BatchCodes(batch)
     order = np.argsort(b.codes, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(b.counts)[:-1]])
-    values = (features.to_numpy(dtype=float) if values is None else values)[order]
-    # max - min is exactly 0 for a constant; a variance may come out as 1e-13
-    spread = np.maximum.reduceat(values, starts, axis=0) - np.minimum.reduceat(values, starts, axis=0)
+    bounds = np.concatenate([[0], np.cumsum(b.counts)])
+    values = features.to_numpy(dtype=float) if values is None else values
+    # max - min is exactly 0 for a constant; a variance may come out as 1e-13. Rows are
+    # gathered batch by batch along whichever axis keeps a feature's values contiguous.
+    if values.flags.f_contiguous and not values.flags.c_contiguous:
+        by_feature = values.T[:, order]
+        spread = [by_feature[:, lo:hi].max(axis=1) - by_feature[:, lo:hi].min(axis=1)
+                  for lo, hi in zip(bounds[:-1], bounds[1:])]
+    else:
+        by_row = values[order]
+        spread = [by_row[lo:hi].max(axis=0) - by_row[lo:hi].min(axis=0)
+                  for lo, hi in zip(bounds[:-1], bounds[1:])]
     out = []
-    for label, row in zip(b.labels, spread):
-        flat = [str(features.columns[j]) for j in np.nonzero(row == 0)[0]]
-        if flat:
-            out.append(Finding("refusal", "constant_in_site",
-                               f"site {label!r}: feature(s) {flat[:5]}{' ...' if len(flat) > 5 else ''} "
-                               "do not vary within the site; ComBat cannot estimate its scale",
-                               {"batch": str(label), "features": flat}))
+    flat_in = np.array(spread) == 0
+    for i in np.nonzero(flat_in.any(axis=1))[0]:
+        label = b.labels[i]
+        flat = [str(features.columns[j]) for j in np.nonzero(flat_in[i])[0]]
+        out.append(Finding("refusal", "constant_in_site",
+                           f"site {label!r}: feature(s) {flat[:5]}{' ...' if len(flat) > 5 else ''} "
+                           "do not vary within the site; ComBat cannot estimate its scale",
+                           {"batch": str(label), "features": flat}))
     return out
 
 

@@ -282,11 +282,15 @@ def _combat(x: np.ndarray, design: np.ndarray, codes: np.ndarray, n_batch: int,
     info = _info_dict(codes, n_batch)
     eb = x.shape[1] > 1  # neuroHarmonize bypasses empirical Bayes for a single feature
     grand_mean = (info["sample_per_batch"] / len(codes)) @ b_hat[:n_batch]
-    # the residuals, row-major whatever the layout of x; become the standardized data, then the result
-    s = np.subtract(x, design @ b_hat, order="C")
-    var_pooled = np.einsum("ij,ij->j", s, s) / len(codes)
+    covariate_part = design[:, n_batch:] @ b_hat[n_batch:]
+    # x minus the covariate part, row-major whatever the layout of x; it becomes the
+    # standardized data, then the result
+    s = np.subtract(x, covariate_part, order="C")
+    resid = s - b_hat[:n_batch][codes]
+    var_pooled = np.einsum("ij,ij->j", resid, resid) / len(codes)
+    del resid
     sd = np.sqrt(var_pooled)
-    s += (b_hat[:n_batch] - grand_mean)[codes]  # (x - grand mean - covariate part)
+    s -= grand_mean
     s /= sd
     s_data = s.T  # neuroCombat's (features, samples) orientation, a view
     with _quiet_neuroharmonize():
@@ -300,7 +304,7 @@ def _combat(x: np.ndarray, design: np.ndarray, codes: np.ndarray, n_batch: int,
     s /= np.sqrt(delta_star)[codes]
     s *= sd
     s += grand_mean
-    s += design[:, n_batch:] @ b_hat[n_batch:]
+    s += covariate_part
     model = ComBatModel(
         batches=[], batch_sizes=[int(n) for n in info["sample_per_batch"]], batch_map={},
         features=[], encoding=CovariateEncoding(), B_hat=b_hat, grand_mean=grand_mean,

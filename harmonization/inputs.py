@@ -151,13 +151,19 @@ class CovariateEncoding:
 
     def encode(self, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
         """Numeric design columns for ``df`` and, per row, why it cannot be encoded ('' if fine)."""
-        out: dict[str, np.ndarray] = {}
+        out = np.zeros((len(df), len(self.columns)))
         why = np.full(len(df), "", dtype=object)
+        free = np.ones(len(df), dtype=bool)  # rows without a reason yet
+        j = 0
         for c in self.covariates:
             raw = df[c.name]
             if c.kind == "numeric":
-                why[raw.isna().to_numpy() & (why == "")] = f"{c.name} is missing"
-                out[c.name] = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
+                missing = raw.isna().to_numpy()
+                why[missing & free] = f"{c.name} is missing"
+                free &= ~missing
+                out[:, j] = (raw.to_numpy(dtype=float) if pd.api.types.is_numeric_dtype(raw)
+                             else pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float))
+                j += 1
                 continue
             # the text of each distinct value, not of each row
             codes, uniques = pd.factorize(raw)  # missing -> -1
@@ -165,12 +171,16 @@ class CovariateEncoding:
             where = {lvl: i for i, lvl in enumerate(c.levels)}
             # position of each row's level in c.levels; -1 unseen, -2 missing (code -1 picks the -2)
             level = np.array([where.get(t, -1) for t in text] + [-2], dtype=int)[codes]
-            why[(codes < 0) & (why == "")] = f"{c.name} is missing"
-            for i in np.nonzero((level == -1) & (why == ""))[0]:
+            why[(codes < 0) & free] = f"{c.name} is missing"
+            free &= codes >= 0
+            for i in np.nonzero((level == -1) & free)[0]:
                 why[i] = f"{c.name}={text[codes[i]]!r} was not seen when the model was fitted"
-            for k, lvl in enumerate(c.levels[1:], start=1):
-                out[f"{c.name}={lvl}"] = (level == k).astype(float)
-        return pd.DataFrame(out, index=df.index, columns=self.columns), pd.Series(why, index=df.index)
+            free &= level != -1
+            for k in range(1, len(c.levels)):
+                out[:, j] = level == k
+                j += 1
+        return (pd.DataFrame(out, index=df.index, columns=self.columns),
+                pd.Series(why, index=df.index))
 
     def to_dict(self) -> list[dict[str, Any]]:
         return [{"name": c.name, "kind": c.kind, "levels": list(c.levels), "smooth": c.smooth}
