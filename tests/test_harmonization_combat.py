@@ -113,10 +113,14 @@ def test_frozen_model_removes_site_effect_on_held_out_30_percent(abide, data):
     """Fit on a random 70 % per site, apply to the other 30 %.
 
     Held-out rows carry the estimation error of per-site estimates made from
-    ~20 scans, so in some splits a few correlated features keep a small but
-    detectable site effect; every split must lose most of it.
+    18 to 122 training scans (median 27), so in some splits a few correlated
+    features keep a small but detectable site effect; every split must lose
+    most of it. Bare neuroHarmonize leaves exactly the same values on the same
+    split, and data on which ComBat's model holds exactly leave as much
+    (bench/harmonize.py, table 4): the residual is estimation noise, not ours.
     """
     settings = HarmonizationSettings(covariates=COVS, min_site_n=15)
+    x, covars = data.features.to_numpy(), _nh_covars(abide)
     shares = []
     for seed in range(5):
         train = abide.groupby("SITE", group_keys=False).sample(frac=0.7, random_state=seed).index
@@ -125,6 +129,9 @@ def test_frozen_model_removes_site_effect_on_held_out_30_percent(abide, data):
         test = data.subset(~mask)
         out = combat.apply(model, test)
         assert out.ok.all()
+        nh, _ = harmonizationLearn(x[mask], covars[mask].reset_index(drop=True))
+        bare = harmonizationApply(x[~mask], covars[~mask].reset_index(drop=True), nh)
+        assert np.abs(bare - out.harmonized.to_numpy()).max() <= 1e-6
         enc, _ = model.encoding.encode(test.covariates)
         before = diagnostics.site_effect(test.features, enc, test.batch)["significant_F"].mean()
         after = diagnostics.site_effect(out.harmonized, enc, test.batch)["significant_F"].mean()
