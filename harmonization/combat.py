@@ -232,7 +232,7 @@ def _fit_model(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series,
 
 def _batch_codes(batch: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Sorted batch labels (neuroHarmonize's ``np.unique(covars.SITE)``) and each row's code."""
-    codes, labels = pd.factorize(batch.to_numpy(dtype=str), sort=True)
+    codes, labels = pd.factorize(batch.astype(str), sort=True)
     return np.asarray(labels, dtype=str), codes
 
 
@@ -243,7 +243,8 @@ def _fit_linear(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series,
     # neuroCombat's make_design_matrix: every batch's indicator, then the covariates as float32
     design = np.zeros((len(codes), n_batch + len(encoding.columns)))
     design[np.arange(len(codes)), codes] = 1.0
-    design[:, n_batch:] = encoded[encoding.columns].to_numpy(dtype=np.float32)
+    covariates = encoded if list(encoded.columns) == encoding.columns else encoded[encoding.columns]
+    design[:, n_batch:] = covariates.to_numpy(dtype=np.float32)
     # neuroHarmonize's standardizeAcrossFeatures, term for term
     b_hat = np.dot(np.dot(np.linalg.inv(np.dot(design.T, design)), design.T), x)
     model, bayes = _combat(x, design, codes, n_batch, b_hat)
