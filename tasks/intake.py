@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data_contracts.trial import TrialConfig
 from tasks import records, tables
+from tasks._heap import collector_paused
 from tasks.audit import append_event
 from tasks.deid import DeidContext, date_shift_days
 from tasks.deid_series import (PARALLEL_MIN_FILES, DeidSeries, SeriesJob, burned_in, collect_series,
@@ -100,6 +101,11 @@ def receive_one_study(sc: StudyContext, files: list[ReceivedFile]) -> StudyOutco
         The study cannot be attributed (no PatientID, not on the roster, no date);
         the caller quarantines its files.
     """
+    with collector_paused():  # the study's parsed headers fill the heap (see tasks._heap)
+        return _receive_one_study(sc, files)
+
+
+def _receive_one_study(sc: StudyContext, files: list[ReceivedFile]) -> StudyOutcome:
     trial, lake, site = sc.trial, sc.lake, sc.site
     key = study_key([f.sop_uid for f in files])
     subject = subject_label(trial, site, str(files[0].header.get("PatientID", "") or ""))

@@ -25,6 +25,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from tasks._heap import collector_paused
+
 REQUIRED_UIDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID")
 # Transfer syntaxes whose pixel data length follows from the header.
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
@@ -192,6 +194,11 @@ def inventory_upload(root: Path, keep_data: bool = True) -> Inventory:
         and quarantine, so the upload is read and parsed only once; False
         keeps headers only (protocol inference).
     """
+    with collector_paused():
+        return _inventory(root, keep_data)
+
+
+def _inventory(root: Path, keep_data: bool) -> Inventory:
     accepted: list[ReceivedFile] = []
     rejected: list[RejectedFile] = []
     duplicates: list[str] = []

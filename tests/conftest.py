@@ -49,5 +49,5 @@ def prefect_harness():
 
     from flows.embedded import embedded_runs
 
-    with prefect_test_harness(server_startup_timeout=180), embedded_runs():
+    with embedded_runs(), prefect_test_harness(server_startup_timeout=180):  # settings reach its server
         yield

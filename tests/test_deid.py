@@ -126,6 +126,8 @@ def test_verification_fails_closed_on_a_leak(monkeypatch):
         return ds
 
     monkeypatch.setattr(mod, "deidentify", leaky)
+    # in this process: forked workers would keep the broken rule for every later test
+    monkeypatch.setattr(mod, "PARALLEL_MIN_FILES", len(files) + 1)
     out = deidentify_series(files, ctx, matcher, series_number=4)
     assert not out.ok and out.refused_code == "phi_left"
     assert {leak.source for leak in out.leaks} >= {"PatientName"}
