@@ -42,6 +42,15 @@ def shared_data() -> Path:
     return shared_path()
 
 
+@pytest.fixture(scope="module")
+def trial():
+    """The demo trial (data_contracts/examples/shared_data_trial.yaml), one per module."""
+    from data_contracts.trial import load_trial
+    from tests.helpers import DEMO_TRIAL
+
+    return load_trial(DEMO_TRIAL)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One embedded Prefect server for the whole session (20-30 s to start)."""

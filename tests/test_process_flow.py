@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_contracts.trial import load_trial
 from flows.process_study import process_study
 from flows.receive_study import receive_study
 from pipelines.registry import get_spec
@@ -26,7 +25,6 @@ from tasks.storage import Lake
 from tasks.study_processing import study_row
 from tasks.tables import read_table, write_rows
 from tests.conftest import REPO, shared_path
-from tests.helpers import DEMO_TRIAL
 
 pytestmark = pytest.mark.prefect
 T1_SITES = {"siemens-xa30": ("dcm_qa_xa30", "In"), "philips-ingenia": ("dcm_qa_philips_enh", "In")}
@@ -34,11 +32,6 @@ T1_SITES = {"siemens-xa30": ("dcm_qa_xa30", "In"), "philips-ingenia": ("dcm_qa_p
 
 def locked_digest() -> str:
     return tomllib.loads((REPO / "containers" / "lock").read_text())["images"]["anat"]["digest"]
-
-
-@pytest.fixture(scope="module")
-def trial():
-    return load_trial(DEMO_TRIAL)
 
 
 @pytest.fixture(scope="module")

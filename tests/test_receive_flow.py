@@ -14,7 +14,6 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
-from data_contracts.trial import load_trial
 from flows.cli import app
 from flows.demo import DEMO_UPLOADS
 from flows.receive_study import receive_study
@@ -39,11 +38,6 @@ EXPECTED_TYPES = {
     "ge-nih": ["bold"] * 4, "siemens-nih": ["epi"] * 4, "siemens-trio": ["bold"],
     "philips-achieva": ["bold"], "philips-ingenia": ["T1w"], "siemens-xa30": ["T1w"],
 }
-
-
-@pytest.fixture(scope="module")
-def trial():
-    return load_trial(DEMO_TRIAL)
 
 
 @pytest.fixture(scope="module")
