@@ -21,8 +21,8 @@ from tasks import records, tables
 from tasks._heap import collector_paused
 from tasks.audit import append_event
 from tasks.deid import DeidContext, date_shift_days
-from tasks.deid_series import (PARALLEL_MIN_FILES, DeidSeries, SeriesJob, burned_in, collect_series,
-                                start_series, write_series)
+from tasks.deid_series import (PARALLEL_MIN_FILES, DeidSeries, SeriesJob, collect_series, start_series,
+                                write_series)
 from tasks.dicom_params import scanner_identity, series_parameters
 from tasks.identify import VisitAssignment, assign_visit, patient_characteristics, subject_label
 from tasks.inbox import QuarantineRecord, quarantine
@@ -152,7 +152,7 @@ def _receive_one_study(sc: StudyContext, files: list[ReceivedFile]) -> StudyOutc
         if deid.ok:
             outcome.verified_files += list(deid.sources.values())
         else:
-            outcome.quarantined += _quarantine_series(sc, pending.members, deid)
+            outcome.quarantined += _quarantine_series(sc, pending.job.files, deid)
     outcome.findings += list(scanner_findings.values())
     # later stages (BIDS, derivatives) verify against this, long after the raw upload is gone
     lake.write_text(fingerprint_path(site, subject, visit.session, key),
@@ -167,12 +167,10 @@ def _receive_one_study(sc: StudyContext, files: list[ReceivedFile]) -> StudyOutc
 class _PendingSeries:
     """What the received headers said about a series, and its de-identification under way."""
 
-    members: list[ReceivedFile]
     number: int
     params: dict
     identity: dict
     descriptions: list[str]
-    burned_in: bool
     job: SeriesJob
 
 
@@ -182,9 +180,8 @@ def _start_series(sc: StudyContext, ctx: DeidContext, matcher: Matcher, members:
     headers = [m.header for m in members]
     h = headers[0]
     number = int(h.get("SeriesNumber", 0) or 0)
-    return _PendingSeries(members, number, series_parameters(headers), scanner_identity(h),
+    return _PendingSeries(number, series_parameters(headers), scanner_identity(h),
                           [str(h.get("SeriesDescription", "") or ""), str(h.get("ProtocolName", "") or "")],
-                          burned_in(members) is not None,
                           start_series(members, ctx, matcher, number, pooled))
 
 
@@ -193,9 +190,9 @@ def _finish_series(sc: StudyContext, p: _PendingSeries) -> tuple[SeriesOutcome, 
     epoch, scanner = check_scanner(sc.trial.site(sc.site), p.identity, deid.series_uid)
     check = check_series(p.descriptions, p.params, p.identity["manufacturer"], sc.trial, sc.site,
                          deid.series_uid, label=deid.description or f"series {p.number}")
-    so = SeriesOutcome(deid.series_uid, p.number, deid.description, len(p.members), p.params, p.identity,
+    so = SeriesOutcome(deid.series_uid, p.number, deid.description, len(p.job.files), p.params, p.identity,
                        epoch, check.series_type, check.verdict, check.findings + scanner,
-                       burned_in=p.burned_in)
+                       burned_in=deid.refused_code == "burned_in")
     if deid.ok:
         write_series(sc.lake, deid)
         so.deid_path, so.content_sha256 = deid.folder, deid.content_sha256

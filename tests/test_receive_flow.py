@@ -193,6 +193,7 @@ def test_burned_in_series_is_refused_and_the_rest_of_the_study_accepted(tmp_path
         o = receive_one_study(StudyContext(trial, "ge-nih", "u1", lake), inventory_upload(up).accepted)
         good, burned = o.series
         assert good.verdict != "rejected" and good.deid_path and burned.verdict == "rejected"
+        assert burned.burned_in and not good.burned_in
         assert [f.kind for f in burned.findings if f.severity == "major"] == ["burned_in_annotation"]
         assert len(o.quarantined) == 30 and all(q.code == "burned_in" for q in o.quarantined)
         assert all(q.reason.startswith("b/") and "BurnedInAnnotation is YES" in q.reason for q in o.quarantined)
