@@ -156,6 +156,12 @@ def fit_cases(data: HarmonizationData, cov: pd.DataFrame, settings: Harmonizatio
             "combat": lambda: combat._fit_model(x, encoded, batch, enc, settings.seed)}
 
 
+def fit_rows(name: str, t: dict, fingerprint_label: str) -> list:
+    """A fit against bare neuroHarmonize, then the parts of ours on their own lines."""
+    return [versus(name, t), part("ours: checks", t, "checks"), part(fingerprint_label, t, "fingerprint"),
+            part("ours: ComBat alone", t, "combat")]
+
+
 def timing_table(abide: pd.DataFrame, data: HarmonizationData, quick: bool) -> tuple[list, dict]:
     settings = HarmonizationSettings(covariates=COVS)
     x, cov = data.features.to_numpy(), nh_covars(abide)
@@ -163,9 +169,7 @@ def timing_table(abide: pd.DataFrame, data: HarmonizationData, quick: bool) -> t
     t = interleaved(fit_cases(data, cov, settings), REPS_SMALL)
     nh_model, _ = t["bare"]["out"]
     fit = keep["abide_fit"] = t["ours"]["out"]
-    rows += [versus("ABIDE 1035x121 fit", t), part("ours: checks", t, "checks"),
-             part("ours: input fingerprint (bare: none)", t, "fingerprint"),
-             part("ours: ComBat alone", t, "combat")]
+    rows += fit_rows("ABIDE 1035x121 fit", t, "ours: input fingerprint (bare: none)")
     t = interleaved({"bare": lambda: harmonizationApply(x, cov, nh_model),
                      "ours": lambda: combat.apply(fit.model, data)}, REPS_SMALL)
     rows.append(versus("ABIDE 1035x121 apply", t))
@@ -174,9 +178,7 @@ def timing_table(abide: pd.DataFrame, data: HarmonizationData, quick: bool) -> t
     t = interleaved(fit_cases(sdata, scov, syn_settings), REPS_LARGE)
     snh, _ = t["bare"]["out"]
     sfit = t["ours"]["out"]
-    rows += [versus("synthetic 100000x300 fit", t), part("ours: checks", t, "checks"),
-             part("ours: input fingerprint (in a thread during ComBat)", t, "fingerprint"),
-             part("ours: ComBat alone", t, "combat")]
+    rows += fit_rows("synthetic 100000x300 fit", t, "ours: input fingerprint (in a thread during ComBat)")
     t = interleaved({"bare": lambda: harmonizationApply(sx, scov, snh),
                      "ours": lambda: combat.apply(sfit.model, sdata)}, REPS_LARGE)
     rows.append(versus("synthetic 100000x300 apply", t))
