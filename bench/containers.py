@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from pipelines.registry import get_spec  # noqa: E402
 from pipelines.spec import PipelineSpec  # noqa: E402
-from tasks.container_runner import ContainerRunError, run_pipeline  # noqa: E402
+from tasks.run.runner import ContainerRunError, run_pipeline  # noqa: E402
 
 DEFAULT_T1 = REPO.parent / "shared" / "data" / "niivue-images" / "chris_t1.nii.gz"
 MARK = "CORELAB_PEAK_RSS_KB"

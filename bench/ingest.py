@@ -27,7 +27,8 @@ from _flowbench import DATA  # noqa: E402  (paths, PREFECT_HOME, bench keys)
 import pydicom  # noqa: E402
 
 from data_contracts.trial import load_trial  # noqa: E402
-from flows.demo import DEMO_UPLOADS, demo_trial_path  # noqa: E402
+from data_contracts import example_path as demo_trial_path  # noqa: E402
+from flows.cli.demo import DEMO_UPLOADS  # noqa: E402
 
 GE_150 = DATA / "dcm_qa_nih" / "In" / "20180918GE" / "mr_0004"
 
@@ -65,9 +66,9 @@ def dicognito_only(blobs: list[bytes]) -> None:
 
 
 def intake_without_prefect(trial) -> None:
-    from tasks.intake import StudyContext, receive_one_study, record_study
-    from tasks.inventory import inventory_upload
-    from tasks.storage import Lake
+    from tasks.receive.study import StudyContext, receive_one_study, record_study
+    from tasks.intake.inventory import inventory_upload
+    from tasks.lake.storage import Lake
 
     lake = Lake(tempfile.mkdtemp(prefix="bench-lake-")).init()
     for site, rel in DEMO_UPLOADS.items():
@@ -100,7 +101,7 @@ def cold_cli(prefect_home: str) -> float:
 
 
 def main() -> None:
-    from flows.embedded import embedded_runs
+    from flows.runtime import embedded_runs
 
     with embedded_runs():
         run(load_trial(demo_trial_path()))

@@ -23,8 +23,8 @@ STUDIES = {"siemens-xa30": "dcm_qa_xa30/In", "philips-ingenia": "dcm_qa_philips_
 
 def main() -> None:
     from data_contracts.trial import load_trial
-    from flows.demo import demo_trial_path
-    from flows.embedded import embedded_runs
+    from data_contracts import example_path as demo_trial_path
+    from flows.runtime import embedded_runs
     from flows.process_study import process_study
     from flows.receive_study import receive_study
 

@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO))
 
 from data_contracts.qc_settings import QCSettings  # noqa: E402
 from pipelines.anat import run_anat  # noqa: E402
-from tasks.qc_gate import judge  # noqa: E402
-from tasks.qc_metrics import anat_iqms  # noqa: E402
+from tasks.qc.gate import judge  # noqa: E402
+from tasks.qc.metrics import anat_iqms  # noqa: E402
 
 
 def philips_t1(tmp: Path) -> Path:

@@ -22,7 +22,7 @@ from data_contracts.trial import load_trial
 from harmonization.lake import read_biomarkers_task, read_covariates, select_rows
 from harmonization.model_store import load_model_task
 from harmonization.service import apply_lake_task, fit_lake_task, summary_markdown
-from tasks.storage import open_lake
+from tasks.lake.storage import open_lake
 
 QC_USABLE = ["PASS", "WARN"]
 

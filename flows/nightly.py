@@ -14,24 +14,9 @@ from prefect import flow, get_run_logger
 
 from data_contracts.trial import load_trial
 from flows.process_study import process_study
-from tasks import tables
-from tasks.storage import open_lake
-
-RETRYABLE = "not run:"
-
-
-def clear_retryable(lake, site: str) -> int:
-    """Forget verdicts of runs that never started, so tonight's run tries again."""
-    qc = tables.read_table(lake, "qc", [site])
-    if qc.empty:
-        return 0
-    failed = qc[(qc.metric == "verdict") & (qc.verdict == "FAIL") & qc.override_by.isna()
-                & qc.reason.fillna("").str.contains(RETRYABLE, regex=False)]
-    for row in failed.itertuples():
-        tables.delete_rows(lake, "qc", site, {"series_uid": row.series_uid,
-                                              "pipeline_name": row.pipeline_name,
-                                              "pipeline_version": row.pipeline_version})
-    return len(failed)
+from tasks.lake import tables
+from tasks.lake.storage import open_lake
+from tasks.qc.record import clear_retryable
 
 
 @flow(name="nightly_reprocess")

@@ -5,7 +5,7 @@ Inputs: the study key (or a unique prefix), its site, the trial file, the lake a
 the container backend. Outputs: ``bids/`` images and tables, ``derivatives/<pipeline>-<version>/``
 with each run's provenance, rows in ``qc`` and (PASS/WARN only) ``biomarkers``,
 deviations and site queries for failures, audit events. Returns one
-:class:`SeriesProcessing` per series processed in this run (skipped ones are not).
+:class:`~tasks.qc.measure.SeriesQC` per series processed in this run (skipped ones are not).
 """
 
 from __future__ import annotations
@@ -13,29 +13,32 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from data_contracts.trial import TrialConfig, load_trial
-from flows.receive_study import run_id
+from flows.runtime import flow_run_id
 from pipelines.registry import BUILTIN, get_spec
-from tasks.processing import SeriesProcessing
-from tasks.storage import open_lake
-from tasks.study_processing import (convert_study_task, process_series_task, record_findings,
-                                    record_processing_task, skip_if_judged, study_row)
+from tasks.bids.convert import convert_study_task
+from tasks.conformance.findings import record_findings
+from tasks.lake.storage import open_lake
+from tasks.lake.studies import read_study
+from tasks.qc.measure import SeriesQC, judge_series_task
+from tasks.qc.record import record_series_task, skip_if_judged
+from tasks.run.derivatives import run_on_image_task
 
 
 @flow(name="process_study")
 def process_study(study_key: str, site: str, trial_file: str | None = None, lake_url: str | None = None,
                   backend: str = "local", allow_version_mismatch: bool = False,
-                  pipelines: list[str] | None = None, trial: TrialConfig | None = None) -> list[SeriesProcessing]:
+                  pipelines: list[str] | None = None, trial: TrialConfig | None = None) -> list[SeriesQC]:
     """Process one received study (see module docstring)."""
     log = get_run_logger()
     trial = trial or load_trial(trial_file or "trial.yaml")
     lake = open_lake(lake_url)
-    study = study_row(lake, site, study_key)
+    study = read_study(lake, site, study_key)
     specs = [get_spec(name) for name in (pipelines or sorted(BUILTIN))]
 
     # 1. BIDS raw dataset: every accepted series of a known type
     images, findings = convert_study_task(lake, trial, study)
     record_findings(lake, study, findings)
-    done: list[SeriesProcessing] = []
+    done: list[SeriesQC] = []
     for spec in specs:
         for series_uid, image in sorted(images.items()):
             if not any(q.matches(image.removeprefix("bids/")) for q in spec.inputs):
@@ -43,11 +46,13 @@ def process_study(study_key: str, site: str, trial_file: str | None = None, lake
             # 2. skip what this pipeline version already judged
             if skip_if_judged(lake, study, spec, series_uid):
                 continue
-            # 3. run the pinned pipeline, measure quality, gate on the site's rules
-            sp = process_series_task(lake, trial, spec, image, study, series_uid, backend,
-                                     allow_version_mismatch)
-            # 4. record: qc, biomarkers (PASS/WARN), queries for FAIL, audit
-            verdict = record_processing_task(lake, trial, study, sp, run_id())
+            # 3. run the pinned pipeline
+            run = run_on_image_task(lake, spec, image, study.subject, study.session, series_uid, backend,
+                                    allow_version_mismatch)
+            # 4. measure quality, gate on the site's rules and history
+            sq = judge_series_task(lake, trial, site, run)
+            # 5. record: qc, biomarkers (PASS/WARN), queries for FAIL, audit
+            verdict = record_series_task(lake, trial, study, sq, flow_run_id())
             log.info("%s %s on series %s: %s", spec.name, spec.version, series_uid[-12:], verdict)
-            done.append(sp)
+            done.append(sq)
     return done

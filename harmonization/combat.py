@@ -31,14 +31,12 @@ Apply
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
 from typing import Any
 
 import numpy as np
@@ -50,27 +48,15 @@ from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization import checks, gam
 from harmonization.errors import Finding, HarmonizationRefused, ModelMismatchError
 from harmonization.inputs import CovariateEncoding, HarmonizationData
-from tasks.tables import software_versions as table_software
+from tasks.lake.versions import software_versions
 
 ARRAYS = ("B_hat", "grand_mean", "var_pooled", "gamma_star", "delta_star", "gamma_hat", "delta_hat")
-# Beyond tasks.tables.SOFTWARE: what else shapes a ComBat model (all hard dependencies).
-SOFTWARE = ("neuroCombat", "statsmodels", "scipy")
 # Metadata that can differ between two fits of the same values with the same settings
 # (when, how long, from which path); kept out of the model id.
 VOLATILE = ("created_at", "fit_seconds", "source")
 # Below this many bytes of features the input is fingerprinted before the fit, above it
 # in a thread while ComBat runs (a thread costs milliseconds to start and hand the GIL to).
 PARALLEL_FINGERPRINT_BYTES = 16 << 20
-
-
-def software_versions() -> dict[str, str]:
-    """The lake's software versions plus the statistics packages a ComBat fit depends on."""
-    return dict(_software_versions())
-
-
-@functools.lru_cache(maxsize=1)  # reading package metadata costs ~20 ms; it cannot change mid-run
-def _software_versions() -> dict[str, str]:
-    return {**table_software(), **{name: importlib_metadata.version(name) for name in SOFTWARE}}
 
 
 @dataclass

@@ -24,8 +24,8 @@ from prefect.cache_policies import NO_CACHE
 from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization.errors import Finding, InputTableError
 from harmonization.inputs import HarmonizationData, read_table_file
-from tasks.storage import Lake
-from tasks.tables import read_table, write_rows
+from tasks.lake.storage import Lake
+from tasks.lake.tables import read_table, write_rows
 
 KEY = ["site", "subject", "session", "series_uid"]
 EPOCH_SEP = ":"

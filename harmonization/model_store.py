@@ -26,7 +26,7 @@ from harmonization import gam
 from harmonization.combat import ComBatModel
 from harmonization.errors import HarmonizationError, ModelNotFoundError
 from harmonization.inputs import CovariateEncoding
-from tasks.storage import Lake
+from tasks.lake.storage import Lake
 
 ROOT = "models/harmonization"
 

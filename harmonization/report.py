@@ -25,10 +25,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from harmonization import combat, diagnostics, figures
-from harmonization.combat import ApplyResult, ComBatModel, FitResult, software_versions
+from harmonization.combat import ApplyResult, ComBatModel, FitResult
 from harmonization.errors import Finding, HarmonizationRefused
 from harmonization.inputs import HarmonizationData
-from tasks.storage import Lake
+from tasks.lake.storage import Lake
+from tasks.lake.versions import software_versions
 
 HERE = Path(__file__).resolve().parent
 SCHEMA = "corelab.harmonization.report/1"

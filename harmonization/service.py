@@ -22,8 +22,8 @@ from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization import combat, lake as lake_io, model_store, report
 from harmonization.errors import Finding, HarmonizationRefused
 from harmonization.inputs import from_wide_table, read_table_file, write_back, write_table_file
-from tasks.audit import append_event
-from tasks.storage import Lake
+from tasks.lake.audit import append_event
+from tasks.lake.storage import Lake
 
 
 @dataclass

@@ -56,7 +56,7 @@ def prefect_harness():
     """One embedded Prefect server for the whole session (20-30 s to start)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.embedded import embedded_runs
+    from flows.runtime import embedded_runs
 
     with embedded_runs(), prefect_test_harness(server_startup_timeout=180):  # settings reach its server
         yield

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pydicom
 
+from data_contracts import example_path
+
 from tests.conftest import shared_path
 
 GE_SERIES = ("dcm_qa_nih", "In", "20180918GE", "mr_0004")
-DEMO_TRIAL = Path(__file__).resolve().parent.parent / "data_contracts" / "examples" / "shared_data_trial.yaml"
+DEMO_TRIAL = example_path()
 
 
 def dicom_files(*parts: str) -> list[Path]:

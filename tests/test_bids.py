@@ -11,14 +11,17 @@ import pytest
 from bids_validator import BIDSValidator
 
 from data_contracts.trial import load_trial
-from flows.demo import DEMO_UPLOADS
-from tasks.bids import ConversionError, bids_stem, convert_series, plan_session
-from tasks.bids_tables import write_dataset_description, write_participants, write_scans, write_sessions
-from tasks.intake import StudyContext, load_fingerprints, receive_one_study, record_study
-from tasks.inventory import inventory_upload
-from tasks.phi_verify import Fingerprint, Identifier, Matcher
-from tasks.storage import Lake
-from tasks.tables import read_table
+from flows.cli.demo import DEMO_UPLOADS
+from tasks.bids.convert import ConversionError, bids_stem, convert_series, plan_session
+from tasks.bids.dataset import write_dataset_description, write_participants, write_scans, write_sessions
+from tasks.deid.fingerprint import load_fingerprints
+from tasks.receive.record import record_study
+from tasks.receive.study import Upload, receive_one_study
+from tasks.intake.inventory import inventory_upload
+from tasks.deid.fingerprint import Fingerprint
+from tasks.deid.verify import Identifier, Matcher
+from tasks.lake.storage import Lake
+from tasks.lake.tables import read_table
 from tests.conftest import shared_path
 from tests.helpers import DEMO_TRIAL
 
@@ -41,7 +44,7 @@ def converted(tmp_path_factory):
     trial = load_trial(DEMO_TRIAL)
     lake = Lake(str(tmp_path_factory.mktemp("lake"))).init()
     for site, rel in DEMO_UPLOADS.items():
-        o = receive_one_study(StudyContext(trial, site, "u", lake), inventory_upload(shared_path(rel)).accepted)
+        o = receive_one_study(Upload(trial, site, "u", lake), inventory_upload(shared_path(rel)).accepted)
         record_study(lake, o, o.matcher)
     series, images = read_table(lake, "series"), {}
     write_dataset_description(lake, trial)

@@ -25,8 +25,8 @@ from pipelines.images import (REPO, LockedImage, LockError, definition_drift, in
                               write_lock_entry)
 from pipelines.registry import get_spec
 from pipelines.spec import BidsQuery, PipelineSpec, SpecError, bids_prefix
-from tasks.container_engines import apptainer_command, oci_command, plan_mounts
-from tasks.container_runner import (ContainerRunError, DigestMismatch, EngineMissing, ImageMissing,
+from tasks.run.engines import apptainer_command, oci_command, plan_mounts
+from tasks.run.runner import (ContainerRunError, DigestMismatch, EngineMissing, ImageMissing,
                                     StaleLock, VersionMismatch, run_pipeline,
                                     run_pipeline_task)
 from tests.conftest import shared_path
@@ -353,7 +353,7 @@ def test_local_failure_and_timeout_are_recorded(setup, t1, monkeypatch):
 # --- the CLI and the committed lock --------------------------------------------------------------
 
 def test_cli_verify_reports_drift(setup, monkeypatch):
-    import pipelines.containers_cli as cli
+    import flows.cli.containers as cli
 
     monkeypatch.setattr(cli, "spec_for_image", lambda key: TOY)
     args = ["--no-verbose", "verify", "--no-engine", "--repo", str(setup["repo"])]

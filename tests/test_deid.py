@@ -8,11 +8,11 @@ import pydicom
 import pytest
 
 from data_contracts.trial import Deidentification
-from tasks.deid import DeidContext, date_shift_days, deidentify, to_bytes
-from tasks.deid_series import deidentify_series
-from tasks.inventory import inventory_upload
-from tasks.phi_verify import Matcher, collect_identifiers, find_leaks
-from tasks._safe_private import SAFE_PRIVATE
+from tasks.deid.profile import DeidContext, date_shift_days, deidentify, to_bytes
+from tasks.deid.series import deidentify_series
+from tasks.intake.inventory import inventory_upload
+from tasks.deid.verify import Matcher, collect_identifiers, find_leaks
+from tasks.deid._safe_private import SAFE_PRIVATE
 from tests.conftest import shared_path
 
 SERIES = {
@@ -118,7 +118,7 @@ def test_verification_fails_closed_on_a_leak(monkeypatch):
     headers = [f.dataset for f in files]
     matcher = Matcher(collect_identifiers(headers), own_labels=["site-a"])
     ctx = _ctx().prepare(headers)
-    import tasks.deid_series as mod
+    import tasks.deid.series as mod
 
     def leaky(ds, c):
         deidentify(ds, c)
@@ -148,7 +148,7 @@ def test_verifier_finds_values_in_names_and_compressed_tables():
 
 
 def test_ge_protocol_block_is_cleaned_inside_its_gzip_stream():
-    from tasks.phi_verify import gzip_contents
+    from tasks.deid.verify import gzip_contents
 
     files = _files("ge", limit=2)
     headers = [f.dataset for f in files]
@@ -164,7 +164,7 @@ def test_ge_protocol_block_is_cleaned_inside_its_gzip_stream():
 
 
 def test_private_bytes_are_overwritten_in_any_case_and_only_as_whole_short_values():
-    from tasks.deid import SameLength
+    from tasks.deid.profile import SameLength
 
     scrub = SameLength(uids={}, dates={}, text=SameLength.text_pattern(
         ["Regression", "Test", "27018", "M\u00c9NARD"]))
@@ -175,7 +175,7 @@ def test_private_bytes_are_overwritten_in_any_case_and_only_as_whole_short_value
 
 
 def test_verifier_finds_numbers_inside_tokens_and_digit_runs():
-    from tasks.phi_verify import Identifier
+    from tasks.deid.verify import Identifier
 
     uid, date = "1.2.840.113619.2.5.999", "20180918"
     matcher = Matcher([Identifier("StudyInstanceUID (original)", uid),

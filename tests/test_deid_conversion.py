@@ -23,10 +23,10 @@ import pydicom
 import pytest
 
 from data_contracts.trial import load_trial
-from flows.demo import DEMO_UPLOADS
-from tasks.intake import StudyContext, receive_one_study
-from tasks.inventory import group_series, inventory_upload
-from tasks.storage import Lake
+from flows.cli.demo import DEMO_UPLOADS
+from tasks.receive.study import Upload, receive_one_study
+from tasks.intake.inventory import group_series, inventory_upload
+from tasks.lake.storage import Lake
 from tests.conftest import shared_path
 from tests.helpers import DEMO_TRIAL
 
@@ -65,7 +65,7 @@ def lake(tmp_path_factory):
     lake = Lake(str(tmp_path_factory.mktemp("lake"))).init()
     for site, rel in DEMO_UPLOADS.items():
         files = inventory_upload(shared_path(rel)).accepted
-        outcome = receive_one_study(StudyContext(trial, site, "u", lake), files)
+        outcome = receive_one_study(Upload(trial, site, "u", lake), files)
         assert all(s.verdict != "rejected" for s in outcome.series), outcome.all_findings
     return lake
 

@@ -12,10 +12,11 @@ import yaml
 from data_contracts.trial import load_trial
 from flows.nightly import nightly_reprocess
 from flows.process_study import process_study
-from tasks.intake import StudyContext, receive_one_study, record_study
-from tasks.inventory import inventory_upload
-from tasks.storage import Lake
-from tasks.tables import read_table
+from tasks.receive.record import record_study
+from tasks.receive.study import Upload, receive_one_study
+from tasks.intake.inventory import inventory_upload
+from tasks.lake.storage import Lake
+from tasks.lake.tables import read_table
 from tests.conftest import REPO, shared_path
 from tests.helpers import DEMO_TRIAL
 
@@ -48,10 +49,10 @@ def test_the_three_kinds_of_deployment_exist():
 def test_nightly_retries_a_run_that_never_started(prefect_harness, tmp_path):
     trial = load_trial(DEMO_TRIAL)
     lake = Lake(str(tmp_path / "lake")).init()
-    o = receive_one_study(StudyContext(trial, "siemens-xa30", "u", lake),
+    o = receive_one_study(Upload(trial, "siemens-xa30", "u", lake),
                           inventory_upload(shared_path("dcm_qa_xa30", "In")).accepted)
     record_study(lake, o, o.matcher)
-    (sp,) = process_study(o.study_key, "siemens-xa30", lake_url=lake.url, backend="apptainer", trial=trial)
+    (sp,) = process_study(o.study.study_key, "siemens-xa30", lake_url=lake.url, backend="apptainer", trial=trial)
     assert sp.verdict.status == "FAIL" and "not run:" in sp.verdict.reasons[0]
     trial_file = tmp_path / "trial.yaml"
     trial_file.write_text(DEMO_TRIAL.read_text())

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.dicom_params import scanner_identity, series_parameters
-from tasks.inventory import group_series, inventory_upload
+from tasks.conformance.parameters import scanner_identity, series_parameters
+from tasks.intake.inventory import group_series, inventory_upload
 from tests.conftest import shared_path
 
 CASES = [

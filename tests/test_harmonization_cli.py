@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from harmonization import diagnostics
 from harmonization.abide import constant_columns, load_abide
-from harmonization.cli import app
+from flows.cli.harmonize import app
 from harmonization.inputs import CovariateEncoding, infer_encoding
 from harmonization.report import render_html
 

@@ -18,7 +18,7 @@ from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization import combat, diagnostics, model_store
 from harmonization.abide import constant_columns, load_abide
 from harmonization.inputs import from_wide_table
-from tasks.storage import Lake
+from tasks.lake.storage import Lake
 
 pytestmark = pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 

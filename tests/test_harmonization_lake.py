@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization import combat, lake as lake_io, model_store, service
 from harmonization.abide import load_abide
-from harmonization.cli import app
+from flows.cli.harmonize import app
 from harmonization.inputs import from_wide_table
-from tasks.audit import read_events, verify_chain
-from tasks.storage import Lake
-from tasks.tables import partition_path, read_table, write_rows
+from tasks.lake.audit import read_events, verify_chain
+from tasks.lake.storage import Lake
+from tasks.lake.tables import partition_path, read_table, write_rows
 
 COVS = ["AGE", "SEX", "DX"]
 MEASURES = ["Left-Hippocampus", "Right-Hippocampus", "CSF", "Brain-Stem",

@@ -9,7 +9,7 @@ import zipfile
 import pydicom
 import pytest
 
-from tasks.inventory import (inventory_upload, parse_dicom, InventoryError, group_series, study_key,
+from tasks.intake.inventory import (inventory_upload, parse_dicom, InventoryError, group_series, study_key,
                              UploadNotFoundError)
 from tests.helpers import GE_SERIES, copy_upload, dicom_files, gz, rewrite
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,12 +17,14 @@ import pytest
 from flows.process_study import process_study
 from flows.receive_study import receive_study
 from pipelines.registry import get_spec
-from tasks.export import export_biomarkers
-from tasks.processing import gate, measure_quality, read_measures, run_on_image
-from tasks.qc_records import OverrideError, StudyContextRow, biomarker_rows, override, qc_rows
-from tasks.storage import Lake
-from tasks.study_processing import study_row
-from tasks.tables import read_table, write_rows
+from tasks.lake.export import export_biomarkers
+from tasks.run.derivatives import PipelineRun, expected_outputs, run_on_image
+from tasks.qc.measure import gate, measure_quality
+from tasks.qc.overrides import OverrideError, override
+from tasks.qc.record import biomarker_rows, qc_rows
+from tasks.lake.storage import Lake
+from tasks.lake.studies import read_study
+from tasks.lake.tables import read_table, write_rows
 from tests.conftest import REPO, shared_path
 
 pytestmark = pytest.mark.prefect
@@ -40,7 +41,7 @@ def processed(prefect_harness, tmp_path_factory, trial):
     results = {}
     for site, parts in T1_SITES.items():
         (o,) = receive_study(str(shared_path(*parts)), site, lake_url=str(lake_dir), trial=trial)
-        results[site] = (o, process_study(o.study_key, site, lake_url=str(lake_dir), trial=trial))
+        results[site] = (o, process_study(o.study.study_key, site, lake_url=str(lake_dir), trial=trial))
     return Lake(str(lake_dir)), results
 
 
@@ -99,7 +100,7 @@ def test_rerun_changes_nothing(processed, trial):
     lake, results = processed
     before = {p: Path(lake.path(p)).read_bytes() for p in lake.find("tables")}
     o, _ = results["siemens-xa30"]
-    assert process_study(o.study_key, "siemens-xa30", lake_url=lake.url, trial=trial) == []
+    assert process_study(o.study.study_key, "siemens-xa30", lake_url=lake.url, trial=trial) == []
     assert {p: Path(lake.path(p)).read_bytes() for p in lake.find("tables")} == before
 
 
@@ -107,18 +108,18 @@ def test_override_moves_biomarkers_both_ways(processed):
     lake, results = processed
     _, (sp,) = results["siemens-xa30"]
     n = len(read_table(lake, "biomarkers"))
-    ev = override(lake, sp.series_uid[:30], "fail", "motion seen on review", "Dr Reviewer")
+    ev = override(lake, sp.run.series_uid[:30], "fail", "motion seen on review", "Dr Reviewer")
     assert ev["biomarkers_withdrawn"] == 5 and len(read_table(lake, "biomarkers")) == n - 5
     qc = read_table(lake, "qc")
-    mine = qc[qc.series_uid == sp.series_uid]
+    mine = qc[qc.series_uid == sp.run.series_uid]
     assert set(mine.verdict) == {"FAIL"} and set(mine.automatic_verdict) == {"PASS"}
     assert set(mine.override_by) == {"Dr Reviewer"} and set(mine.override_reason) == {"motion seen on review"}
-    ev = override(lake, sp.series_uid, "pass", "second look: fine", "Dr Other")
+    ev = override(lake, sp.run.series_uid, "pass", "second look: fine", "Dr Other")
     assert ev["biomarkers_added"] == 5 and len(read_table(lake, "biomarkers")) == n
     with pytest.raises(OverrideError, match="no processed series"):
         override(lake, "9.9.9", "pass", "x", "y")
     with pytest.raises(OverrideError, match="pass or fail"):
-        override(lake, sp.series_uid, "maybe", "x", "y")
+        override(lake, sp.run.series_uid, "maybe", "x", "y")
 
 
 def test_a_new_pipeline_version_adds_rows_and_keeps_the_old(processed, trial, monkeypatch):
@@ -129,14 +130,14 @@ def test_a_new_pipeline_version_adds_rows_and_keeps_the_old(processed, trial, mo
 
     newer = replace(reg.anat_spec(), version="0.2.0")
     monkeypatch.setitem(reg.BUILTIN, "anat", lambda: newer)
-    (sp,) = process_study(o.study_key, "siemens-xa30", lake_url=lake.url, trial=trial)
+    (sp,) = process_study(o.study.study_key, "siemens-xa30", lake_url=lake.url, trial=trial)
     # no image was built for 0.2.0: the runner refuses, and that is a recorded FAIL, not a crash
     assert sp.verdict.status == "FAIL" and "not run" in sp.verdict.reasons[0]
     qc = read_table(lake, "qc")
-    versions = set(qc[qc.series_uid == sp.series_uid].pipeline_version)
+    versions = set(qc[qc.series_uid == sp.run.series_uid].pipeline_version)
     assert versions == {"0.1.0", "0.2.0"}
     bio = read_table(lake, "biomarkers")
-    assert set(bio[bio.series_uid == sp.series_uid].pipeline_version) == {"0.1.0"}
+    assert set(bio[bio.series_uid == sp.run.series_uid].pipeline_version) == {"0.1.0"}
 
 
 # -- bad and degraded inputs: the gate, without Prefect ----------------------------------------
@@ -151,7 +152,7 @@ def _stage(lake: Lake, study, data: np.ndarray, affine: np.ndarray, name: str) -
 def xa30(processed):
     lake, results = processed
     o, _ = results["siemens-xa30"]
-    study = study_row(lake, "siemens-xa30", o.study_key)
+    study = read_study(lake, "siemens-xa30", o.study.study_key)
     ref = nib.as_closest_canonical(nib.load(str(shared_path("dcm_qa_xa30", "Ref", "5_anat-T1w_acq-tfl.nii"))))
     return lake, study, np.asanyarray(ref.dataobj, dtype=np.float32), ref.affine
 
@@ -159,26 +160,22 @@ def xa30(processed):
 def _judge(lake, trial, study, rel):
     """Run, measure, gate and record one staged image as if it were a series of the study."""
     uid = "2.25.9" + str(abs(hash(rel)))[:12]
-    sp = run_on_image(lake, get_spec("anat"), rel, study.subject, study.session, uid, "local")
-    if sp.error is None:
-        read_measures(lake, sp)
-    measure_quality(lake, sp)
-    gate(trial, study.site, sp, {})
-    st = StudyContextRow(study.trial_id, study.site, study.study_key, study.subject, study.session,
-                         pd.Timestamp(study.acquisition_date).date(), "E0")
+    run = run_on_image(lake, get_spec("anat"), rel, study.subject, study.session, uid, "local")
+    sq = measure_quality(lake, run)
+    gate(trial, study.site, sq, {})
     now = datetime.now(timezone.utc)
-    write_rows(lake, "qc", study.site, qc_rows(sp, st, None, now))
-    bio = biomarker_rows(sp, st, sp.verdict.status, None, now)
+    write_rows(lake, "qc", study.site, qc_rows(sq, study, None, now))
+    bio = biomarker_rows(run, study, "E0", sq.verdict.status, None, now)
     if bio:
         write_rows(lake, "biomarkers", study.site, bio)
-    return sp
+    return sq
 
 
 def _recorded(lake, sp):
     qc = read_table(lake, "qc")
-    verdict = qc[(qc.series_uid == sp.series_uid) & (qc.metric == "verdict")].iloc[0]
+    verdict = qc[(qc.series_uid == sp.run.series_uid) & (qc.metric == "verdict")].iloc[0]
     bio = read_table(lake, "biomarkers")
-    return verdict, bio[bio.series_uid == sp.series_uid]
+    return verdict, bio[bio.series_uid == sp.run.series_uid]
 
 
 def test_top_30_percent_removed_fails_on_coverage(xa30, trial):
@@ -209,7 +206,7 @@ def test_heavy_noise_fails_or_warns_on_snr_cnr(xa30, trial):
 def test_no_segmentation_output_is_a_named_fail(processed, trial):
     lake, results = processed
     o, _ = results["siemens-xa30"]
-    study = study_row(lake, "siemens-xa30", o.study_key)
+    study = read_study(lake, "siemens-xa30", o.study.study_key)
     rel = _stage(lake, study, np.zeros((64, 64, 1)), np.eye(4), "acq-flat")   # a 2D slice: anat refuses it
     sp = _judge(lake, trial, study, rel)
     assert sp.verdict.status == "FAIL"
@@ -222,7 +219,7 @@ def test_no_segmentation_output_is_a_named_fail(processed, trial):
 def test_nan_metric_is_a_named_fail(processed, trial, tmp_path):
     lake, results = processed
     o, (done,) = results["siemens-xa30"]
-    study = study_row(lake, "siemens-xa30", o.study_key)
+    study = read_study(lake, "siemens-xa30", o.study.study_key)
     copy = Lake(str(tmp_path / "copy"))
     for p in lake.find("bids") + lake.find("derivatives"):
         copy.write_bytes(p, lake.read_bytes(p))
@@ -230,12 +227,10 @@ def test_nan_metric_is_a_named_fail(processed, trial, tmp_path):
                         if p.endswith(f"sub-{study.subject}_ses-{study.session}_label-WM_probseg.nii.gz")))
     img = nib.load(wm)
     nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), wm)   # no white matter at all
-    from tasks.processing import SeriesProcessing, _expected
-
-    sp = SeriesProcessing(done.series_uid, done.bids_image, done.input_sha256, "anat", "0.1.0")
-    sp.outputs = {k: f"derivatives/anat-0.1.0/{v}" for k, v in
-                  _expected(get_spec("anat"), study.subject, study.session, {}).items()}
-    measure_quality(copy, sp)
-    gate(trial, study.site, sp, {})
-    assert sp.verdict.status == "FAIL"
-    assert "snr_wm could not be computed: is NaN" in sp.verdict.reasons
+    run = PipelineRun(done.run.series_uid, done.run.bids_image, done.run.input_sha256, "anat", "0.1.0")
+    run.outputs = {k: f"derivatives/anat-0.1.0/{v}" for k, v in
+                   expected_outputs(get_spec("anat"), study.subject, study.session, {}).items()}
+    sq = measure_quality(copy, run)
+    gate(trial, study.site, sq, {})
+    assert sq.verdict.status == "FAIL"
+    assert "snr_wm could not be computed: is NaN" in sq.verdict.reasons

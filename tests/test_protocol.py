@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from data_contracts.trial import load_trial
-from tasks.identify import SubjectError, assign_visit, subject_label
-from tasks.intake import StudyContext, receive_one_study
-from tasks.inventory import inventory_upload
-from tasks.protocol import check_scanner
-from tasks.storage import Lake
+from tasks.conformance.visits import assign_visit
+from tasks.intake.identify import SubjectError, subject_label
+from tasks.receive.study import Upload, receive_one_study
+from tasks.intake.inventory import inventory_upload
+from tasks.conformance.protocol import check_scanner
+from tasks.lake.storage import Lake
 from tests.conftest import shared_path
 from tests.helpers import DEMO_TRIAL, GE_SERIES
 
@@ -30,7 +31,7 @@ def _trial(tmp_path: Path, *edits: tuple[str, str]):
 def _receive(tmp_path, trial, site="ge-nih", parts=GE_SERIES):
     lake = Lake(str(tmp_path / "lake")).init()
     files = inventory_upload(shared_path(*parts)).accepted
-    return receive_one_study(StudyContext(trial, site, "u", lake), files)
+    return receive_one_study(Upload(trial, site, "u", lake), files)
 
 
 def test_injected_tr_violation_gives_exactly_one_deviation(tmp_path):

@@ -7,9 +7,9 @@ from typer.testing import CliRunner
 
 from data_contracts.trial import load_trial
 from flows.cli import app
-from tasks.intake import StudyContext, receive_one_study
-from tasks.inventory import inventory_upload
-from tasks.storage import Lake
+from tasks.receive.study import Upload, receive_one_study
+from tasks.intake.inventory import inventory_upload
+from tasks.lake.storage import Lake
 from tests.conftest import shared_path
 from tests.helpers import DEMO_TRIAL
 
@@ -30,7 +30,7 @@ def test_inferred_protocol_is_met_by_its_qualification_scan(tmp_path):
     p.write_text(yaml.safe_dump(trial))
     cfg = load_trial(p)
     files = inventory_upload(scan).accepted
-    o = receive_one_study(StudyContext(cfg, "siemens-xa30", "u", Lake(str(tmp_path / "lake")).init()), files)
+    o = receive_one_study(Upload(cfg, "siemens-xa30", "u", Lake(str(tmp_path / "lake")).init()), files)
     assert [s.verdict for s in o.series] == ["conform"] and o.all_findings == []
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from data_contracts.qc_settings import DEFAULT_RULES, QCSettings, RobustZ, Rule
-from tasks.qc_gate import judge, robust_z
-from tasks.qc_metrics import (TissueStats, anat_iqms, cjv, cnr, efc, fber, head_mask, snr, tissue_stats,
+from tasks.qc.gate import judge, robust_z
+from tasks.qc.metrics import (TissueStats, anat_iqms, cjv, cnr, efc, fber, head_mask, snr, tissue_stats,
                               wm2max)
 
 

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
-import zipfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pydicom
 import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.demo import DEMO_UPLOADS
+from flows.cli.demo import DEMO_UPLOADS
 from flows.receive_study import receive_study
-from tasks.audit import verify_chain
-from tasks.storage import Lake
-from tasks.tables import read_table
+from tasks.lake.audit import verify_chain
+from tasks.lake.storage import Lake
+from tasks.lake.tables import read_table
 from tests.conftest import shared_path
 from tests.helpers import DEMO_TRIAL, GE_SERIES, copy_upload, gz, rewrite
 
@@ -66,7 +63,7 @@ def test_every_series_gets_its_type_and_is_accepted(received):
         assert o.status in ("accepted", "accepted_with_deviations"), (site, o.all_findings)
         assert [s.series_type for s in o.series] == expected, site
         assert all(s.verdict == "conform" for s in o.series), (site, [s.findings for s in o.series])
-        assert o.session == "baseline"
+        assert o.study.session == "baseline"
     series = read_table(lake, "series")
     assert len(series) == 12 and set(series["site"]) == set(EXPECTED_TYPES)
     xa = series[series["site"] == "siemens-xa30"].iloc[0]
@@ -177,9 +174,9 @@ def test_cli_exit_codes(prefect_harness, tmp_path):
 
 
 def test_burned_in_series_is_refused_and_the_rest_of_the_study_accepted(tmp_path, trial, monkeypatch):
-    import tasks.intake as intake
-    from tasks.intake import StudyContext, receive_one_study
-    from tasks.inventory import inventory_upload
+    import tasks.receive.study as intake
+    from tasks.receive.study import Upload, receive_one_study
+    from tasks.intake.inventory import inventory_upload
 
     up = tmp_path / "up"
     copy_upload(up / "a", *GE_SERIES, limit=30)
@@ -190,7 +187,7 @@ def test_burned_in_series_is_refused_and_the_rest_of_the_study_accepted(tmp_path
     for mode, threshold in (("workers", 48), ("in-process", 61)):
         monkeypatch.setattr(intake, "PARALLEL_MIN_FILES", threshold)
         lake = Lake(str(tmp_path / f"lake-{mode}")).init()
-        o = receive_one_study(StudyContext(trial, "ge-nih", "u1", lake), inventory_upload(up).accepted)
+        o = receive_one_study(Upload(trial, "ge-nih", "u1", lake), inventory_upload(up).accepted)
         good, burned = o.series
         assert good.verdict != "rejected" and good.deid_path and burned.verdict == "rejected"
         assert burned.burned_in and not good.burned_in

@@ -6,9 +6,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from tasks.audit import append_event, verify_chain
-from tasks.storage import Lake, LakePathError
-from tasks.tables import read_table, write_rows
+from tasks.lake.audit import append_event, verify_chain
+from tasks.lake.storage import Lake, LakePathError
+from tasks.lake.tables import read_table, write_rows
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import duckdb
 import pandas as pd
 import pytest
 
-from tasks.storage import Lake
-from tasks.tables import SchemaViolation, delete_rows, partition_path, read_table, table_metadata, write_rows
+from tasks.lake.storage import Lake
+from tasks.lake.tables import SchemaViolation, delete_rows, partition_path, read_table, table_metadata, write_rows
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 

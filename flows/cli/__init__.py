@@ -1,0 +1,56 @@
+"""The ``corelab`` command line: one package for every command.
+
+common      defaults ($CORELAB_TRIAL, $CORELAB_LAKE), shared options, the exit on error
+display     the tables printed after an ingest and after processing
+study       ingest, process, protocol infer
+tables      qc override, export biomarkers, audit verify
+harmonize   harmonize fit | apply | models
+containers  containers build | verify | list | sif | lock-requirements
+demo        the demo on the shared real data (``make demo``)
+
+Exit codes: 0 when the study was accepted (with or without deviations), 1 when nothing was
+accepted (or an audit chain is broken), 2 for a bad command, trial file, site or path.
+``-v`` shows each decision corelab logs (pairings, skips, exact commands, gate verdicts).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from flows import runtime
+from flows.cli import containers, demo, harmonize, study, tables
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="corelab: an imaging core lab in a box for multi-site MRI trials.")
+
+
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                          help="show each decision on the console as it is made")) -> None:
+    if verbose:
+        runtime.verbose_console()
+
+
+app.command()(study.ingest)
+app.command()(study.process)
+app.command()(demo.demo)
+app.add_typer(study.protocol_app, name="protocol")
+app.add_typer(tables.audit_app, name="audit")
+app.add_typer(tables.qc_app, name="qc")
+app.add_typer(tables.export_app, name="export")
+app.add_typer(harmonize.app, name="harmonize")
+app.add_typer(containers.app, name="containers")
+
+
+def main() -> None:
+    try:
+        with runtime.embedded_runs():
+            app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""``corelab harmonize``: fit and apply ComBat models from the command line.
+
+Table mode (any CSV/TSV/Parquet a statistician has)::
+
+    corelab harmonize fit --table abide.csv --batch SITE --covariates AGE,SEX,DX \\
+        [--smooth AGE] [--min-site-n 20] --out abide_harmonized.csv [--report report.html]
+    corelab harmonize apply MODEL_ID --table new.csv --out new_harmonized.csv
+
+Lake mode (the trial's QC-passed ``biomarkers``; runs the Prefect flow ``harmonize``)::
+
+    corelab harmonize fit --lake LAKE --trial trial.yaml --covariates-table covariates.tsv
+    corelab harmonize apply MODEL_ID --lake LAKE --trial trial.yaml --covariates-table covariates.tsv
+
+Models are stored in the lake (``--lake``, else $CORELAB_LAKE, else ./corelab-lake)
+under ``models/harmonization/<model_id>/``. Exit status 2 means the input was
+refused; the message says why and what to change.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+
+from data_contracts.harmonization_settings import HarmonizationSettings
+from data_contracts.trial import TrialConfigError
+from flows.cli.common import fail
+from harmonization import model_store, service
+from harmonization.errors import HarmonizationError
+from tasks.lake.storage import open_lake
+
+app = typer.Typer(help="ComBat harmonization across sites (neuroHarmonize): fit, apply, list models.",
+                  no_args_is_help=True)
+
+
+def _split(text: Optional[str]) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _report(outcome: service.Outcome, verb: str) -> None:
+    for f in outcome.findings:
+        typer.secho(f"{f.level}: {f.message}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"{verb} {outcome.harmonized} of {outcome.rows} rows with model {outcome.model_id}")
+    for kind, where in outcome.outputs.items():
+        typer.echo(f"  {kind}: {where}")
+
+
+def _lake_flow(lake: Optional[str], trial: Optional[str], covariates_table: Optional[str],
+               mode: str, model_id: Optional[str] = None, only_new: bool = True) -> None:
+    if not trial or not covariates_table:
+        fail("lake mode needs --trial FILE and --covariates-table FILE "
+              "(or give --table FILE for table mode)")
+    from flows.harmonize import harmonize  # the flow starts Prefect; only lake mode needs it
+
+    try:
+        summary = harmonize(lake_url=open_lake(lake).url, trial_file=trial,
+                            covariates_file=covariates_table, mode=mode, model_id=model_id,
+                            only_new=only_new)
+    except (HarmonizationError, TrialConfigError) as exc:
+        fail(str(exc))
+    typer.echo(service.summary_markdown(summary))
+
+
+@app.command()
+def fit(
+    table: Optional[str] = typer.Option(None, help="CSV/TSV/Parquet, one row per scan (table mode)"),
+    batch: Optional[str] = typer.Option(None, help="batch (site) column of --table"),
+    covariates: Optional[str] = typer.Option(None, help="biological covariates to keep, e.g. AGE,SEX,DX"),
+    smooth: Optional[str] = typer.Option(None, help="covariates modelled as smooth (ComBat-GAM), e.g. AGE"),
+    categorical: Optional[str] = typer.Option(None, help="numeric covariates to treat as categories"),
+    features: Optional[str] = typer.Option(None, help="feature columns or globs (default: every other numeric column)"),
+    exclude: Optional[str] = typer.Option(None, help="columns or globs never harmonized (ids, constants)"),
+    min_site_n: int = typer.Option(20, help="smallest batch ComBat may estimate"),
+    small_site: str = typer.Option("refuse", help="refuse | pool batches below --min-site-n"),
+    max_confounding: float = typer.Option(0.8, help="refuse above this covariate-site association"),
+    seed: int = typer.Option(0, help="seed of the smooth-term penalty search"),
+    out: Optional[str] = typer.Option(None, help="harmonized table (.csv/.tsv/.parquet)"),
+    report: Optional[str] = typer.Option(None, help="HTML report (a .json of it is written beside)"),
+    lake: Optional[str] = typer.Option(None, help="lake holding the models (and biomarkers in lake mode)"),
+    trial: Optional[str] = typer.Option(None, help="trial YAML (lake mode)"),
+    covariates_table: Optional[str] = typer.Option(None, help="covariates keyed by subject (lake mode)"),
+) -> None:
+    """Fit a ComBat model, store it, and harmonize the rows it was fitted on."""
+    if table is None:
+        _lake_flow(lake, trial, covariates_table, "fit")
+        return
+    if not batch or not covariates or not out:
+        fail("table mode needs --batch COL, --covariates A,B,C and --out FILE")
+    try:
+        settings = HarmonizationSettings(
+            batch="site", covariates=_split(covariates), smooth_terms=_split(smooth),
+            categorical_covariates=_split(categorical), min_site_n=min_site_n,
+            small_site=small_site, max_confounding=max_confounding, seed=seed)
+    except ValidationError as exc:
+        fail("invalid options: " + "; ".join(e["msg"] for e in exc.errors()))
+    try:
+        outcome = service.fit_table(open_lake(lake), table, batch, settings, out, report,
+                                    _split(features) or None, _split(exclude))
+    except HarmonizationError as exc:
+        fail(str(exc) + (f"\n(report of the refusal: {report})" if report else ""))
+    _report(outcome, "harmonized")
+
+
+@app.command()
+def apply(
+    model_id: str = typer.Argument(..., help="id of a stored model (hm-...)"),
+    table: Optional[str] = typer.Option(None, help="CSV/TSV/Parquet to harmonize (table mode)"),
+    batch: Optional[str] = typer.Option(None, help="batch column (default: the one the model was fitted with)"),
+    out: Optional[str] = typer.Option(None, help="harmonized table (.csv/.tsv/.parquet)"),
+    report: Optional[str] = typer.Option(None, help="HTML report of the apply"),
+    lake: Optional[str] = typer.Option(None, help="lake holding the model"),
+    trial: Optional[str] = typer.Option(None, help="trial YAML (lake mode)"),
+    covariates_table: Optional[str] = typer.Option(None, help="covariates keyed by subject (lake mode)"),
+    all_rows: bool = typer.Option(False, "--all", help="lake mode: redo scans already harmonized"),
+) -> None:
+    """Apply a frozen model; rows from unseen sites are reported as needing a refit."""
+    if table is None:
+        _lake_flow(lake, trial, covariates_table, "apply", model_id, only_new=not all_rows)
+        return
+    if not out:
+        fail("table mode needs --out FILE")
+    try:
+        outcome = service.apply_table(open_lake(lake), model_id, table, out, batch, report)
+    except HarmonizationError as exc:
+        fail(str(exc))
+    _report(outcome, "harmonized")
+
+
+@app.command("models")
+def list_models(lake: Optional[str] = typer.Option(None, help="lake holding the models")) -> None:
+    """List the stored harmonization models."""
+    for m in model_store.list_models(open_lake(lake)):
+        typer.echo(f"{m['model_id']}  {m['method']:<10}  {m['created_at']}  "
+                   f"{m['batches']} batches  {m['features']} features  {m['rows']} rows")

@@ -1,0 +1,91 @@
+"""The BIDS dataset's own files: dataset_description.json, participants, sessions and scans tables.
+
+They are rebuilt from the lake's ``studies`` table and the converted scans, so
+they are always current and a rerun writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pandas as pd
+
+from data_contracts.trial import TrialConfig
+from tasks.bids._entities import BIDS_VERSION
+from tasks.lake.storage import Lake
+from tasks.lake.tables import read_table
+from tasks.lake.versions import corelab_version, installed_version
+
+PARTICIPANTS_JSON = {
+    "participant_id": {"Description": "trial subject label (roster or keyed pseudonym)"},
+    "site": {"Description": "trial site id"},
+    "age": {"Description": "age at the baseline scan (DICOM PatientAge, retained)", "Units": "year"},
+    "sex": {"Description": "DICOM PatientSex (retained)", "Levels": {"M": "male", "F": "female", "O": "other"}},
+}
+
+
+def _tsv(df: pd.DataFrame) -> bytes:
+    buf = io.StringIO()
+    df.to_csv(buf, sep="\t", index=False, na_rep="n/a", lineterminator="\n")
+    return buf.getvalue().encode()
+
+
+def _write_if_changed(lake: Lake, rel: str, data: bytes) -> None:
+    if not (lake.exists(rel) and lake.read_bytes(rel) == data):
+        lake.write_bytes(rel, data)
+
+
+def write_dataset_description(lake: Lake, trial: TrialConfig) -> None:
+    desc = {
+        "Name": trial.name or trial.trial_id,
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "raw",
+        "GeneratedBy": [
+            {"Name": "corelab", "Version": corelab_version(),
+             "Description": "intake, PS3.15 Annex E de-identification, protocol conformance"},
+            {"Name": "dcm2niix", "Version": installed_version("dcm2niix")},
+        ],
+    }
+    _write_if_changed(lake, "bids/dataset_description.json", json.dumps(desc, indent=2).encode())
+    _write_if_changed(lake, "bids/participants.json", json.dumps(PARTICIPANTS_JSON, indent=2).encode())
+
+
+def write_participants(lake: Lake, trial: TrialConfig) -> pd.DataFrame:
+    studies = read_table(lake, "studies")
+    studies = studies[studies["status"] != "rejected"]
+    base = studies.sort_values(["subject", "days_from_baseline"]).drop_duplicates("subject")
+    df = pd.DataFrame({
+        "participant_id": "sub-" + base["subject"].astype(str),
+        "site": base["site"].astype(str),
+        "age": base["age_years"],
+        "sex": base["sex"],
+    }).sort_values("participant_id")
+    _write_if_changed(lake, "bids/participants.tsv", _tsv(df))
+    return df
+
+
+def write_sessions(lake: Lake, subject: str) -> None:
+    studies = read_table(lake, "studies")
+    mine = studies[(studies["subject"] == subject) & (studies["status"] != "rejected")]
+    df = pd.DataFrame({
+        "session_id": "ses-" + mine["session"].astype(str),
+        "acq_time": pd.to_datetime(mine["acquisition_date"]).dt.strftime("%Y-%m-%d"),
+        "days_from_baseline": mine["days_from_baseline"],
+    }).drop_duplicates("session_id").sort_values("session_id")
+    _write_if_changed(lake, f"bids/sub-{subject}/sub-{subject}_sessions.tsv", _tsv(df))
+
+
+def write_scans(lake: Lake, subject: str, session: str, acq_date: str) -> None:
+    """scans.tsv of one session, from the images and sidecars present (acq_time = shifted date)."""
+    folder = f"bids/sub-{subject}/ses-{session}"
+    rows = []
+    for rel in lake.find(folder):
+        if not rel.endswith(".nii.gz"):
+            continue
+        sidecar = json.loads(lake.read_text(rel[: -len(".nii.gz")] + ".json"))
+        time = str(sidecar.get("AcquisitionTime", "") or "")[:8]
+        rows.append({"filename": rel[len(folder) + 1:],
+                     "acq_time": f"{acq_date}T{time}" if time else acq_date})
+    df = pd.DataFrame(rows, columns=["filename", "acq_time"]).sort_values("filename")
+    _write_if_changed(lake, f"{folder}/sub-{subject}_ses-{session}_scans.tsv", _tsv(df))

@@ -1,0 +1,120 @@
+"""Custody of raw uploads: the inbox, the quarantine and the release of raw copies.
+
+``inbox/<site>/<upload>/`` holds the upload exactly as received (PHI,
+restricted) until each file's de-identified copy is verified; only then is the
+raw copy released (deleted). ``quarantine/<site>/<upload>/`` holds what could
+not be accepted, each file beside a ``<name>.reason.json`` naming the file and
+the problem. Nothing is deleted from the inbox that has not been verified in
+``deid/``, so a crash at any point loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.intake.inventory import Inventory, ReceivedFile
+from tasks.lake.storage import Lake
+
+REASON_SUFFIX = ".reason.json"
+
+
+@dataclass(frozen=True)
+class QuarantineRecord:
+    path: str          # lake path of the quarantined copy
+    reason: str        # names the file and the problem
+    code: str          # short category, safe for tables and the audit log
+    sha256: str
+
+
+def inbox_prefix(site: str, upload: str) -> str:
+    return f"inbox/{site}/{upload}"
+
+
+def stage_inbox(lake: Lake, site: str, upload: str, root: Path) -> list[str]:
+    """Copy the upload, as received, into the inbox (idempotent)."""
+    root = Path(root)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    todo: dict[str, bytes] = {}
+    for p in files:
+        rel = p.name if root.is_file() else p.relative_to(root).as_posix()
+        dest = f"{inbox_prefix(site, upload)}/{rel}"
+        if not lake.exists(dest):
+            todo[dest] = p.read_bytes()
+    lake.write_many(todo)
+    return [f"{inbox_prefix(site, upload)}/{p.name if root.is_file() else p.relative_to(root).as_posix()}"
+            for p in files]
+
+
+def _safe_name(rel: str) -> str:
+    # Archive members are named 'a.zip!b/c.dcm'; keep them distinct but path-safe.
+    return rel.replace("!", "__")
+
+
+def quarantine(lake: Lake, site: str, upload: str, rel: str, data: bytes, reason: str,
+               code: str, sha256: str) -> QuarantineRecord:
+    """Put one file (or one archive member) in quarantine with its reason."""
+    dest = f"quarantine/{site}/{upload}/{_safe_name(rel)}"
+    if data:
+        lake.write_bytes(dest, data)
+    lake.write_text(dest + REASON_SUFFIX, json.dumps({
+        "file": rel,
+        "sha256": sha256,
+        "reason": reason,
+        "code": code,
+        "site": site,
+        "upload": upload,
+        "quarantined_at": datetime.now(timezone.utc).isoformat(),
+    }, indent=2))
+    return QuarantineRecord(dest, reason, code, sha256)
+
+
+def release_inbox(lake: Lake, site: str, upload: str, verified: set[str], all_files: list[str]) -> int:
+    """Delete the raw copies whose de-identified copies are verified in ``deid/``.
+
+    ``all_files`` names every file of the upload as the inventory saw it
+    (archive members as ``a.zip!member``). An archive is released only when
+    every one of its members was verified; anything else stays in the inbox.
+    """
+    members: dict[str, list[str]] = {}
+    for rel in all_files:
+        members.setdefault(rel.split("!", 1)[0], []).append(rel)
+    released = 0
+    for stored, names in sorted(members.items()):
+        if not all(n in verified for n in names):
+            continue
+        path = f"{inbox_prefix(site, upload)}/{stored}"
+        if lake.exists(path):
+            lake.remove(path)
+            released += 1
+    return released
+
+
+def take_custody(lake: Lake, site: str, upload_key: str, upload: Path, inv: Inventory) -> list[QuarantineRecord]:
+    """Raw copy into the inbox; every file the inventory rejected into quarantine with its reason."""
+    stage_inbox(lake, site, upload_key, upload)
+    return [quarantine(lake, site, upload_key, r.rel, r.raw, r.reason, r.code, r.sha256)
+            for r in inv.rejected]
+
+
+def quarantine_files(lake: Lake, site: str, upload_key: str, files: list[ReceivedFile], reason: str,
+                     code: str) -> list[QuarantineRecord]:
+    """Quarantine accepted files after all (a study that cannot be attributed), each with the reason."""
+    return [quarantine(lake, site, upload_key, f.rel, f.raw, f"{f.rel}: {reason}", code, f.sha256)
+            for f in files]
+
+
+@task(name="custody", cache_policy=NO_CACHE)
+def take_custody_task(lake: Lake, site: str, upload_key: str, upload: Path, inv: Inventory) -> list[QuarantineRecord]:
+    return take_custody(lake, site, upload_key, upload, inv)
+
+
+@task(name="quarantine-study", cache_policy=NO_CACHE)
+def quarantine_files_task(lake: Lake, site: str, upload_key: str, files: list[ReceivedFile], reason: str,
+                          code: str) -> list[QuarantineRecord]:
+    return quarantine_files(lake, site, upload_key, files, reason, code)

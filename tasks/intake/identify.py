@@ -1,0 +1,85 @@
+"""Whose study it is: the trial subject of a site's PatientID, and the patient characteristics.
+
+The subject comes from the site's roster, or is a keyed pseudonym of the
+site's PatientID (HMAC-SHA256 with a key held only in an environment
+variable). Which visit a study belongs to is a question of the visit schedule,
+answered in :mod:`tasks.conformance.visits`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Sequence
+from datetime import date, datetime
+
+from data_contracts.trial import TrialConfig
+
+
+class SubjectError(ValueError):
+    """The study cannot be attributed to a trial subject."""
+
+
+def subject_label(trial: TrialConfig, site_id: str, patient_id: str | None) -> str:
+    """The trial subject label of a site's PatientID.
+
+    Raises
+    ------
+    SubjectError
+        Empty PatientID, or a PatientID missing from the site's roster.
+    """
+    pid = (patient_id or "").strip()
+    if not pid:
+        raise SubjectError("PatientID (0010,0020) is empty: the study cannot be attributed to a subject")
+    cfg = trial.subjects
+    if cfg.mode == "roster":
+        roster = cfg.roster.get(site_id, {})
+        if pid not in roster:
+            raise SubjectError(
+                f"PatientID is not on the roster of site {site_id} "
+                f"({len(roster)} subjects enrolled); add it to the trial file or correct the upload")
+        return roster[pid]
+    digest = hmac.new(trial.secret(cfg.secret_env), f"{trial.trial_id}|{site_id}|{pid}".encode(),
+                      hashlib.sha256).digest()
+    return cfg.prefix + base64.b32encode(digest[:5]).decode().rstrip("=")
+
+
+def study_date(headers: Sequence[object]) -> date:
+    """The study's date (StudyDate, else SeriesDate, AcquisitionDate, ContentDate of its first file)."""
+    h = headers[0]
+    get = getattr(h, "get")
+    for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+        v = str(get(kw, "") or "").strip()
+        if len(v) >= 8:
+            try:
+                return datetime.strptime(v[:8], "%Y%m%d").date()
+            except ValueError:
+                continue
+    raise ValueError("the study has no readable StudyDate (0008,0020): its visit cannot be determined")
+
+
+AGE_UNITS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+
+
+def patient_characteristics(header: object, retained: bool) -> dict[str, object]:
+    """Age (years), sex, weight (kg) and height (m) when the trial retains them."""
+    if not retained:
+        return {}
+    get = getattr(header, "get")
+    age = str(get("PatientAge", "") or "").strip().upper()
+    years = None
+    # "000Y" is what scanners write when nobody entered an age: unknown, not a newborn
+    if len(age) == 4 and age[:3].isdigit() and age[3] in AGE_UNITS and int(age[:3]) > 0:
+        years = round(int(age[:3]) * AGE_UNITS[age[3]], 3)
+    sex = str(get("PatientSex", "") or "").strip().upper()
+
+    def num(kw: str) -> float | None:
+        try:
+            v = float(get(kw))
+        except (TypeError, ValueError):
+            return None
+        return v if v > 0 else None
+
+    return {"age_years": years, "sex": sex if sex in ("M", "F", "O") else None,
+            "weight_kg": num("PatientWeight"), "height_m": num("PatientSize")}

@@ -1,0 +1,270 @@
+"""Inventory of an upload: every file found, hashed, parsed, accepted or rejected.
+
+An upload is a folder (any depth), and inside it plain DICOM files,
+gzip-compressed DICOM (``*.gz``) and zip archives (each member is a file of
+its own, named ``archive.zip!member``). Every file gets a sha256 of its bytes
+as received. A file is rejected, with a reason that names it, when it cannot be
+read (corrupt gzip or zip, truncated), is not DICOM, lacks an identifying UID,
+or is inconsistent (pixel data shorter or longer than its header promises, a
+SOPInstanceUID repeated with other content). Rejection never stops the rest of
+the upload.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.intake.heap import collector_paused
+
+REQUIRED_UIDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID")
+# Transfer syntaxes whose pixel data length follows from the header.
+UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+IGNORED_NAMES = {".DS_Store", "Thumbs.db"}
+
+
+@dataclass
+class ReceivedFile:
+    """One DICOM file accepted by the inventory.
+
+    ``dataset`` is parsed once, pixels included, and later de-identified in
+    place (so read everything needed from the original header before that);
+    ``raw`` are the bytes as received, for quarantine.
+    """
+
+    rel: str                 # path inside the upload ('a.zip!b' for archive members)
+    sha256: str
+    size: int
+    dataset: Dataset = field(repr=False)
+    raw: bytes = field(repr=False, default=b"")
+
+    @property
+    def header(self) -> Dataset:
+        return self.dataset
+
+    @property
+    def sop_uid(self) -> str:
+        return str(self.dataset.SOPInstanceUID)
+
+
+@dataclass
+class RejectedFile:
+    rel: str
+    sha256: str
+    size: int
+    reason: str              # names the file and the problem
+    code: str                # short category for tables and the audit log
+    raw: bytes = field(repr=False, default=b"")
+
+
+@dataclass
+class Inventory:
+    accepted: list[ReceivedFile]
+    rejected: list[RejectedFile]
+    duplicates: list[str]    # identical copies of an accepted file, skipped
+
+    @property
+    def n_files(self) -> int:
+        return len(self.accepted) + len(self.rejected) + len(self.duplicates)
+
+    @property
+    def names(self) -> list[str]:
+        return [f.rel for f in self.accepted] + [r.rel for r in self.rejected] + self.duplicates
+
+
+class UploadNotFoundError(FileNotFoundError):
+    pass
+
+
+def walk_upload(root: Path) -> Iterator[tuple[str, bytes | Exception]]:
+    """Yield ``(relative name, raw bytes)`` for every file of an upload.
+
+    Zip archives are opened and their members yielded as ``name.zip!member``;
+    a zip that cannot be opened is yielded with the exception in place of bytes.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise UploadNotFoundError(f"upload {root} does not exist")
+    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for path in paths:
+        if path.name in IGNORED_NAMES:
+            continue
+        rel = path.name if root.is_file() else path.relative_to(root).as_posix()
+        raw = path.read_bytes()
+        if path.suffix.lower() == ".zip":
+            if zipfile.is_zipfile(io.BytesIO(raw)):
+                yield from _zip_members(rel, raw)
+            else:
+                yield rel, zipfile.BadZipFile("not a valid zip archive")
+        else:
+            yield rel, raw
+
+
+def _zip_members(rel: str, raw: bytes) -> Iterator[tuple[str, bytes | Exception]]:
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+            for info in zf.infolist():
+                if info.is_dir():
+                    continue
+                name = f"{rel}!{info.filename}"
+                try:
+                    yield name, zf.read(info)
+                except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                    yield name, exc
+    except zipfile.BadZipFile as exc:
+        yield rel, exc
+
+
+def _decompress(rel: str, raw: bytes) -> bytes:
+    if rel.lower().endswith(".gz") or raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise InventoryError("corrupt_gzip", f"corrupt gzip ({exc})") from exc
+    return raw
+
+
+class InventoryError(ValueError):
+    """Why one file cannot be accepted (``code`` is a short category)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def parse_dicom(data: bytes) -> Dataset:
+    """Parse a whole DICOM file and check it is complete and consistent."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError as exc:
+        raise InventoryError("not_dicom", "not a DICOM file (no DICM prefix and no readable data set)") from exc
+    except (EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise InventoryError("unreadable", f"unreadable DICOM ({type(exc).__name__}: {exc}); truncated?") from exc
+    for kw in REQUIRED_UIDS:
+        if not str(ds.get(kw, "") or "").strip():
+            tag = pydicom.datadict.tag_for_keyword(kw)
+            raise InventoryError("missing_uid", f"missing required {kw} ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+    _check_pixel_size(ds)
+    return ds
+
+
+def _check_pixel_size(ds: Dataset) -> None:
+    if "PixelData" not in ds:
+        # A truncated file often parses up to the cut; an image without pixels
+        # is either that or a non-image object, and neither can be processed.
+        raise InventoryError("no_pixel_data", "no pixel data (truncated, or not an image object)")
+    ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
+    if ts not in UNCOMPRESSED:
+        return  # encapsulated: lengths are per fragment, the decoder checks them
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise InventoryError("incomplete_header", f"image header incomplete ({exc})") from exc
+    expected = rows * cols * frames * spp * bits // 8
+    actual = len(ds.PixelData)
+    # Odd lengths are padded to even (PS3.5 7.1.1).
+    if actual not in (expected, expected + 1):
+        raise InventoryError(
+            "pixel_size", f"pixel data is {actual} bytes but the header promises {expected} "
+            f"({rows}x{cols}x{frames} frames, {bits}-bit, {spp} sample(s))")
+
+
+def inventory_upload(root: Path, keep_data: bool = True) -> Inventory:
+    """Hash, parse and check every file of an upload.
+
+    Parameters
+    ----------
+    root
+        The upload folder (or one file).
+    keep_data
+        Keep each accepted file's pixels and raw bytes for de-identification
+        and quarantine, so the upload is read and parsed only once; False
+        keeps headers only (protocol inference).
+    """
+    with collector_paused():
+        return _inventory(root, keep_data)
+
+
+def _inventory(root: Path, keep_data: bool) -> Inventory:
+    accepted: list[ReceivedFile] = []
+    rejected: list[RejectedFile] = []
+    duplicates: list[str] = []
+    seen: dict[str, ReceivedFile] = {}
+    for rel, raw in walk_upload(root):
+        if isinstance(raw, Exception):
+            rejected.append(RejectedFile(rel, "", 0, f"{rel}: unreadable archive ({raw})", "bad_archive"))
+            continue
+        digest = hashlib.sha256(raw).hexdigest()
+        try:
+            data = _decompress(rel, raw)
+            ds = parse_dicom(data)
+        except InventoryError as exc:
+            rejected.append(RejectedFile(rel, digest, len(raw), f"{rel}: {exc}", exc.code, raw))
+            continue
+        sop = str(ds.SOPInstanceUID)
+        if sop in seen:
+            if seen[sop].sha256 == digest:
+                duplicates.append(rel)
+                continue
+            rejected.append(RejectedFile(
+                rel, digest, len(raw),
+                f"{rel}: SOPInstanceUID repeats {seen[sop].rel} with different content",
+                "duplicate_uid", raw))
+            continue
+        if not keep_data and "PixelData" in ds:
+            del ds.PixelData
+        rec = ReceivedFile(rel, digest, len(raw), ds, raw if keep_data else b"")
+        seen[sop] = rec
+        accepted.append(rec)
+    return Inventory(accepted, rejected, duplicates)
+
+
+def group_series(files: list[ReceivedFile]) -> dict[tuple[str, str], list[ReceivedFile]]:
+    """Files grouped by (StudyInstanceUID, SeriesInstanceUID), in acquisition order."""
+    groups: dict[tuple[str, str], list[ReceivedFile]] = {}
+    for f in files:
+        key = (str(f.header.StudyInstanceUID), str(f.header.SeriesInstanceUID))
+        groups.setdefault(key, []).append(f)
+    for members in groups.values():
+        members.sort(key=lambda f: (_int(f.header.get("InstanceNumber")), f.rel))
+    return dict(sorted(groups.items(), key=lambda kv: (
+        _int(kv[1][0].header.get("SeriesNumber")), kv[0])))
+
+
+def _int(v: object) -> int:
+    try:
+        return int(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0
+
+
+def study_key(sop_uids: list[str]) -> str:
+    """The study's identity: sha256 of its sorted original SOPInstanceUIDs."""
+    return hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()
+
+
+def upload_id(inv: Inventory) -> str:
+    """Content-derived id of an upload, so the same upload lands in the same folder."""
+    digests = sorted(f.sha256 for f in inv.accepted) + sorted(r.sha256 for r in inv.rejected)
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
+
+
+@task(name="inventory", cache_policy=NO_CACHE)
+def inventory_task(upload: Path) -> Inventory:
+    return inventory_upload(upload)

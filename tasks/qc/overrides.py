@@ -1,0 +1,95 @@
+"""Reviewer overrides: a reviewer's verdict for a processed series, and the biomarkers following it.
+
+The override is written into the series' ``qc`` rows (who, when, why, and the gate's own
+verdict beside it); a FAIL withdraws the series' biomarker rows, a PASS restores them from
+the pipeline's derivatives and provenance. Every override is an audit event.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+import pandas as pd
+
+from tasks.lake import tables
+from tasks.lake.audit import append_event
+from tasks.lake.storage import Lake
+from tasks.lake.studies import read_study
+from tasks.qc.record import biomarker_rows
+from tasks.run.derivatives import PipelineRun
+
+
+class OverrideError(ValueError):
+    """An override that names no processed series, or more than one."""
+
+
+def _find_series(lake: Lake, series: str) -> pd.DataFrame:
+    qc = tables.read_table(lake, "qc")
+    rows = qc[(qc.metric == "verdict") & qc.series_uid.str.startswith(series)] if not qc.empty else qc
+    keys = rows[["series_uid", "pipeline_name", "pipeline_version"]].drop_duplicates()
+    if keys.empty:
+        raise OverrideError(f"no processed series {series!r} in the qc table")
+    if len(keys) > 1:
+        raise OverrideError(f"{series!r} names {len(keys)} processed series/pipeline versions; "
+                            "give more of the SeriesInstanceUID")
+    return rows
+
+
+def override(lake: Lake, series: str, verdict: str, reason: str, by: str) -> dict[str, Any]:
+    """Record a reviewer's verdict for a series and make the biomarkers follow it."""
+    verdict = verdict.upper()
+    if verdict not in ("PASS", "FAIL"):
+        raise OverrideError(f"verdict must be pass or fail, not {verdict.lower()!r}")
+    if not reason.strip() or not by.strip():
+        raise OverrideError("an override needs a reason and the reviewer's name")
+    (row,) = _find_series(lake, series).itertuples()
+    site, uid = row.site, row.series_uid
+    now = datetime.now(timezone.utc)
+    qc = tables.read_table(lake, "qc", [site])
+    mine = qc[(qc.series_uid == uid) & (qc.pipeline_name == row.pipeline_name)
+              & (qc.pipeline_version == row.pipeline_version)].drop(columns=["site"])
+    updated = [{**r, "verdict": verdict, "override_by": by, "override_reason": reason, "override_at": now}
+               for r in mine.to_dict("records")]
+    tables.write_rows(lake, "qc", site, [_clean(r) for r in updated])
+    withdrawn = added = 0
+    if verdict == "FAIL":
+        withdrawn = tables.delete_rows(lake, "biomarkers", site, {
+            "series_uid": uid, "pipeline_name": row.pipeline_name, "pipeline_version": row.pipeline_version})
+    else:
+        added = _restore_biomarkers(lake, site, row, now)
+    event = {"series_uid": uid, "pipeline": row.pipeline_name, "version": row.pipeline_version,
+             "verdict": verdict, "automatic_verdict": row.automatic_verdict, "reason": reason,
+             "biomarkers_withdrawn": withdrawn, "biomarkers_added": added}
+    append_event(lake, "qc_override", actor=by, **event)
+    return event
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else
+                (v.to_pydatetime() if isinstance(v, pd.Timestamp) else v)) for k, v in row.items()}
+
+
+def _restore_biomarkers(lake: Lake, site: str, row: Any, now: datetime) -> int:
+    """Biomarker rows of a series passed by a reviewer, from its derivatives and provenance."""
+    series = tables.read_table(lake, "series", [site]).set_index("series_uid").loc[row.series_uid]
+    root = f"derivatives/{row.pipeline_name}-{row.pipeline_version}/sub-{row.subject}/ses-{row.session}"
+    record, measures = {}, None
+    for p in lake.find(root):
+        if p.endswith("_provenance.json"):
+            candidate = json.loads(lake.read_text(p))
+            if row.input_sha256 in candidate.get("inputs", {}).values():
+                record = candidate
+                prefix = p.rsplit("/", 1)[-1][: -len("_provenance.json")]
+                measures = f"{root}/anat/{prefix}_desc-volumes_measures.tsv"
+    if not record.get("ok") or not measures or not lake.exists(measures):
+        return 0  # nothing measured (the pipeline failed): there is nothing to restore
+    run = PipelineRun(row.series_uid, "", row.input_sha256, row.pipeline_name, row.pipeline_version,
+                      digest=record.get("digest", ""))
+    df = pd.read_csv(lake.open(measures), sep="\t")
+    run.measures = [{"measure": r.measure, "value": float(r.value), "unit": str(r.unit)} for r in df.itertuples()]
+    rows = biomarker_rows(run, read_study(lake, site, series.study_key), series.scanner_epoch, "PASS", None, now)
+    tables.write_rows(lake, "biomarkers", site, rows)
+    return len(rows)

@@ -1,0 +1,128 @@
+"""Rows of the ``qc`` and ``biomarkers`` tables for one processed series, and writing them.
+
+Only a series whose verdict in force is PASS or WARN has biomarker rows; a FAIL keeps its
+``qc`` rows (every metric and reason) and raises a deviation, a site query and an audit event.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from data_contracts.trial import TrialConfig
+from pipelines.spec import PipelineSpec
+from tasks.conformance.findings import Finding, record_findings
+from tasks.deid.fingerprint import check_rows, load_fingerprints
+from tasks.lake import tables
+from tasks.lake.audit import append_event
+from tasks.lake.storage import Lake
+from tasks.lake.studies import Study
+from tasks.qc.measure import SeriesQC
+from tasks.run.derivatives import PipelineRun
+
+log = logging.getLogger("corelab.qc")
+
+
+def qc_rows(sq: SeriesQC, study: Study, flow_run_id: str | None, now: datetime) -> list[dict[str, Any]]:
+    """One row per metric, plus the ``verdict`` row whose reason lists every reason."""
+    v, run = sq.verdict, sq.run
+    assert v is not None, "gate the series before recording it"
+    common = {"series_uid": run.series_uid, "study_key": study.study_key, "subject": study.subject,
+              "session": study.session, "pipeline_name": run.pipeline, "pipeline_version": run.version,
+              "verdict": v.status, "automatic_verdict": v.status, "input_sha256": run.input_sha256,
+              "container_digest": run.digest or None, "flow_run_id": flow_run_id, "created_at": now}
+    rows = [{**common, "metric": m.metric, "value": _finite(m.value), "status": m.status,
+             "reason": m.reason, "robust_z": _finite(m.z)} for m in v.metrics]
+    rows.append({**common, "metric": "verdict", "value": None, "status": v.status,
+                 "reason": "; ".join(v.reasons) or None, "robust_z": None})
+    return rows
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or math.isnan(x) else x
+
+
+def biomarker_rows(run: PipelineRun, study: Study, scanner_epoch: str, qc_status: str,
+                   flow_run_id: str | None, now: datetime) -> list[dict[str, Any]]:
+    if qc_status not in ("PASS", "WARN"):
+        return []
+    return [{"trial_id": study.trial_id, "subject": study.subject, "session": study.session,
+             "acquisition_date": study.acquisition_date, "scanner_epoch": scanner_epoch,
+             "series_uid": run.series_uid, "measure": m["measure"], "value": m["value"], "unit": m["unit"],
+             "qc_status": qc_status, "pipeline_name": run.pipeline, "pipeline_version": run.version,
+             "container_digest": run.digest, "input_sha256": run.input_sha256, "flow_run_id": flow_run_id,
+             "created_at": now} for m in run.measures if math.isfinite(m["value"])]
+
+
+def already_judged(lake: Lake, site: str, series_uid: str, pipeline: str, version: str) -> bool:
+    qc = tables.read_table(lake, "qc", [site])
+    if qc.empty:
+        return False
+    hit = qc[(qc.series_uid == series_uid) & (qc.pipeline_name == pipeline)
+             & (qc.pipeline_version == version) & (qc.metric == "verdict")]
+    return not hit.empty
+
+
+def skip_if_judged(lake: Lake, study: Study, spec: PipelineSpec, series_uid: str) -> bool:
+    """True (and say so) when this pipeline version has already judged the series."""
+    if already_judged(lake, study.site, series_uid, spec.name, spec.version):
+        log.info("found a %s %s verdict for series %s, skipping", spec.name, spec.version, series_uid[-12:])
+        return True
+    return False
+
+
+def series_scanner_epoch(lake: Lake, site: str, series_uid: str) -> str:
+    series = tables.read_table(lake, "series", [site]).set_index("series_uid")
+    return str(series.loc[series_uid].scanner_epoch)
+
+
+def record_series(lake: Lake, trial: TrialConfig, study: Study, sq: SeriesQC, flow_run_id: str | None) -> str:
+    """qc rows, biomarkers for PASS/WARN, and for a FAIL a deviation, a site query and an audit event."""
+    now = datetime.now(timezone.utc)
+    run = sq.run
+    status = sq.verdict.status if sq.verdict else "FAIL"
+    qc = qc_rows(sq, study, flow_run_id, now)
+    epoch = series_scanner_epoch(lake, study.site, run.series_uid)
+    bio = biomarker_rows(run, study, epoch, status, flow_run_id, now)
+    check_rows(load_fingerprints(lake, trial, study.site, study.subject, study.session), "processing rows",
+               {"qc": qc, "biomarkers": bio})
+    tables.write_rows(lake, "qc", study.site, qc)
+    if bio:
+        tables.write_rows(lake, "biomarkers", study.site, bio)
+    if status == "FAIL":
+        reasons = sq.verdict.reasons if sq.verdict else [run.error or "no verdict"]
+        record_findings(lake, study, [Finding(
+            kind="qc_fail", severity="major", series_key=run.series_uid, parameter=run.pipeline,
+            observed=status, message=f"{run.pipeline} {run.version} QC FAIL: " + "; ".join(reasons))])
+    append_event(lake, "series_processed", series_uid=run.series_uid, study_key=study.study_key,
+                 pipeline=run.pipeline, version=run.version, digest=run.digest, verdict=status,
+                 input_sha256=run.input_sha256, biomarkers=len(bio))
+    return status
+
+
+RETRYABLE = "not run:"
+
+
+def clear_retryable(lake: Lake, site: str) -> int:
+    """Forget verdicts of runs that never started, so tonight's run tries again."""
+    qc = tables.read_table(lake, "qc", [site])
+    if qc.empty:
+        return 0
+    failed = qc[(qc.metric == "verdict") & (qc.verdict == "FAIL") & qc.override_by.isna()
+                & qc.reason.fillna("").str.contains(RETRYABLE, regex=False)]
+    for row in failed.itertuples():
+        tables.delete_rows(lake, "qc", site, {"series_uid": row.series_uid,
+                                              "pipeline_name": row.pipeline_name,
+                                              "pipeline_version": row.pipeline_version})
+    return len(failed)
+
+
+@task(name="record-series", cache_policy=NO_CACHE)
+def record_series_task(lake: Lake, trial: TrialConfig, study: Study, sq: SeriesQC,
+                       flow_run_id: str | None) -> str:
+    return record_series(lake, trial, study, sq, flow_run_id)

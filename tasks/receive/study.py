@@ -1,0 +1,190 @@
+"""Receive one study: identify it, de-identify and verify each series, check the protocol.
+
+This is the per-study body of the ``receive_study`` flow. It decides nothing
+the trial file does not say, and writes only verified data to ``deid/`` and
+refused data to ``quarantine/``; its table rows are built and written by
+:mod:`tasks.receive.record`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from data_contracts.trial import TrialConfig
+from tasks.conformance.findings import Finding
+from tasks.conformance.parameters import scanner_identity, series_parameters
+from tasks.conformance.protocol import check_completeness, check_scanner, check_series
+from tasks.conformance.visits import VisitAssignment, assign_visit
+from tasks.deid.fingerprint import Fingerprint, fingerprint_path
+from tasks.deid.profile import DeidContext, date_shift_days
+from tasks.deid.series import (PARALLEL_MIN_FILES, DeidSeries, SeriesJob, collect_series, start_series,
+                               write_series)
+from tasks.deid.verify import Matcher, collect_identifiers
+from tasks.intake.custody import QuarantineRecord, quarantine
+from tasks.intake.heap import collector_paused
+from tasks.intake.identify import patient_characteristics, study_date, subject_label
+from tasks.intake.inventory import ReceivedFile, group_series, study_key
+from tasks.lake import tables
+from tasks.lake.storage import Lake
+from tasks.lake.studies import Study
+from tasks.receive.record import SeriesOutcome, StudyOutcome
+
+
+@dataclass
+class Upload:
+    """Where a site's upload goes: its trial, its site, its content key and the lake."""
+
+    trial: TrialConfig
+    site: str
+    key: str                # content-derived upload id (tasks.intake.inventory.upload_id)
+    lake: Lake
+
+
+def _verified_before(lake: Lake, site: str, ctx: DeidContext, files: list[ReceivedFile]) -> list[str]:
+    """Files of a re-sent study whose series were de-identified and verified the first time.
+
+    Their raw copies (staged again with the re-sent upload) can be released at once;
+    files of a series refused then stay where they were put, in quarantine and inbox.
+    """
+    series = tables.read_table(lake, "series", [site])
+    accepted = set(series.loc[series.verdict != "rejected", "series_uid"]) if len(series) else set()
+    return [f.rel for f in files if ctx.new_uid(str(f.header.SeriesInstanceUID)) in accepted]
+
+
+def _prior(lake: Lake, site: str, subject: str):
+    studies = tables.read_table(lake, "studies", [site])
+    return studies[studies["subject"] == subject] if len(studies) else studies
+
+
+def receive_one_study(up: Upload, files: list[ReceivedFile]) -> StudyOutcome:
+    """Identify, de-identify, verify and check one study (all its accepted files).
+
+    Raises
+    ------
+    SubjectError, ValueError
+        The study cannot be attributed (no PatientID, not on the roster, no date);
+        the caller quarantines its files.
+    """
+    with collector_paused():  # the study's parsed headers fill the heap (see tasks.intake.heap)
+        return _receive_one_study(up, files)
+
+
+def _receive_one_study(up: Upload, files: list[ReceivedFile]) -> StudyOutcome:
+    trial, lake, site = up.trial, up.lake, up.site
+    key = study_key([f.sop_uid for f in files])
+    subject = subject_label(trial, site, str(files[0].header.get("PatientID", "") or ""))
+    opts = trial.deidentification
+    secret = trial.secret(opts.secret_env)
+    shift = date_shift_days(secret, trial.trial_id, subject, opts.max_date_shift_days)
+    ctx = DeidContext(trial.trial_id, site, subject, "", secret, opts, shift)
+    headers = [f.header for f in files]
+    ctx.prepare(headers)  # before any UID is replaced: new UIDs must avoid original dates
+    new_study_uid = ctx.new_uid(str(files[0].header.StudyInstanceUID))
+    acq = study_date(headers) + timedelta(days=shift)
+    prior = _prior(lake, site, subject)
+    if len(prior) and key in set(prior["study_key"]):
+        row = prior[prior["study_key"] == key].iloc[0]
+        study = Study(trial.trial_id, site, key, subject, str(row["session"]), new_study_uid, acq,
+                      int(row["days_from_baseline"]), bool(row["in_window"]))
+        return StudyOutcome(study, len(files), "", already_received=True,
+                            verified_files=_verified_before(lake, site, ctx, files))
+    same = prior[prior["study_uid"] == new_study_uid] if len(prior) else prior
+    if len(same):  # more files of a study already received: it keeps its visit
+        row = same.iloc[0]
+        visit = VisitAssignment(str(row["session"]), int(row["days_from_baseline"]), bool(row["in_window"]))
+    else:
+        base = prior[prior["session"] == trial.visits[0].id] if len(prior) else prior
+        baseline = min(base["acquisition_date"]) if len(base) else None
+        visit = assign_visit(trial, acq, baseline, set(prior["session"]) if len(prior) else set())
+    ctx.session = visit.session
+    matcher = Matcher(collect_identifiers(headers, opts.retain_device_identity),
+                      own_labels=[trial.trial_id, site, subject, visit.session])
+    study = Study(trial.trial_id, site, key, subject, visit.session, new_study_uid, acq,
+                  visit.days_from_baseline, visit.in_window)
+    outcome = StudyOutcome(study, len(files), "; ".join(ctx.method_text), findings=list(visit.findings),
+                           matcher=matcher,
+                           characteristics=patient_characteristics(headers[0], opts.retain_patient_characteristics))
+    scanner_findings: dict[tuple[str, str], Finding] = {}
+    pooled = len(files) >= PARALLEL_MIN_FILES
+    started = [_start_series(up, ctx, matcher, members, pooled) for members in group_series(files).values()]
+    for pending in started:
+        so, deid = _finish_series(up, pending)
+        for f in list(so.findings):
+            if f.kind in ("unknown_scanner", "new_scanner_epoch"):
+                scanner_findings.setdefault((f.kind, f.observed or ""), f)
+                so.findings.remove(f)
+        outcome.series.append(so)
+        if deid.ok:
+            outcome.verified_files += list(deid.sources.values())
+        else:
+            outcome.quarantined += _quarantine_series(up, pending.job.files, deid)
+    outcome.findings += list(scanner_findings.values())
+    # later stages (BIDS, derivatives) verify against this, long after the raw upload is gone
+    lake.write_text(fingerprint_path(site, subject, visit.session, key),
+                    Fingerprint.from_matcher(matcher, secret).to_json())
+    present = {s.series_type for s in outcome.series if s.series_type and s.verdict != "rejected"}
+    outcome.findings += check_completeness(trial, site, visit.session, present)
+    return outcome
+
+
+@dataclass
+class _PendingSeries:
+    """What the received headers said about a series, and its de-identification under way."""
+
+    number: int
+    params: dict
+    identity: dict
+    descriptions: list[str]
+    job: SeriesJob
+
+
+def _start_series(up: Upload, ctx: DeidContext, matcher: Matcher, members: list[ReceivedFile],
+                  pooled: bool) -> _PendingSeries:
+    # everything read from the received headers is read here: de-identification rewrites them
+    headers = [m.header for m in members]
+    h = headers[0]
+    number = int(h.get("SeriesNumber", 0) or 0)
+    return _PendingSeries(number, series_parameters(headers), scanner_identity(h),
+                          [str(h.get("SeriesDescription", "") or ""), str(h.get("ProtocolName", "") or "")],
+                          start_series(members, ctx, matcher, number, pooled))
+
+
+def _finish_series(up: Upload, p: _PendingSeries) -> tuple[SeriesOutcome, DeidSeries]:
+    deid = collect_series(p.job)
+    epoch, scanner = check_scanner(up.trial.site(up.site), p.identity, deid.series_uid)
+    check = check_series(p.descriptions, p.params, p.identity["manufacturer"], up.trial, up.site,
+                         deid.series_uid, label=deid.description or f"series {p.number}")
+    so = SeriesOutcome(deid.series_uid, p.number, deid.description, len(p.job.files), p.params, p.identity,
+                       epoch, check.series_type, check.verdict, check.findings + scanner,
+                       burned_in=deid.refused_code == "burned_in")
+    if deid.ok:
+        write_series(up.lake, deid)
+        so.deid_path, so.content_sha256 = deid.folder, deid.content_sha256
+    else:
+        so.verdict = "rejected"
+        kind = "burned_in_annotation" if deid.refused_code == "burned_in" else "quarantined_file"
+        so.findings.append(Finding(kind=kind, severity="major", series_key=deid.series_uid,
+                                   observed=deid.refused_code,
+                                   message=f"series {p.number} quarantined: {deid.refused}"))
+    return so, deid
+
+
+def _quarantine_series(up: Upload, members: list[ReceivedFile], deid: DeidSeries) -> list[QuarantineRecord]:
+    return [quarantine(up.lake, up.site, up.key, m.rel, m.raw, f"{m.rel}: {deid.refused}",
+                       deid.refused_code or "refused", m.sha256) for m in members]
+
+
+def quarantine_finding(r: QuarantineRecord) -> Finding:
+    """A file rejected at inventory as a deviation; a stray non-DICOM file (a README) is minor."""
+    return Finding(kind="quarantined_file", severity="minor" if r.code == "not_dicom" else "major",
+                   observed=f"{r.code} sha256:{r.sha256[:12]}",
+                   message=f"file with sha256 {r.sha256[:12]} quarantined ({r.code})")
+
+
+@task(name="receive-one-study", cache_policy=NO_CACHE)
+def receive_one_study_task(up: Upload, files: list[ReceivedFile]) -> StudyOutcome:
+    return receive_one_study(up, files)
