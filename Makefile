@@ -4,12 +4,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SHARED ?= ../shared/data
-export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
-export NIPYPE_NO_ET ?= 1
-export DO_NOT_TRACK ?= 1
+# Process-wide settings (Prefect, nipype, logging) live in flows/runtime.py, not here.
+# Markers a quick run leaves out: the embedded Prefect server, pipeline runs, containers.
+FAST   := not prefect and not pipeline and not containers
 
-.PHONY: setup demo test test-containers bench lock clean
+.PHONY: setup demo lint test test-fast test-containers bench lock clean
 
 setup: $(STAMP)
 
@@ -24,8 +23,17 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	$(VENV)/bin/corelab demo --data $(SHARED) --lake demo-lake
 
-test: setup
+# The architecture (import-linter contracts in pyproject.toml) and a small ruff rule set.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q
+
+# Unit tests only: no Prefect server, no pipeline runs (under 2 minutes).
+test-fast: lint
+	$(PY) -m pytest -q -m "$(FAST)"
 
 # Builds the anatomical image with podman and compares it with the local backend.
 test-containers: setup

@@ -109,8 +109,8 @@ def time_podman(t1: Path, workdir: Path) -> Timing:
 def time_wrapper(dicom_dir: Path, workdir: Path) -> Timing:
     """Our BIDS conversion (tasks.bids.convert.convert_series): dcm2niix plus naming, validation, checks."""
     sys.path.insert(0, str(REPO))
-    from data_contracts.trial import load_trial
     from data_contracts import example_path as demo_trial_path
+    from data_contracts.trial import load_trial
     from tasks.bids.convert import SeriesToConvert, _validator, convert_series
     from tasks.lake.storage import Lake
 

@@ -182,7 +182,7 @@ def timing_table(abide: pd.DataFrame, data: HarmonizationData, quick: bool) -> t
     t = interleaved({"bare": lambda: harmonizationApply(sx, scov, snh),
                      "ours": lambda: combat.apply(sfit.model, sdata)}, REPS_LARGE)
     rows.append(versus("synthetic 100000x300 apply", t))
-    del sx, sdata, snh, sfit, t
+    sx = sdata = snh = sfit = t = None  # free the large synthetic arrays before the GAM rows
     gam_settings = HarmonizationSettings(covariates=COVS, smooth_terms=["AGE"], seed=0)
     (nh_gam, nh_gam_h), nh_alpha, nh_s = spy_penalties(
         lambda: harmonizationLearn(x, cov, smooth_terms=["AGE"], seed=0))

@@ -22,12 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import pydicom  # noqa: E402
 from _flowbench import DATA  # noqa: E402  (paths, PREFECT_HOME, bench keys)
 
-import pydicom  # noqa: E402
-
-from data_contracts.trial import load_trial  # noqa: E402
 from data_contracts import example_path as demo_trial_path  # noqa: E402
+from data_contracts.trial import load_trial  # noqa: E402
 from flows.cli.demo import DEMO_UPLOADS  # noqa: E402
 
 GE_150 = DATA / "dcm_qa_nih" / "In" / "20180918GE" / "mr_0004"
@@ -66,9 +65,9 @@ def dicognito_only(blobs: list[bytes]) -> None:
 
 
 def intake_without_prefect(trial) -> None:
-    from tasks.receive.study import StudyContext, receive_one_study, record_study
     from tasks.intake.inventory import inventory_upload
     from tasks.lake.storage import Lake
+    from tasks.receive.study import StudyContext, receive_one_study, record_study
 
     lake = Lake(tempfile.mkdtemp(prefix="bench-lake-")).init()
     for site, rel in DEMO_UPLOADS.items():

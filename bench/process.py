@@ -22,11 +22,11 @@ STUDIES = {"siemens-xa30": "dcm_qa_xa30/In", "philips-ingenia": "dcm_qa_philips_
 
 
 def main() -> None:
-    from data_contracts.trial import load_trial
     from data_contracts import example_path as demo_trial_path
-    from flows.runtime import embedded_runs
+    from data_contracts.trial import load_trial
     from flows.process_study import process_study
     from flows.receive_study import receive_study
+    from flows.runtime import embedded_runs
 
     p = argparse.ArgumentParser()
     p.add_argument("--backend", default="local")

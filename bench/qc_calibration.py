@@ -29,8 +29,9 @@ from tasks.qc.metrics import anat_iqms  # noqa: E402
 
 
 def philips_t1(tmp: Path) -> Path:
-    import dcm2niix
     import gzip
+
+    import dcm2niix
 
     src = tmp / "philips_dcm"
     src.mkdir()

@@ -95,8 +95,11 @@ def flow_run_id() -> str | None:
 @contextmanager
 def embedded_runs() -> Iterator[None]:
     """Settings for flows run in this process; enter it before the embedded server starts."""
-    from prefect.settings import (PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-                                  PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED, temporary_settings)
+    from prefect.settings import (
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED,
+        temporary_settings,
+    )
 
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
                                      PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED: False}):

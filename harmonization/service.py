@@ -19,7 +19,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data_contracts.harmonization_settings import HarmonizationSettings
-from harmonization import combat, lake as lake_io, model_store, report
+from harmonization import combat, model_store, report
+from harmonization import lake as lake_io
 from harmonization.errors import Finding, HarmonizationRefused
 from harmonization.inputs import from_wide_table, read_table_file, write_back, write_table_file
 from tasks.lake.audit import append_event

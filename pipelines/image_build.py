@@ -29,9 +29,21 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipelines.images import (CONTAINERS, LOCK_PATH, REPO, LockedImage, LockError, containerfile_path,
-                              locked_image, normalize, read_requirements, requirements_path, sha256_file,
-                              source_sha256, write_lock_entry)
+from pipelines.images import (
+    CONTAINERS,
+    LOCK_PATH,
+    REPO,
+    LockedImage,
+    LockError,
+    containerfile_path,
+    locked_image,
+    normalize,
+    read_requirements,
+    requirements_path,
+    sha256_file,
+    source_sha256,
+    write_lock_entry,
+)
 from pipelines.spec import PipelineSpec
 
 log = logging.getLogger("corelab.containers")

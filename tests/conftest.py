@@ -20,7 +20,7 @@ os.environ.pop("PREFECT_API_URL", None)  # never talk to a real server from test
 os.environ.setdefault("CORELAB_DEID_KEY", "test-deid-key-not-secret")
 os.environ.setdefault("CORELAB_PSEUDONYM_KEY", "test-pseudonym-key-not-secret")
 
-import tasks  # noqa: E402,F401  (environment defaults before prefect loads)
+import flows.runtime  # noqa: E402,F401  (environment defaults before Prefect loads)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("CORELAB_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -10,7 +10,6 @@ from pathlib import Path
 import pydicom
 
 from data_contracts import example_path
-
 from tests.conftest import shared_path
 
 GE_SERIES = ("dcm_qa_nih", "In", "20180918GE", "mr_0004")

@@ -17,7 +17,12 @@ import pytest
 
 import pipelines.anat.run as anat_run
 from pipelines.anat import (
-    NAME, VERSION, AnatArgumentError, AnatInputError, AnatOutputError, run_anat,
+    NAME,
+    VERSION,
+    AnatArgumentError,
+    AnatInputError,
+    AnatOutputError,
+    run_anat,
 )
 from pipelines.anat.io import from_sitk, load_t1, to_sitk
 from pipelines.anat.process import AnatMaps

@@ -180,8 +180,12 @@ def test_simulated_scanner_change_keeps_volumes_within_2_percent(runs, t1_paths,
 
 @pytest.mark.slow
 def test_template_segmentation_matches_template_tissue_maps(tmp_path):
-    from nilearn.datasets import (load_mni152_brain_mask, load_mni152_gm_template,
-                                  load_mni152_template, load_mni152_wm_template)
+    from nilearn.datasets import (
+        load_mni152_brain_mask,
+        load_mni152_gm_template,
+        load_mni152_template,
+        load_mni152_wm_template,
+    )
 
     t1 = load_mni152_template(resolution=1)
     path = tmp_path / "mni152_t1.nii.gz"

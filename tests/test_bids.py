@@ -14,14 +14,13 @@ from data_contracts.trial import load_trial
 from flows.cli.demo import DEMO_UPLOADS
 from tasks.bids.convert import ConversionError, bids_stem, convert_series, plan_session
 from tasks.bids.dataset import write_dataset_description, write_participants, write_scans, write_sessions
-from tasks.deid.fingerprint import load_fingerprints
-from tasks.receive.record import record_study
-from tasks.receive.study import Upload, receive_one_study
-from tasks.intake.inventory import inventory_upload
-from tasks.deid.fingerprint import Fingerprint
+from tasks.deid.fingerprint import Fingerprint, load_fingerprints
 from tasks.deid.verify import Identifier, Matcher
+from tasks.intake.inventory import inventory_upload
 from tasks.lake.storage import Lake
 from tasks.lake.tables import read_table
+from tasks.receive.record import record_study
+from tasks.receive.study import Upload, receive_one_study
 from tests.conftest import shared_path
 from tests.helpers import DEMO_TRIAL
 

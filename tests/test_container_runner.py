@@ -20,15 +20,31 @@ import pytest
 from typer.testing import CliRunner
 
 from pipelines.image_build import export_sif
-from pipelines.images import (REPO, LockedImage, LockError, definition_drift, installed_mismatches,
-                              read_lock, read_requirements, sha256_file, source_sha256,
-                              write_lock_entry)
+from pipelines.images import (
+    REPO,
+    LockedImage,
+    LockError,
+    definition_drift,
+    installed_mismatches,
+    read_lock,
+    read_requirements,
+    sha256_file,
+    source_sha256,
+    write_lock_entry,
+)
 from pipelines.registry import get_spec
 from pipelines.spec import BidsQuery, PipelineSpec, SpecError, bids_prefix
 from tasks.run.engines import apptainer_command, oci_command, plan_mounts
-from tasks.run.runner import (ContainerRunError, DigestMismatch, EngineMissing, ImageMissing,
-                                    StaleLock, VersionMismatch, run_pipeline,
-                                    run_pipeline_task)
+from tasks.run.runner import (
+    ContainerRunError,
+    DigestMismatch,
+    EngineMissing,
+    ImageMissing,
+    StaleLock,
+    VersionMismatch,
+    run_pipeline,
+    run_pipeline_task,
+)
 from tests.conftest import shared_path
 
 DIGEST = "sha256:" + "ab" * 32

@@ -22,8 +22,7 @@ import pandas as pd
 import pytest
 
 from pipelines.image_build import build_image, podman_env
-from pipelines.images import (LOCK_PATH, containerfile_path, read_lock, requirements_path,
-                              sha256_file, write_lock_entry)
+from pipelines.images import LOCK_PATH, containerfile_path, read_lock, requirements_path, sha256_file, write_lock_entry
 from pipelines.registry import get_spec
 from tasks.run.runner import DigestMismatch, run_pipeline
 from tests.conftest import shared_path

@@ -8,11 +8,11 @@ import pydicom
 import pytest
 
 from data_contracts.trial import Deidentification
+from tasks.deid._safe_private import SAFE_PRIVATE
 from tasks.deid.profile import DeidContext, date_shift_days, deidentify, to_bytes
 from tasks.deid.series import deidentify_series
-from tasks.intake.inventory import inventory_upload
 from tasks.deid.verify import Matcher, collect_identifiers, find_leaks
-from tasks.deid._safe_private import SAFE_PRIVATE
+from tasks.intake.inventory import inventory_upload
 from tests.conftest import shared_path
 
 SERIES = {
@@ -140,6 +140,7 @@ def test_verifier_finds_values_in_names_and_compressed_tables():
     pid = str(files[0].dataset.PatientID)
     assert find_leaks(f"deid/x/{pid}.dcm", b"", matcher)[0].where == "file name"
     import io
+
     import pyarrow as pa
     import pyarrow.parquet as pq
     buf = io.BytesIO()

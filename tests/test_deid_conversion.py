@@ -24,9 +24,9 @@ import pytest
 
 from data_contracts.trial import load_trial
 from flows.cli.demo import DEMO_UPLOADS
-from tasks.receive.study import Upload, receive_one_study
 from tasks.intake.inventory import group_series, inventory_upload
 from tasks.lake.storage import Lake
+from tasks.receive.study import Upload, receive_one_study
 from tests.conftest import shared_path
 from tests.helpers import DEMO_TRIAL
 

@@ -12,11 +12,11 @@ import yaml
 from data_contracts.trial import load_trial
 from flows.nightly import nightly_reprocess
 from flows.process_study import process_study
-from tasks.receive.record import record_study
-from tasks.receive.study import Upload, receive_one_study
 from tasks.intake.inventory import inventory_upload
 from tasks.lake.storage import Lake
 from tasks.lake.tables import read_table
+from tasks.receive.record import record_study
+from tasks.receive.study import Upload, receive_one_study
 from tests.conftest import REPO, shared_path
 from tests.helpers import DEMO_TRIAL
 

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from flows.cli.harmonize import app
 from harmonization import diagnostics
 from harmonization.abide import constant_columns, load_abide
-from flows.cli.harmonize import app
 from harmonization.inputs import CovariateEncoding, infer_encoding
 from harmonization.report import render_html
 

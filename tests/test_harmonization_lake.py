@@ -17,9 +17,10 @@ import pytest
 from typer.testing import CliRunner
 
 from data_contracts.harmonization_settings import HarmonizationSettings
-from harmonization import combat, lake as lake_io, model_store, service
-from harmonization.abide import load_abide
 from flows.cli.harmonize import app
+from harmonization import combat, model_store, service
+from harmonization import lake as lake_io
+from harmonization.abide import load_abide
 from harmonization.inputs import from_wide_table
 from tasks.lake.audit import read_events, verify_chain
 from tasks.lake.storage import Lake

@@ -9,8 +9,14 @@ import zipfile
 import pydicom
 import pytest
 
-from tasks.intake.inventory import (inventory_upload, parse_dicom, InventoryError, group_series, study_key,
-                             UploadNotFoundError)
+from tasks.intake.inventory import (
+    InventoryError,
+    UploadNotFoundError,
+    group_series,
+    inventory_upload,
+    parse_dicom,
+    study_key,
+)
 from tests.helpers import GE_SERIES, copy_upload, dicom_files, gz, rewrite
 
 

@@ -18,13 +18,13 @@ from flows.process_study import process_study
 from flows.receive_study import receive_study
 from pipelines.registry import get_spec
 from tasks.lake.export import export_biomarkers
-from tasks.run.derivatives import PipelineRun, expected_outputs, run_on_image
-from tasks.qc.measure import gate, measure_quality
-from tasks.qc.overrides import OverrideError, override
-from tasks.qc.record import biomarker_rows, qc_rows
 from tasks.lake.storage import Lake
 from tasks.lake.studies import read_study
 from tasks.lake.tables import read_table, write_rows
+from tasks.qc.measure import gate, measure_quality
+from tasks.qc.overrides import OverrideError, override
+from tasks.qc.record import biomarker_rows, qc_rows
+from tasks.run.derivatives import PipelineRun, expected_outputs, run_on_image
 from tests.conftest import REPO, shared_path
 
 pytestmark = pytest.mark.prefect
@@ -125,8 +125,9 @@ def test_override_moves_biomarkers_both_ways(processed):
 def test_a_new_pipeline_version_adds_rows_and_keeps_the_old(processed, trial, monkeypatch):
     lake, results = processed
     o, _ = results["siemens-xa30"]
-    import pipelines.registry as reg
     from dataclasses import replace
+
+    import pipelines.registry as reg
 
     newer = replace(reg.anat_spec(), version="0.2.0")
     monkeypatch.setitem(reg.BUILTIN, "anat", lambda: newer)

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from data_contracts.trial import load_trial
+from tasks.conformance.protocol import check_scanner
 from tasks.conformance.visits import assign_visit
 from tasks.intake.identify import SubjectError, subject_label
-from tasks.receive.study import Upload, receive_one_study
 from tasks.intake.inventory import inventory_upload
-from tasks.conformance.protocol import check_scanner
 from tasks.lake.storage import Lake
+from tasks.receive.study import Upload, receive_one_study
 from tests.conftest import shared_path
 from tests.helpers import DEMO_TRIAL, GE_SERIES
 
@@ -72,8 +72,10 @@ def test_unknown_scanner(tmp_path):
 
 
 def test_missing_required_series(tmp_path):
-    trial = _trial(tmp_path, ("required: {visits: [baseline], sites: [philips-ingenia, siemens-xa30]}\n      sites: [philips-ingenia, siemens-xa30]",
-                              "required: {visits: [baseline], sites: [philips-ingenia, siemens-xa30, ge-nih]}\n      sites: [philips-ingenia, siemens-xa30, ge-nih]"))
+    t1_sites = "[philips-ingenia, siemens-xa30]"
+    with_ge = "[philips-ingenia, siemens-xa30, ge-nih]"
+    trial = _trial(tmp_path, (f"required: {{visits: [baseline], sites: {t1_sites}}}\n      sites: {t1_sites}",
+                              f"required: {{visits: [baseline], sites: {with_ge}}}\n      sites: {with_ge}"))
     o = _receive(tmp_path, trial)
     (f,) = o.all_findings
     assert f.kind == "missing_series" and f.expected == "T1w" and "visit baseline" in f.message
@@ -118,7 +120,8 @@ def test_pseudonyms_are_keyed_and_stable(monkeypatch):
 def test_visit_windows(day, session, in_window, kinds):
     trial = load_trial(DEMO_TRIAL)
     base = date(2020, 1, 1)
-    v = assign_visit(trial, date.fromordinal(base.toordinal() + day), base if day else None, {"baseline"} if day else set())
+    v = assign_visit(trial, date.fromordinal(base.toordinal() + day), base if day else None,
+                     {"baseline"} if day else set())
     assert (v.session, v.in_window, [f.kind for f in v.findings]) == (session, in_window, kinds)
 
 

@@ -7,9 +7,9 @@ from typer.testing import CliRunner
 
 from data_contracts.trial import load_trial
 from flows.cli import app
-from tasks.receive.study import Upload, receive_one_study
 from tasks.intake.inventory import inventory_upload
 from tasks.lake.storage import Lake
+from tasks.receive.study import Upload, receive_one_study
 from tests.conftest import shared_path
 from tests.helpers import DEMO_TRIAL
 

@@ -9,8 +9,7 @@ import pytest
 
 from data_contracts.qc_settings import DEFAULT_RULES, QCSettings, RobustZ, Rule
 from tasks.qc.gate import judge, robust_z
-from tasks.qc.metrics import (TissueStats, anat_iqms, cjv, cnr, efc, fber, head_mask, snr, tissue_stats,
-                              wm2max)
+from tasks.qc.metrics import TissueStats, anat_iqms, cjv, cnr, efc, fber, head_mask, snr, tissue_stats, wm2max
 
 
 def phantom(noise: float, seed: int = 0):

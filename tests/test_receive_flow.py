@@ -175,8 +175,8 @@ def test_cli_exit_codes(prefect_harness, tmp_path):
 
 def test_burned_in_series_is_refused_and_the_rest_of_the_study_accepted(tmp_path, trial, monkeypatch):
     import tasks.receive.study as intake
-    from tasks.receive.study import Upload, receive_one_study
     from tasks.intake.inventory import inventory_upload
+    from tasks.receive.study import Upload, receive_one_study
 
     up = tmp_path / "up"
     copy_upload(up / "a", *GE_SERIES, limit=30)

@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from data_contracts.trial import (MissingSecretError, Tolerance, TrialConfigError, UnknownSiteError,
-                                  load_trial, vendor_of)
+from data_contracts.trial import (
+    MissingSecretError,
+    Tolerance,
+    TrialConfigError,
+    UnknownSiteError,
+    load_trial,
+    vendor_of,
+)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "data_contracts" / "examples" / "shared_data_trial.yaml"
 

@@ -13,8 +13,7 @@ from pathlib import Path
 import typer
 
 from flows.cli.common import fail
-from pipelines.image_build import (DEFAULT_BASE, BuildError, build_image, export_sif,
-                                   lock_requirements, podman_env)
+from pipelines.image_build import DEFAULT_BASE, BuildError, build_image, export_sif, lock_requirements, podman_env
 from pipelines.images import LOCK_PATH, REPO, LockError, definition_drift, read_lock
 from pipelines.registry import UnknownPipeline, spec_for_image
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 

@@ -33,13 +33,13 @@ import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from pydicom._uid_dict import UID_dictionary
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
-from pydicom._uid_dict import UID_dictionary
 
 from data_contracts.trial import Deidentification, vendor_of
 from tasks.deid._annex_e import ACTIONS, WILDCARDS

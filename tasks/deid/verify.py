@@ -25,9 +25,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from pydicom._uid_dict import UID_dictionary
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom._uid_dict import UID_dictionary
 
 from tasks.deid.walk import walk
 
@@ -267,4 +267,4 @@ def check_no_phi(label: str, payload: object, matcher: Matcher) -> None:
     data = json.dumps(payload, default=str, sort_keys=True).encode()
     leaks = find_leaks(label, data, matcher)
     if leaks:
-        raise PHILeakError(f"{label}: refusing to write: " + "; ".join(sorted({l.source for l in leaks})))
+        raise PHILeakError(f"{label}: refusing to write: " + "; ".join(sorted({leak.source for leak in leaks})))

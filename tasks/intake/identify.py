@@ -14,6 +14,8 @@ import hmac
 from collections.abc import Sequence
 from datetime import date, datetime
 
+from pydicom.dataset import Dataset
+
 from data_contracts.trial import TrialConfig
 
 
@@ -45,12 +47,11 @@ def subject_label(trial: TrialConfig, site_id: str, patient_id: str | None) -> s
     return cfg.prefix + base64.b32encode(digest[:5]).decode().rstrip("=")
 
 
-def study_date(headers: Sequence[object]) -> date:
+def study_date(headers: Sequence[Dataset]) -> date:
     """The study's date (StudyDate, else SeriesDate, AcquisitionDate, ContentDate of its first file)."""
     h = headers[0]
-    get = getattr(h, "get")
     for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
-        v = str(get(kw, "") or "").strip()
+        v = str(h.get(kw, "") or "").strip()
         if len(v) >= 8:
             try:
                 return datetime.strptime(v[:8], "%Y%m%d").date()
@@ -62,11 +63,11 @@ def study_date(headers: Sequence[object]) -> date:
 AGE_UNITS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
 
 
-def patient_characteristics(header: object, retained: bool) -> dict[str, object]:
+def patient_characteristics(header: Dataset, retained: bool) -> dict[str, object]:
     """Age (years), sex, weight (kg) and height (m) when the trial retains them."""
     if not retained:
         return {}
-    get = getattr(header, "get")
+    get = header.get
     age = str(get("PatientAge", "") or "").strip().upper()
     years = None
     # "000Y" is what scanners write when nobody entered an age: unknown, not a newborn

@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from tasks.intake.heap import collector_paused
 

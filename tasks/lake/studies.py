@@ -39,12 +39,11 @@ class Study:
     in_window: bool
 
     @classmethod
-    def from_row(cls, row: object) -> "Study":
-        """A Study from a ``studies`` table row (a pandas row with a ``site`` column)."""
-        get = getattr(row, "__getitem__")
-        return cls(str(get("trial_id")), str(get("site")), str(get("study_key")), str(get("subject")),
-                   str(get("session")), str(get("study_uid")), pd.Timestamp(get("acquisition_date")).date(),
-                   int(get("days_from_baseline")), bool(get("in_window")))
+    def from_row(cls, row: pd.Series) -> "Study":
+        """A Study from a ``studies`` table row (as read by ``read_table``, with its ``site``)."""
+        return cls(str(row["trial_id"]), str(row["site"]), str(row["study_key"]), str(row["subject"]),
+                   str(row["session"]), str(row["study_uid"]), pd.Timestamp(row["acquisition_date"]).date(),
+                   int(row["days_from_baseline"]), bool(row["in_window"]))
 
 
 def read_study(lake: Lake, site: str, study_key: str) -> Study:

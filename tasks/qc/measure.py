@@ -16,7 +16,6 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 

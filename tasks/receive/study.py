@@ -21,8 +21,7 @@ from tasks.conformance.protocol import check_completeness, check_scanner, check_
 from tasks.conformance.visits import VisitAssignment, assign_visit
 from tasks.deid.fingerprint import Fingerprint, fingerprint_path
 from tasks.deid.profile import DeidContext, date_shift_days
-from tasks.deid.series import (PARALLEL_MIN_FILES, DeidSeries, SeriesJob, collect_series, start_series,
-                               write_series)
+from tasks.deid.series import PARALLEL_MIN_FILES, DeidSeries, SeriesJob, collect_series, start_series, write_series
 from tasks.deid.verify import Matcher, collect_identifiers
 from tasks.intake.custody import QuarantineRecord, quarantine
 from tasks.intake.heap import collector_paused

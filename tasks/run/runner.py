@@ -38,16 +38,43 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.images import (CONTAINERS, LOCK_PATH, REPO, LockedImage, LockError, definition_drift,
-                              installed_mismatches, locked_image, python_mismatch,
-                              read_requirements, requirements_path, sha256_file)
+from pipelines.images import (
+    CONTAINERS,
+    LOCK_PATH,
+    REPO,
+    LockedImage,
+    LockError,
+    definition_drift,
+    installed_mismatches,
+    locked_image,
+    python_mismatch,
+    read_requirements,
+    requirements_path,
+    sha256_file,
+)
 from pipelines.spec import PipelineSpec
 from tasks.lake.versions import installed_version
-from tasks.run.engines import (ENGINES, SIF_DIR, ContainerRunError, DigestMismatch,
-                                     EngineMissing, ImageMissing, RunRefused, StaleLock,
-                                     VersionMismatch, apptainer_command, engine_env, engine_version,
-                                     oci_command, plan_mounts, remove_container, require_engine,
-                                     sif_path, verify_oci_image, verify_sif)
+from tasks.run.engines import (
+    ENGINES,
+    SIF_DIR,
+    ContainerRunError,
+    DigestMismatch,
+    EngineMissing,
+    ImageMissing,
+    RunRefused,
+    StaleLock,
+    VersionMismatch,
+    apptainer_command,
+    engine_env,
+    engine_version,
+    oci_command,
+    plan_mounts,
+    remove_container,
+    require_engine,
+    sif_path,
+    verify_oci_image,
+    verify_sif,
+)
 
 __all__ = ["BACKENDS", "ContainerRunError", "DigestMismatch", "EngineMissing", "ImageMissing",
            "RunRecord", "RunRefused", "StaleLock", "VersionMismatch", "run_pipeline",
@@ -185,7 +212,8 @@ def plan_local(spec: PipelineSpec, entry: LockedImage, input_path: Path, output_
     env = dict(os.environ) | {k: v for k, v in RUN_ENV.items() if k != "HOME"}
     env |= thread_env(options.get("threads"))
     pins = read_requirements(requirements_path(entry.key, containers))
-    versions = {"python": platform.python_version()} | {name: installed_version(name) or "not installed" for name in pins}
+    versions = {"python": platform.python_version()}
+    versions |= {name: installed_version(name) or "not installed" for name in pins}
     return Plan(argv, env, entry.digest, versions, mismatches, cwd=tempfile.gettempdir())
 
 

@@ -1,0 +1,9 @@
+"""Stage 1, intake: what arrived and whose it is.
+
+inventory  walk an upload (folders, .gz, zip), hash every file, parse and check it, reject
+           what cannot be read (each rejection names the file and the problem)
+custody    the raw copy in the inbox, quarantine with a reason file, release once verified
+identify   the trial subject of a PatientID (roster or keyed pseudonym), the study date,
+           the patient characteristics a trial retains
+heap       holding Python's garbage collector while a study's headers pile up
+"""
