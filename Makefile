@@ -37,7 +37,7 @@ test-fast: lint
 
 # Builds the anatomical image with podman and compares it with the local backend.
 test-containers: setup
-	$(PY) -m pytest -q -m containers tests/test_containers_podman.py
+	$(PY) -m pytest -q -m containers tests/run/test_podman.py
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -24,8 +24,10 @@ sys.path.insert(0, str(REPO))
 
 from data_contracts.qc_settings import QCSettings  # noqa: E402
 from pipelines.anat import run_anat  # noqa: E402
+from pipelines.registry import get_spec  # noqa: E402
 from tasks.qc.gate import judge  # noqa: E402
-from tasks.qc.metrics import anat_iqms  # noqa: E402
+from tasks.qc.measure import image_metrics, needed_outputs  # noqa: E402
+from tasks.qc.metrics import NotComputed  # noqa: E402
 
 
 def philips_t1(tmp: Path) -> Path:
@@ -61,9 +63,11 @@ def metrics_of(t1: Path, work: Path) -> dict[str, float | None]:
     o = res.outputs
     raw = nib.as_closest_canonical(nib.load(str(t1)))
     load = lambda k: np.asanyarray(nib.load(str(o[k])).dataobj, dtype=np.float32)  # noqa: E731
-    m = anat_iqms(np.asanyarray(raw.dataobj, dtype=np.float32), load("preproc"), load("brain_mask") > 0,
-                  load("probseg_GM"), load("probseg_WM"), load("probseg_CSF"),
-                  tuple(raw.header.get_zooms()[:3]))
+    spec = get_spec("anat")
+    images = {k: load(k) for k in needed_outputs(spec.image_qc)}
+    m = image_metrics(spec.image_qc, np.asanyarray(raw.dataobj, dtype=np.float32),
+                      tuple(raw.header.get_zooms()[:3]), images)
+    m = {k: (None if isinstance(v, NotComputed) else v) for k, v in m.items()}
     m["coverage"] = res.qc["template_brain_in_fov"]
     m["inu_range"] = res.qc["bias_field"]["p95"] - res.qc["bias_field"]["p05"]
     return m

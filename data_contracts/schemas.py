@@ -5,7 +5,9 @@ Every table is partitioned by ``site`` (the partition column lives in the path
 pandas, pyarrow and duckdb read with no extra code). Each schema has a version;
 bump it on any change and say why in the changelog line. Writers validate
 every row against the schema (types, required columns, allowed values, unique
-primary key) before anything is written.
+primary key) before anything is written. A new version may add nullable
+columns and nothing else: partitions written by an older version are read with
+those columns empty (``tasks.lake.tables``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+
+from data_contracts.reasons import CODES
 
 UTC_TS = pa.timestamp("us", tz="UTC")
 
@@ -128,7 +132,10 @@ SERIES = TableSchema(
 
 DEVIATIONS = TableSchema(
     name="deviations",
-    version="1.0",
+    # 1.1: reason_code (the error that caused a deviation: a quarantine, a failed conversion,
+    # a QC FAIL's deciding reason; null for protocol findings, whose kind says it all); the
+    # kind duplicate_series, which nothing ever produced, is gone
+    version="1.1",
     schema=_s(
         ("deviation_id", pa.string()),         # hash of study_key, series, kind, parameter
         ("study_key", pa.string()),
@@ -141,6 +148,7 @@ DEVIATIONS = TableSchema(
         ("observed", pa.string()),
         ("severity", pa.string()),
         ("message", pa.string()),
+        ("reason_code", pa.string()),          # data_contracts.reasons
         ("created_at", UTC_TS),
     ),
     primary_key=("deviation_id",),
@@ -150,9 +158,9 @@ DEVIATIONS = TableSchema(
         "kind": frozenset({
             "parameter", "missing_series", "unclassified_series", "ambiguous_series",
             "unknown_scanner", "new_scanner_epoch", "out_of_window", "unscheduled_visit",
-            "quarantined_file", "burned_in_annotation", "duplicate_series", "qc_fail",
-            "processing_failed",
+            "quarantined_file", "burned_in_annotation", "qc_fail", "processing_failed",
         }),
+        "reason_code": CODES,
     },
 )
 
@@ -176,7 +184,8 @@ QUERIES = TableSchema(
 
 QC = TableSchema(
     name="qc",
-    version="1.0",
+    # 1.1: reason_code (why a metric is not PASS; on the verdict row, the deciding reason)
+    version="1.1",
     # One row per processed series and metric, plus a row with metric "verdict" whose
     # status is the series' verdict and whose reason lists every reason.
     schema=_s(
@@ -190,6 +199,7 @@ QC = TableSchema(
         ("value", pa.float64()),
         ("status", pa.string()),               # PASS | WARN | FAIL for this metric
         ("reason", pa.string()),
+        ("reason_code", pa.string()),          # data_contracts.reasons
         ("robust_z", pa.float64()),
         ("verdict", pa.string()),              # the series' verdict in force (after any override)
         ("automatic_verdict", pa.string()),    # what the gate said
@@ -205,7 +215,7 @@ QC = TableSchema(
     required=("series_uid", "study_key", "subject", "session", "pipeline_name", "pipeline_version",
               "metric", "status", "verdict", "automatic_verdict", "created_at"),
     allowed={"status": frozenset({"PASS", "WARN", "FAIL"}), "verdict": frozenset({"PASS", "WARN", "FAIL"}),
-             "automatic_verdict": frozenset({"PASS", "WARN", "FAIL"})},
+             "automatic_verdict": frozenset({"PASS", "WARN", "FAIL"}), "reason_code": CODES},
 )
 
 BIOMARKERS = TableSchema(

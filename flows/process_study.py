@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 
 from data_contracts.trial import TrialConfig, load_trial
 from flows.runtime import flow_run_id
-from pipelines.registry import BUILTIN, get_spec
+from pipelines.registry import get_spec, names
 from tasks.bids.convert import convert_study_task
 from tasks.conformance.findings import record_findings
 from tasks.lake.storage import open_lake
@@ -33,7 +33,7 @@ def process_study(study_key: str, site: str, trial_file: str | None = None, lake
     trial = trial or load_trial(trial_file or "trial.yaml")
     lake = open_lake(lake_url)
     study = read_study(lake, site, study_key)
-    specs = [get_spec(name) for name in (pipelines or sorted(BUILTIN))]
+    specs = [get_spec(name) for name in (pipelines or names())]
 
     # 1. BIDS raw dataset: every accepted series of a known type
     images, findings = convert_study_task(lake, trial, study)
@@ -50,7 +50,7 @@ def process_study(study_key: str, site: str, trial_file: str | None = None, lake
             run = run_on_image_task(lake, spec, image, study.subject, study.session, series_uid, backend,
                                     allow_version_mismatch)
             # 4. measure quality, gate on the site's rules and history
-            sq = judge_series_task(lake, trial, site, run)
+            sq = judge_series_task(lake, trial, site, spec, run)
             # 5. record: qc, biomarkers (PASS/WARN), queries for FAIL, audit
             verdict = record_series_task(lake, trial, study, sq, flow_run_id())
             log.info("%s %s on series %s: %s", spec.name, spec.version, series_uid[-12:], verdict)

@@ -5,6 +5,11 @@ Outputs: verified de-identified DICOM in ``deid/``, rejects in ``quarantine/``
 with reasons, rows in the ``studies``, ``series``, ``deviations`` and
 ``queries`` tables, and audit events. Returns one :class:`StudyOutcome` per
 study found in the upload.
+
+A study that cannot be attributed to a subject or a visit is quarantined with its reason.
+Any other error (a bug, storage that stays down after the task's retries) fails the flow run
+(red in Prefect) with an audit event naming the error's type and code; the raw upload stays in
+``inbox/``, so nothing received is lost and the run can be repeated.
 """
 
 from __future__ import annotations
@@ -18,12 +23,18 @@ from prefect.utilities.annotations import quote
 from data_contracts.trial import TrialConfig, load_trial
 from flows.runtime import flow_run_id
 from tasks.intake.custody import QuarantineRecord, quarantine_files_task, release_inbox, take_custody_task
-from tasks.intake.identify import SubjectError
+from tasks.intake.identify import AttributionError
 from tasks.intake.inventory import ReceivedFile, inventory_task, upload_id
 from tasks.lake.audit import append_event
-from tasks.lake.storage import open_lake
+from tasks.lake.storage import Lake, open_lake
 from tasks.receive.record import StudyOutcome, record_study_task
 from tasks.receive.study import Upload, quarantine_finding, receive_one_study_task
+
+
+def _audit_failure(lake: Lake, site: str, upload_key: str, n_files: int, exc: Exception) -> None:
+    """An audit event for a study that failed without a verdict (the error's type and code, never its text)."""
+    append_event(lake, "study_failed", site=site, upload=upload_key, n_files=n_files,
+                 error=type(exc).__name__, reason_code=getattr(exc, "code", None))
 
 
 def _studies(files: list[ReceivedFile]) -> dict[str, list[ReceivedFile]]:
@@ -54,12 +65,15 @@ def receive_study(upload: str, site: str, trial_file: str | None = None, lake_ur
         # 3-5. identify, de-identify + verify, check the protocol
         try:
             outcome = receive_one_study_task(Upload(trial, site, key, lake), quote(files))
-        except (SubjectError, ValueError) as exc:
-            log.error("study rejected: %s", exc)
-            rejected += quarantine_files_task(lake, site, key, quote(files), str(exc), "unattributable")
+        except AttributionError as exc:  # whose or when is unknown: the site must correct it
+            log.error("study rejected (%s): %s", exc.code, exc)
+            rejected += quarantine_files_task(lake, site, key, quote(files), str(exc), exc.code)
             append_event(lake, "study_rejected", site=site, upload=key, n_files=len(files),
-                         reason_code="unattributable")
+                         reason_code=exc.code)
             continue
+        except Exception as exc:  # a bug or an outage: no verdict; the raw upload stays in the inbox
+            _audit_failure(lake, site, key, len(files), exc)
+            raise
         if outcome.already_received:
             log.info("study %s already received; nothing to do", outcome.study.study_key[:12])
             outcomes.append(outcome)
@@ -69,7 +83,11 @@ def receive_study(upload: str, site: str, trial_file: str | None = None, lake_ur
             outcome.findings += [quarantine_finding(r) for r in rejected]
         outcome.flow_run_id = flow_run_id()
         # 6. record: tables, site queries, audit (each checked for PHI first)
-        record_study_task(lake, quote(outcome), quote(outcome.matcher))
+        try:
+            record_study_task(lake, quote(outcome), quote(outcome.matcher))
+        except Exception as exc:
+            _audit_failure(lake, site, key, len(files), exc)
+            raise
         # the processing deployment listens for this (deployments/prefect.yaml)
         study_key = outcome.study.study_key
         emit_event("corelab.study.received", resource={"prefect.resource.id": f"corelab.study.{study_key}"},

@@ -76,12 +76,28 @@ def attach_run_logs() -> None:
         logger.addHandler(APILogHandler())
 
 
-def verbose_console() -> None:
-    """Show INFO lines (corelab's decisions, Prefect's run states) on the console (CLI ``-v``)."""
-    os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO"  # read when Prefect sets up
+class _NoTraceback(logging.Filter):
+    """Console lines without their traceback (the run log in Prefect keeps it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None  # the console is the last handler to see it
+        return True
+
+
+def configure_console(verbose: bool) -> None:
+    """The CLI's console: warnings without tracebacks, or (``-v``) every INFO line with them.
+
+    The Prefect API handler sees each record before the console does (the console handler sits
+    on the root logger), so the flow run's log keeps every line and traceback either way.
+    """
+    if verbose:
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO"  # read when Prefect sets up
     for handler in logging.getLogger().handlers:                     # or, if it already has
         if type(handler).__name__ == "PrefectConsoleHandler":
-            handler.setLevel(logging.INFO)
+            if verbose:
+                handler.setLevel(logging.INFO)
+            elif not any(isinstance(f, _NoTraceback) for f in handler.filters):
+                handler.addFilter(_NoTraceback())
 
 
 def flow_run_id() -> str | None:

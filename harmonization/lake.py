@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization.errors import Finding, InputTableError
 from harmonization.inputs import HarmonizationData, read_table_file
+from tasks.errors import TRANSIENT_RETRIES
 from tasks.lake.storage import Lake
 from tasks.lake.tables import read_table, write_rows
 
@@ -159,7 +160,7 @@ def already_harmonized(lake: Lake, model_id: str) -> set[tuple[str, str, str, st
     return set(map(tuple, _keyed(done)[KEY].drop_duplicates().to_numpy()))
 
 
-@task(name="read-biomarkers", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+@task(name="read-biomarkers", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def read_biomarkers_task(lake: Lake) -> pd.DataFrame:
     """The lake's ``biomarkers`` table (retried: storage can fail transiently)."""
     return read_table(lake, "biomarkers")

@@ -26,6 +26,7 @@ from harmonization import gam
 from harmonization.combat import ComBatModel
 from harmonization.errors import HarmonizationError, ModelNotFoundError
 from harmonization.inputs import CovariateEncoding
+from tasks.errors import TRANSIENT_RETRIES
 from tasks.lake.storage import Lake
 
 ROOT = "models/harmonization"
@@ -118,7 +119,7 @@ def save_model_task(lake: Lake, model: ComBatModel) -> str:
     return save_model(lake, model)
 
 
-@task(name="load-harmonization-model", cache_policy=NO_CACHE)
+@task(name="load-harmonization-model", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def load_model_task(lake: Lake, model_id: str) -> ComBatModel:
     """Prefect wrapper of :func:`load_model`."""
     return load_model(lake, model_id)

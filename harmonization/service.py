@@ -23,6 +23,7 @@ from harmonization import combat, model_store, report
 from harmonization import lake as lake_io
 from harmonization.errors import Finding, HarmonizationRefused
 from harmonization.inputs import from_wide_table, read_table_file, write_back, write_table_file
+from tasks.errors import TRANSIENT_RETRIES
 from tasks.lake.audit import append_event
 from tasks.lake.storage import Lake
 
@@ -157,14 +158,14 @@ def summary_markdown(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@task(name="fit-harmonization-model", cache_policy=NO_CACHE)
+@task(name="fit-harmonization-model", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def fit_lake_task(lake: Lake, rows: pd.DataFrame, covariates: pd.DataFrame,
                   settings: HarmonizationSettings) -> tuple[combat.ComBatModel, Outcome]:
     """Prefect wrapper of :func:`fit_lake`."""
     return fit_lake(lake, rows, covariates, settings)
 
 
-@task(name="apply-harmonization-model", cache_policy=NO_CACHE)
+@task(name="apply-harmonization-model", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def apply_lake_task(lake: Lake, model: combat.ComBatModel, model_id: str, rows: pd.DataFrame,
                     covariates: pd.DataFrame, settings: HarmonizationSettings,
                     only_new: bool = True) -> Outcome:

@@ -1,24 +1,31 @@
-"""The built-in pipeline specs, by name.
+"""The pipelines corelab knows, by name: the built-in ones, and any registered beside them.
 
-Each spec names its image by key in ``containers/lock``; the runner turns it into a command.
-The pipeline modules are imported when a spec is asked for, not when this module is, so the
-registry can be listed without loading the pipelines' scientific stack.
+Each spec names its image by key in its lock; the runner turns it into a command. The pipeline
+modules are imported when a spec is asked for, not when this module is, so the registry can be
+listed without loading the pipelines' scientific stack.
+
+A pipeline shipped elsewhere (a site's own package) registers a factory with :func:`register`
+before the flows run; nothing under ``tasks/`` changes for it.
 """
 
 from __future__ import annotations
 
-from pipelines.spec import BidsQuery, PipelineSpec
+from collections.abc import Callable
+
+from pipelines.spec import BidsQuery, Measure, PipelineSpec, SidecarMetric
 
 
 class UnknownPipeline(KeyError):
-    """No built-in pipeline (or image) has that name."""
+    """No registered pipeline (or image) has that name."""
 
 
 def anat_spec() -> PipelineSpec:
     """The built-in anatomical pipeline (``pipelines/anat``) in image ``anat``."""
     from pipelines import anat
 
-    # Output names as pipelines/anat/derivatives.py writes them below the derivatives root.
+    # Output names as pipelines/anat/derivatives.py writes them below the derivatives root, by
+    # the keys of its own output_names(); the measures are pipelines/anat/process.py MEASURES
+    # (a test keeps both equal to the pipeline's, which a change would need a rebuild for).
     anat_dir = "sub-{subject}/ses-{session}/anat/{prefix}"
     return PipelineSpec(
         name=anat.NAME,
@@ -29,36 +36,58 @@ def anat_spec() -> PipelineSpec:
         options={"acq": "--acq", "run": "--run", "container_digest": "--container-digest",
                  "threads": "--threads"},
         inputs=(BidsQuery(datatype="anat", suffix="T1w"),),
-        outputs=(
-            "dataset_description.json",
-            f"{anat_dir}_desc-preproc_T1w.nii.gz",
-            f"{anat_dir}_desc-biasfield_T1w.nii.gz",
-            f"{anat_dir}_desc-brain_mask.nii.gz",
-            f"{anat_dir}_dseg.nii.gz",
-            f"{anat_dir}_label-GM_probseg.nii.gz",
-            f"{anat_dir}_label-WM_probseg.nii.gz",
-            f"{anat_dir}_label-CSF_probseg.nii.gz",
-            "sub-{subject}/figures/{prefix}_desc-dseg_T1w.png",
-            f"{anat_dir}_desc-volumes_measures.tsv",
+        outputs={
+            "dataset_description": "dataset_description.json",
+            "preproc": f"{anat_dir}_desc-preproc_T1w.nii.gz",
+            "bias_field": f"{anat_dir}_desc-biasfield_T1w.nii.gz",
+            "brain_mask": f"{anat_dir}_desc-brain_mask.nii.gz",
+            "dseg": f"{anat_dir}_dseg.nii.gz",
+            "probseg_GM": f"{anat_dir}_label-GM_probseg.nii.gz",
+            "probseg_WM": f"{anat_dir}_label-WM_probseg.nii.gz",
+            "probseg_CSF": f"{anat_dir}_label-CSF_probseg.nii.gz",
+            "figure": "sub-{subject}/figures/{prefix}_desc-dseg_T1w.png",
+            "measures": f"{anat_dir}_desc-volumes_measures.tsv",
+        },
+        measures=(
+            Measure("TIV", "mm3", "total intracranial volume: the brain mask "
+                                  "(template intracranial mask warped to the subject)"),
+            Measure("GM", "mm3", "grey matter volume: sum of GM posteriors in the brain mask"),
+            Measure("WM", "mm3", "white matter volume: sum of WM posteriors in the brain mask"),
+            Measure("CSF", "mm3", "cerebrospinal fluid volume: sum of CSF posteriors in the brain mask"),
+            Measure("GM_fraction", "1", "GM volume divided by TIV"),
         ),
+        image_qc=("head", "tissue", "volumes"),
+        qc_sidecar="measures",
+        qc_metrics=(SidecarMetric("coverage", "template_brain_in_fov"),
+                    SidecarMetric("inu_range", "bias_field.p95", minus="bias_field.p05")),
         sources=("pipelines/anat",),
     )
 
 
-BUILTIN = {"anat": anat_spec}
+BUILTIN: dict[str, Callable[[], PipelineSpec]] = {"anat": anat_spec}
+
+
+def register(name: str, factory: Callable[[], PipelineSpec]) -> None:
+    """Make a pipeline known by name (a second registration of a name replaces the first)."""
+    BUILTIN[name] = factory
+
+
+def names() -> list[str]:
+    """The registered pipelines, sorted."""
+    return sorted(BUILTIN)
 
 
 def get_spec(name: str) -> PipelineSpec:
-    """The built-in spec called ``name``."""
+    """The spec registered as ``name``."""
     if name not in BUILTIN:
-        raise UnknownPipeline(f"no built-in pipeline {name!r}; known: {sorted(BUILTIN)}")
+        raise UnknownPipeline(f"no pipeline {name!r}; known: {names()}")
     return BUILTIN[name]()
 
 
 def spec_for_image(key: str) -> PipelineSpec:
-    """The built-in spec whose image is ``key`` (one image per pipeline here)."""
+    """The registered spec whose image is ``key`` (one image per pipeline here)."""
     for make in BUILTIN.values():
         spec = make()
         if spec.image == key:
             return spec
-    raise UnknownPipeline(f"no built-in pipeline uses image {key!r}")
+    raise UnknownPipeline(f"no registered pipeline uses image {key!r}")

@@ -1,13 +1,27 @@
-"""Pipeline specs: what a pipeline is called, which pinned image runs it, how, on what, making what.
+"""Pipeline specs: the whole contract between a pipeline and the stages that run and judge it.
 
-A spec is data, not code: the runner (``tasks/container_runner.py``) turns it into a command for
-one backend, and checks the outputs it promises after each run (the way fmriprep's CI compares
-a run with ``ds005_outputs.txt``). The image is named by its key in ``containers/lock``; the
-lock, not the spec, holds the digest, so rebuilding an image never edits a spec.
+A spec is data, not code: the runner (``tasks/run/runner.py``) turns it into a command for one
+backend and checks the outputs it promises after each run (the way fmriprep's CI compares a run
+with ``ds005_outputs.txt``); the QC stage (``tasks/qc``) reads those outputs by their keys, the
+measures the spec declares with their units, and the QC values the pipeline reports in a
+sidecar. Nothing under ``tasks/`` knows a pipeline's file names, so adding a pipeline touches
+``pipelines/`` and ``containers/`` only.
+
+The image is named by its key in the lock (``containers/lock`` unless the spec says where its
+definitions live); the lock, not the spec, holds the digest, so rebuilding an image never edits
+a spec.
 
 Command templates use ``str.format`` fields filled by :meth:`PipelineSpec.render`:
-``{input}``, ``{output_dir}``, ``{subject}``, ``{session}`` (literal braces are doubled). Optional parameters (BIDS
-entities, threads, the container digest) are appended as ``flag value`` only when given.
+``{input}``, ``{output_dir}``, ``{subject}``, ``{session}`` (literal braces are doubled). Optional
+parameters (BIDS entities, threads, the container digest) are appended as ``flag value`` only
+when given.
+
+Output keys the stages after the run understand
+    ``measures``              TSV with ``measure``, ``value``, ``unit`` columns (the biomarkers)
+    ``brain_mask``            the brain mask on the input's grid
+    ``preproc``               the bias-corrected input
+    ``probseg_GM``/``_WM``/``_CSF``  tissue probability maps on the input's grid
+Any other key (figures, dataset_description, a dseg) is checked after the run and kept.
 """
 
 from __future__ import annotations
@@ -15,12 +29,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 
-# BIDS labels are alphanumeric (BIDS 1.9, "Entities"); run is an index (digits).
-_LABEL = re.compile(r"^[A-Za-z0-9]+$")
-_INDEX = re.compile(r"^[0-9]+$")
-_ENTITY_ORDER = ("acq", "run")  # the entities our pipelines accept, in BIDS order
+from data_contracts.bids import ENTITY_ORDER, EntityError, entity_prefix
+from pipelines.images import CONTAINERS
+
+_NAME = re.compile(r"^[A-Za-z0-9]+$")
+# Groups of QC metrics the QC stage computes from a pipeline's images (tasks/qc/metrics.py).
+IMAGE_QC_GROUPS = ("head", "tissue", "volumes")
 
 
 class SpecError(ValueError):
@@ -58,6 +75,28 @@ class BidsQuery:
 
 
 @dataclass(frozen=True)
+class Measure:
+    """One value the pipeline reports in its ``measures`` table, and its unit."""
+
+    name: str
+    unit: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class SidecarMetric:
+    """A QC metric the pipeline reports itself, read from the ``QC`` object of a sidecar.
+
+    ``path`` is dotted (``bias_field.p95``); with ``minus`` the metric is the difference of
+    the two values (a spread such as p95 - p05).
+    """
+
+    metric: str
+    path: str
+    minus: str | None = None
+
+
+@dataclass(frozen=True)
 class PipelineSpec:
     """A versioned pipeline and the pinned image that runs it.
 
@@ -66,20 +105,32 @@ class PipelineSpec:
     name, version : str
         Pipeline name and version; derivatives go to ``derivatives/<name>-<version>/``.
     image : str
-        Key of the image in ``containers/lock`` (and folder ``containers/<image>/``).
+        Key of the image in the lock (and folder ``<definitions>/<image>/``).
     command : tuple of str
         Command template run inside the image (and by the ``local`` backend).
-    options : mapping of str to str
-        Optional parameter name to command-line flag, e.g. ``{"threads": "--threads"}``.
     inputs : tuple of BidsQuery
         The raw-dataset files the pipeline accepts.
-    outputs : tuple of str
-        Output paths relative to the output folder, as templates with ``{prefix}`` (the BIDS
-        entity prefix ``sub-S_ses-V[_acq-X][_run-N]``), ``{subject}``, ``{session}``,
+    outputs : mapping of str to str
+        Output key -> path relative to the output folder, as a template with ``{prefix}`` (the
+        BIDS entity prefix ``sub-S_ses-V[_acq-X][_run-N]``), ``{subject}``, ``{session}``,
         ``{name}`` and ``{version}``; each must exist after a successful run.
+    measures : tuple of Measure
+        What the ``measures`` output reports, with units; a run reporting anything else is
+        incomplete.
+    image_qc : tuple of str
+        Which groups of image QC metrics the QC stage computes (:data:`IMAGE_QC_GROUPS`).
+    qc_sidecar : str or None
+        Output key whose JSON sidecar (same name, ``.json``) holds the pipeline's own QC values.
+    qc_metrics : tuple of SidecarMetric
+        The QC metrics read from that sidecar.
+    options : mapping of str to str
+        Optional parameter name to command-line flag, e.g. ``{"threads": "--threads"}``. Those
+        named like BIDS entities are the entities the pipeline takes from its input's name.
     sources : tuple of str
-        Repository folders holding the pipeline's code; their hash goes into the lock at
-        build time, and the ``local`` backend compares it with the working tree.
+        Folders (relative to the definitions' parent) holding the pipeline's code; their hash
+        goes into the lock at build time, and the ``local`` backend compares it with the tree.
+    definitions : Path
+        Folder of the image definitions and their lock (``containers/`` of this repository).
     """
 
     name: str
@@ -87,16 +138,39 @@ class PipelineSpec:
     image: str
     command: tuple[str, ...]
     inputs: tuple[BidsQuery, ...]
-    outputs: tuple[str, ...]
+    outputs: Mapping[str, str]
+    measures: tuple[Measure, ...] = ()
+    image_qc: tuple[str, ...] = ()
+    qc_sidecar: str | None = None
+    qc_metrics: tuple[SidecarMetric, ...] = ()
     options: Mapping[str, str] = field(default_factory=dict)
     sources: tuple[str, ...] = ()
+    definitions: Path = CONTAINERS
 
     def __post_init__(self) -> None:
-        if not _LABEL.match(self.name.replace("-", "")) or not self.version:
+        if not _NAME.match(self.name.replace("-", "")) or not self.version:
             raise SpecError(f"pipeline name {self.name!r} / version {self.version!r} is not usable")
         if not self.command:
             raise SpecError(f"pipeline {self.name!r}: empty command")
+        unknown = sorted(set(self.image_qc) - set(IMAGE_QC_GROUPS))
+        if unknown:
+            raise SpecError(f"pipeline {self.name!r}: unknown image QC groups {unknown}; known: "
+                            f"{list(IMAGE_QC_GROUPS)}")
+        if self.measures and "measures" not in self.outputs:
+            raise SpecError(f"pipeline {self.name!r} declares measures but no 'measures' output")
+        if self.qc_sidecar is not None and self.qc_sidecar not in self.outputs:
+            raise SpecError(f"pipeline {self.name!r}: qc_sidecar {self.qc_sidecar!r} is not an output key")
+        object.__setattr__(self, "outputs", MappingProxyType(dict(self.outputs)))
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    @property
+    def entities(self) -> tuple[str, ...]:
+        """The BIDS entities the pipeline takes from its input's name (in entity-table order)."""
+        return tuple(k for k in ENTITY_ORDER if k in self.options)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.definitions / "lock"
 
     def render(self, input: str, output_dir: str, subject: str, session: str,
                **optional: object) -> list[str]:
@@ -107,8 +181,7 @@ class PipelineSpec:
         SpecError
             A label that is not BIDS-safe, or an optional parameter the spec does not know.
         """
-        _check_label("subject", subject)
-        _check_label("session", session)
+        bids_prefix(subject, session)  # checks both labels
         unknown = sorted(k for k, v in optional.items() if v is not None and k not in self.options)
         if unknown:
             raise SpecError(f"pipeline {self.name!r} takes no option(s) {unknown}; "
@@ -125,33 +198,22 @@ class PipelineSpec:
         return argv
 
     def expected_outputs(self, subject: str, session: str,
-                         entities: Mapping[str, str] | None = None) -> list[str]:
-        """Output paths (relative to the output folder) a successful run must leave."""
+                         entities: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Output key -> path (relative to the output folder) a successful run must leave."""
         fields = {"prefix": bids_prefix(subject, session, entities), "subject": subject,
                   "session": session, "name": self.name, "version": self.version}
-        return [pattern.format(**fields) for pattern in self.outputs]
+        return {key: pattern.format(**fields) for key, pattern in self.outputs.items()}
+
+
+def sidecar_of(path: str) -> str:
+    """The JSON sidecar of a BIDS file: the same name with ``.json`` for its extension."""
+    name = path.rsplit("/", 1)[-1]
+    return path[: len(path) - len(name)] + name.split(".", 1)[0] + ".json"
 
 
 def bids_prefix(subject: str, session: str, entities: Mapping[str, str] | None = None) -> str:
     """``sub-S_ses-V[_acq-X][_run-N]``: the entity part of a BIDS file name, in BIDS order."""
-    _check_label("subject", subject)
-    _check_label("session", session)
-    entities = dict(entities or {})
-    unknown = sorted(set(entities) - set(_ENTITY_ORDER))
-    if unknown:
-        raise SpecError(f"entities {unknown} are not supported (supported: {list(_ENTITY_ORDER)})")
-    parts = [f"sub-{subject}", f"ses-{session}"]
-    for key in _ENTITY_ORDER:
-        if entities.get(key) is not None:
-            value = str(entities[key])
-            _check_label(key, value, index=key == "run")
-            # An index is written without leading zeros, as the pipelines name their files.
-            parts.append(f"{key}-{int(value) if key == 'run' else value}")
-    return "_".join(parts)
-
-
-def _check_label(what: str, value: str, *, index: bool = False) -> None:
-    pattern = _INDEX if index else _LABEL
-    if not isinstance(value, str) or not pattern.match(value):
-        kind = "digits" if index else "letters and digits"
-        raise SpecError(f"BIDS {what} {value!r} must be {kind} only")
+    try:
+        return entity_prefix(subject, session, entities)
+    except EntityError as err:
+        raise SpecError(str(err)) from None

@@ -1,9 +1,14 @@
 """Test set-up shared by every test module.
 
-Real data comes from ``../shared/data`` (see its MANIFEST.md) through the
-``shared_data`` fixture. When CI=true a missing folder is a failure, not a skip.
-Prefect gets its own PREFECT_HOME per test session, so tests never touch a
-user's ~/.prefect.
+Real data comes from ``../shared/data`` (see its MANIFEST.md) through
+:func:`tests.data.shared_path` only, which checks each file against its sha256; when CI=true a
+missing folder is a failure, not a skip. Prefect gets its own PREFECT_HOME per test session, so
+tests never touch a user's ~/.prefect.
+
+``tests/`` mirrors the code: one folder per stage of ``tasks/`` (lake, intake, deid, ...), and
+folders for flows, pipelines, harmonization and data_contracts. Markers: ``prefect`` (the
+embedded Prefect server), ``pipeline`` (runs a real pipeline), ``containers`` (podman);
+``make test-fast`` leaves the three out.
 """
 
 from __future__ import annotations
@@ -21,25 +26,18 @@ os.environ.setdefault("CORELAB_DEID_KEY", "test-deid-key-not-secret")
 os.environ.setdefault("CORELAB_PSEUDONYM_KEY", "test-pseudonym-key-not-secret")
 
 import flows.runtime  # noqa: E402,F401  (environment defaults before Prefect loads)
-
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("CORELAB_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-
-def shared_path(*parts: str) -> Path:
-    """A path inside ../shared/data; skip (or fail under CI=true) when absent."""
-    p = SHARED.joinpath(*parts)
-    if not p.exists():
-        msg = f"real test data missing: {p}"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return p
+from tests.data import SHARED, shared_path  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    return shared_path()
+def abide_data() -> Path:
+    """../shared/data, with the ABIDE tables harmonization tests read verified."""
+    from harmonization.abide import FS_DIR, PHENO, TABLES
+
+    for name in TABLES.values():
+        shared_path(*FS_DIR, name)
+    shared_path(*PHENO)
+    return SHARED
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 
 from data_contracts import example_path
-from tests.conftest import shared_path
+from tests.data import shared_path
 
 GE_SERIES = ("dcm_qa_nih", "In", "20180918GE", "mr_0004")
 DEMO_TRIAL = example_path()

@@ -18,19 +18,19 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
 
 from flows import runtime
 from flows.cli import containers, demo, harmonize, study, tables
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="corelab: an imaging core lab in a box for multi-site MRI trials.")
 
 
 @app.callback()
 def _options(verbose: bool = typer.Option(False, "--verbose", "-v",
                                           help="show each decision on the console as it is made")) -> None:
-    if verbose:
-        runtime.verbose_console()
+    runtime.configure_console(verbose)
 
 
 app.command()(study.ingest)
@@ -50,6 +50,14 @@ def main() -> None:
             app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # no traceback reaches a user: one line, and where the details are
+        from flows.cli.common import err
+
+        code = getattr(exc, "code", None)
+        err.print(f"[bold red]error:[/] {type(exc).__name__}{f' ({code})' if isinstance(code, str) else ''}: "
+                  f"{escape(str(exc))}\nNothing received was lost; the flow run's log holds the details.",
+                  highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,12 @@ import nibabel as nib
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from data_contracts.bids import entity_prefix
 from data_contracts.trial import SeriesType, TrialConfig
-from tasks.bids._entities import BIDS_VERSION, ENTITY_ORDER
 from tasks.bids.dataset import write_dataset_description, write_participants, write_scans, write_sessions
 from tasks.conformance.findings import Finding
 from tasks.deid.fingerprint import Fingerprint, load_fingerprints
+from tasks.errors import TRANSIENT_RETRIES, CorelabError
 from tasks.lake import tables
 from tasks.lake.storage import Lake
 from tasks.lake.studies import Study
@@ -39,8 +40,10 @@ DCM2NIIX_ARGS = ("-b", "y", "-ba", "y", "-z", "y", "-w", "1")
 OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
 
 
-class ConversionError(RuntimeError):
+class ConversionError(CorelabError, RuntimeError):
     """dcm2niix could not turn a series into exactly one BIDS image."""
+
+    code = "conversion_failed"
 
 
 def dcm2niix_binary() -> str:
@@ -51,12 +54,8 @@ def dcm2niix_binary() -> str:
 
 
 def bids_stem(subject: str, session: str, entities: dict[str, str], suffix: str) -> str:
-    """``sub-<s>_ses-<v>_<entities in spec order>_<suffix>``."""
-    unknown = set(entities) - set(ENTITY_ORDER)
-    if unknown:
-        raise ValueError(f"unknown BIDS entities {sorted(unknown)} (BIDS {BIDS_VERSION})")
-    parts = {"sub": subject, "ses": session, **entities}
-    return "_".join(f"{k}-{parts[k]}" for k in ENTITY_ORDER if parts.get(k)) + f"_{suffix}"
+    """``sub-<s>_ses-<v>_<entities in the entity table's order>_<suffix>``."""
+    return f"{entity_prefix(subject, session, entities)}_{suffix}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,7 +67,7 @@ def _validator():
 
 def check_bids_name(rel_path: str) -> None:
     if not _validator().is_bids("/" + rel_path):
-        raise ConversionError(f"{rel_path} is not a valid BIDS name (BIDS validator rules)")
+        raise ConversionError(f"{rel_path} is not a valid BIDS name (BIDS validator rules)", "bids_name_invalid")
 
 
 @dataclass
@@ -122,7 +121,7 @@ def run_dcm2niix(src: Path, out: Path, stem: str) -> list[Path]:
         raise ConversionError(f"dcm2niix failed on {src.name} (exit {proc.returncode}): {' | '.join(tail)}")
     if len(images) != 1:
         raise ConversionError(f"dcm2niix made {len(images)} images from one series "
-                              f"({', '.join(p.name for p in images)}); not converted")
+                              f"({', '.join(p.name for p in images)}); not converted", "conversion_ambiguous")
     return sorted(out.iterdir())
 
 
@@ -175,7 +174,7 @@ def convert_series(lake: Lake, s: SeriesToConvert, subject: str, session: str,
                 leaks = fp.find_leaks(name, probe)
                 if leaks:
                     raise ConversionError(f"{rel}: identifying value in the output ({leaks[0].source}); "
-                                          "not written")
+                                          "not written", "phi_in_output")
         result = Converted(s.series_uid, sidecar=sidecar)
         for rel, data in sorted(staged.items()):
             lake.write_bytes(rel, data)
@@ -236,7 +235,8 @@ def convert_study(lake: Lake, trial: TrialConfig, study: Study) -> tuple[dict[st
             images[s.series_uid] = convert_series(lake, s, study.subject, study.session, fingerprints).image
         except ConversionError as exc:
             findings.append(Finding(kind="processing_failed", severity="major", series_key=s.series_uid,
-                                    observed="conversion", message=f"series {s.series_number}: {exc}"))
+                                    observed="conversion", message=f"series {s.series_number}: {exc}",
+                                    reason_code=exc.code))
     write_dataset_description(lake, trial)
     write_sessions(lake, study.subject)
     write_scans(lake, study.subject, study.session, str(study.acquisition_date))
@@ -244,6 +244,6 @@ def convert_study(lake: Lake, trial: TrialConfig, study: Study) -> tuple[dict[st
     return images, findings
 
 
-@task(name="convert-study", cache_policy=NO_CACHE)
+@task(name="convert-study", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def convert_study_task(lake: Lake, trial: TrialConfig, study: Study) -> tuple[dict[str, str], list[Finding]]:
     return convert_study(lake, trial, study)

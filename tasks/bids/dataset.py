@@ -11,8 +11,8 @@ import json
 
 import pandas as pd
 
+from data_contracts.bids import BIDS_VERSION
 from data_contracts.trial import TrialConfig
-from tasks.bids._entities import BIDS_VERSION
 from tasks.lake.storage import Lake
 from tasks.lake.tables import read_table
 from tasks.lake.versions import corelab_version, installed_version

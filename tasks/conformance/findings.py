@@ -31,6 +31,7 @@ class Finding:
     expected: str | None = None
     observed: str | None = None
     series_key: str | None = None     # which series (the flow's key), None for study-level
+    reason_code: str | None = None    # the error behind it (data_contracts.reasons), if one was
 
 
 def deviation_id(study_key: str, f: Finding) -> str:
@@ -49,7 +50,7 @@ def deviation_rows(study: Study, findings: list[Finding], now: datetime) -> list
             "deviation_id": did, "study_key": study.study_key, "series_uid": f.series_key,
             "subject": study.subject, "session": study.session, "kind": f.kind, "parameter": f.parameter,
             "expected": f.expected, "observed": f.observed, "severity": f.severity,
-            "message": f.message, "created_at": now,
+            "message": f.message, "reason_code": f.reason_code, "created_at": now,
         })
     return rows
 

@@ -45,6 +45,7 @@ from data_contracts.trial import Deidentification, vendor_of
 from tasks.deid._annex_e import ACTIONS, WILDCARDS
 from tasks.deid._safe_private import SAFE_PRIVATE
 from tasks.deid.walk import maybe_sequence, raw_vr, walk
+from tasks.errors import CorelabError
 from tasks.lake.versions import corelab_version
 
 OPTION_COLUMNS = {
@@ -76,8 +77,10 @@ PROVIDER_KEYWORDS = (
 DEVICE_KEYWORDS = {"StationName", "DeviceSerialNumber"}
 
 
-class DeidError(ValueError):
+class DeidError(CorelabError, ValueError):
     """A data set that cannot be de-identified safely."""
+
+    code = "deid_failed"
 
 
 @dataclass

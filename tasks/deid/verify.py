@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from tasks.deid.walk import walk
+from tasks.errors import CorelabError
 
 IDENTIFYING_KEYWORDS = (
     "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
@@ -249,8 +250,10 @@ def gzip_contents(data: bytes) -> list[bytes]:
     return out
 
 
-class PHILeakError(RuntimeError):
+class PHILeakError(CorelabError, RuntimeError):
     """An output about to leave the restricted stores still holds an identifying value."""
+
+    code = "phi_in_output"
 
 
 def find_leaks(name: str, data: bytes, matcher: Matcher) -> list[Leak]:

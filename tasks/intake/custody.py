@@ -18,6 +18,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.errors import TRANSIENT_RETRIES
 from tasks.intake.inventory import Inventory, ReceivedFile
 from tasks.lake.storage import Lake
 
@@ -109,12 +110,12 @@ def quarantine_files(lake: Lake, site: str, upload_key: str, files: list[Receive
             for f in files]
 
 
-@task(name="custody", cache_policy=NO_CACHE)
+@task(name="custody", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def take_custody_task(lake: Lake, site: str, upload_key: str, upload: Path, inv: Inventory) -> list[QuarantineRecord]:
     return take_custody(lake, site, upload_key, upload, inv)
 
 
-@task(name="quarantine-study", cache_policy=NO_CACHE)
+@task(name="quarantine-study", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def quarantine_files_task(lake: Lake, site: str, upload_key: str, files: list[ReceivedFile], reason: str,
                           code: str) -> list[QuarantineRecord]:
     return quarantine_files(lake, site, upload_key, files, reason, code)

@@ -17,10 +17,21 @@ from datetime import date, datetime
 from pydicom.dataset import Dataset
 
 from data_contracts.trial import TrialConfig
+from tasks.errors import CorelabError
 
 
-class SubjectError(ValueError):
+class AttributionError(CorelabError, ValueError):
+    """The study cannot be attributed to a trial subject or a visit: its files are quarantined."""
+
+    code = "unattributable"
+
+
+class SubjectError(AttributionError):
     """The study cannot be attributed to a trial subject."""
+
+
+class StudyDateError(AttributionError):
+    """The study carries no readable date, so its visit cannot be determined."""
 
 
 def subject_label(trial: TrialConfig, site_id: str, patient_id: str | None) -> str:
@@ -57,7 +68,7 @@ def study_date(headers: Sequence[Dataset]) -> date:
                 return datetime.strptime(v[:8], "%Y%m%d").date()
             except ValueError:
                 continue
-    raise ValueError("the study has no readable StudyDate (0008,0020): its visit cannot be determined")
+    raise StudyDateError("the study has no readable StudyDate (0008,0020): its visit cannot be determined")
 
 
 AGE_UNITS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}

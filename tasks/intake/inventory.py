@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from tasks.errors import CorelabError
 from tasks.intake.heap import collector_paused
 
 REQUIRED_UIDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID")
@@ -84,8 +85,10 @@ class Inventory:
         return [f.rel for f in self.accepted] + [r.rel for r in self.rejected] + self.duplicates
 
 
-class UploadNotFoundError(FileNotFoundError):
-    pass
+class UploadNotFoundError(CorelabError, FileNotFoundError):
+    """The upload path does not exist."""
+
+    code = "upload_not_found"
 
 
 def walk_upload(root: Path) -> Iterator[tuple[str, bytes | Exception]]:
@@ -136,12 +139,11 @@ def _decompress(rel: str, raw: bytes) -> bytes:
     return raw
 
 
-class InventoryError(ValueError):
-    """Why one file cannot be accepted (``code`` is a short category)."""
+class InventoryError(CorelabError, ValueError):
+    """Why one file cannot be accepted (``code`` says which rule it broke)."""
 
     def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code)
 
 
 def parse_dicom(data: bytes) -> Dataset:

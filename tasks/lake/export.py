@@ -12,14 +12,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from tasks.errors import CorelabError
 from tasks.lake.storage import Lake
 from tasks.lake.tables import read_table
 
 INDEX = ["site", "subject", "session", "acquisition_date", "scanner_epoch"]
 
 
-class ExportError(ValueError):
-    pass
+class ExportError(CorelabError, ValueError):
+    """The export cannot be made as asked (no rows yet, an unknown format)."""
+
+    code = "export_refused"
 
 
 def _version_key(v: str) -> tuple:

@@ -8,20 +8,28 @@ relative, with ``/`` separators, and never leave the root.
 Writes are atomic: on a local filesystem the bytes go to a hidden temporary
 name in the same folder and are renamed over the target (``os.replace`` is
 atomic on POSIX); on object stores a single PUT is already all-or-nothing.
+
+A store that cannot be reached (a network or S3 error, a failing disk) raises
+:class:`StorageUnavailable`, a transient error that Prefect retries. A file that
+is not there stays a ``FileNotFoundError``, and a denied one a ``PermissionError``:
+trying again would change neither.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
+
+from tasks.errors import CorelabError
 
 # The stores of the design; creating them up front makes a new lake self-describing.
 STORES = (
@@ -30,8 +38,52 @@ STORES = (
 )
 
 
-class LakePathError(ValueError):
+class LakePathError(CorelabError, ValueError):
     """A relative lake path tried to escape the lake root or was absolute."""
+
+    code = "lake_path_invalid"
+
+
+class StorageUnavailable(CorelabError, OSError):
+    """The lake could not be read or written: transient, retried."""
+
+    code = "storage_unavailable"
+
+
+# Errors that say the store is down or unreachable for now, as opposed to "not there" or "not
+# allowed". s3fs passes botocore's connection and HTTP errors through (measured with moto: a
+# stopped server gives botocore EndpointConnectionError after ~7 s of botocore's own retries).
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _is_outage(exc: BaseException) -> bool:
+    if isinstance(exc, CorelabError) or isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
+        return True
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:  # s3fs is not installed: no S3 lake either
+        return False
+    return isinstance(exc, BotoCoreError)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _io(method: F) -> F:
+    """Report an outage of the store as StorageUnavailable, naming the lake and the operation."""
+    @functools.wraps(method)
+    def wrapper(self: "Lake", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            if not _is_outage(exc):
+                raise
+            what = f" {args[0]!r}" if args and isinstance(args[0], str) else ""
+            raise StorageUnavailable(f"lake {self.url}: {method.__name__}{what} failed: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass
@@ -85,9 +137,11 @@ class Lake:
         return p if self.is_local else self.fs.unstrip_protocol(p)
 
     # -- reading -------------------------------------------------------------
+    @_io
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
+    @_io
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
 
@@ -97,6 +151,7 @@ class Lake:
     def open(self, rel: str, mode: str = "rb"):
         return self.fs.open(self.path(rel), mode)
 
+    @_io
     def find(self, rel: str = "") -> list[str]:
         """Every file below ``rel`` as relative lake paths, sorted."""
         base = self.path(rel)
@@ -104,6 +159,7 @@ class Lake:
             return []
         return sorted(self.rel(p) for p in self.fs.find(base) if not _is_temp(p))
 
+    @_io
     def listdir(self, rel: str = "") -> list[str]:
         """Names directly below ``rel`` (files and folders), sorted."""
         base = self.path(rel)
@@ -113,9 +169,11 @@ class Lake:
                       if not _is_temp(p))
 
     # -- writing -------------------------------------------------------------
+    @_io
     def makedirs(self, rel: str) -> None:
         self.fs.makedirs(self.path(rel), exist_ok=True)
 
+    @_io
     def write_bytes(self, rel: str, data: bytes) -> str:
         """Write ``data`` atomically at ``rel``; returns the relative path."""
         target = self.path(rel)
@@ -136,6 +194,7 @@ class Lake:
             self.fs.pipe_file(target, data)  # one PUT: all or nothing
         return rel
 
+    @_io
     def write_many(self, items: dict[str, bytes]) -> list[str]:
         """Write many files, each atomically, with one flush to disk for all of them.
 
@@ -171,6 +230,7 @@ class Lake:
     def write_text(self, rel: str, text: str) -> str:
         return self.write_bytes(rel, text.encode("utf-8"))
 
+    @_io
     def put_file(self, local_path: str, rel: str) -> str:
         """Copy a local file into the lake atomically."""
         if self.is_local:
@@ -179,6 +239,7 @@ class Lake:
         self.fs.put_file(local_path, self.path(rel))
         return rel
 
+    @_io
     def remove(self, rel: str, recursive: bool = False) -> None:
         p = self.path(rel)
         if self.fs.exists(p):

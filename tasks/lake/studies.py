@@ -13,12 +13,15 @@ from datetime import date
 
 import pandas as pd
 
+from tasks.errors import CorelabError
 from tasks.lake import tables
 from tasks.lake.storage import Lake
 
 
-class UnknownStudyError(KeyError):
+class UnknownStudyError(CorelabError, KeyError):
     """No study (or more than one) of a site has the given key or key prefix."""
+
+    code = "unknown_study"
 
     def __str__(self) -> str:
         return str(self.args[0])

@@ -21,14 +21,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_contracts.schemas import TABLES, TableSchema
+from tasks.errors import CorelabError
 from tasks.lake.storage import Lake
 from tasks.lake.versions import software_versions
 
 PART_FILE = "part-0.parquet"
 
 
-class SchemaViolation(ValueError):
+class SchemaViolation(CorelabError, ValueError):
     """Rows that do not meet their table's contract; nothing was written."""
+
+    code = "schema_violation"
 
 
 def partition_path(table: str, site: str) -> str:
@@ -96,10 +99,33 @@ def _file_metadata(spec: TableSchema) -> dict[bytes, bytes]:
 
 
 def read_partition(lake: Lake, table: str, site: str) -> pa.Table | None:
+    """One site's partition in the table's current schema (None when there is none yet)."""
     rel = partition_path(table, site)
     if not lake.exists(rel):
         return None
-    return pq.read_table(io.BytesIO(lake.read_bytes(rel)))
+    return conform(pq.read_table(io.BytesIO(lake.read_bytes(rel))), TABLES[table])
+
+
+def conform(table: pa.Table, spec: TableSchema) -> pa.Table:
+    """A stored partition in the current schema: columns added since it was written are null.
+
+    Raises
+    ------
+    SchemaViolation
+        The partition lacks a required column, or a column cannot be cast to its type.
+    """
+    missing = [c for c in spec.columns if c not in table.column_names]
+    required = sorted(set(missing) & set(spec.required))
+    if required:
+        raise SchemaViolation(f"existing partition of {spec.name!r} lacks required columns {required} "
+                              f"of schema {spec.version}")
+    for name in missing:
+        table = table.append_column(spec.schema.field(name), pa.nulls(table.num_rows, spec.schema.field(name).type))
+    try:
+        return table.select(spec.columns).cast(spec.schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise SchemaViolation(f"existing partition of {spec.name!r} does not match schema {spec.version}: "
+                              f"{exc}") from exc
 
 
 def write_rows(lake: Lake, table: str, site: str, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -137,7 +163,6 @@ def delete_rows(lake: Lake, table: str, site: str, where: Mapping[str, Any]) -> 
         old = read_partition(lake, table, site)
         if old is None or old.num_rows == 0:
             return 0
-        old = old.select(spec.columns).cast(spec.schema)
         cols = {k: old.column(k).to_pylist() for k in where}
         keep = [not all(cols[k][i] == v for k, v in where.items()) for i in range(old.num_rows)]
         removed = keep.count(False)
@@ -153,12 +178,6 @@ def _merge(old: pa.Table | None, new: pa.Table, spec: TableSchema) -> pa.Table:
     if old is None or old.num_rows == 0:
         merged = new
     else:
-        try:
-            old = old.select(spec.columns).cast(spec.schema)
-        except (pa.ArrowInvalid, KeyError) as exc:
-            raise SchemaViolation(
-                f"existing partition of {spec.name!r} does not match schema {spec.version}: {exc}"
-            ) from exc
         new_keys = set(_key_tuples(new, spec))
         keep = [k not in new_keys for k in _key_tuples(old, spec)]
         merged = pa.concat_tables([old.filter(pa.array(keep, pa.bool_())), new])
@@ -172,7 +191,6 @@ def _key_tuples(table: pa.Table, spec: TableSchema) -> list[tuple]:
 
 
 def _same_rows(a: pa.Table, b: pa.Table, spec: TableSchema) -> bool:
-    a = a.select(spec.columns).cast(spec.schema)
     return a.num_rows == b.num_rows and a.equals(b.select(spec.columns))
 
 

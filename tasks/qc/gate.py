@@ -23,12 +23,21 @@ MAD_TO_SIGMA = 1.4826
 
 
 @dataclass(frozen=True)
+class Unmeasured:
+    """Why a metric could not be computed, and the reason code of that."""
+
+    why: str
+    code: str = "metric_missing"
+
+
+@dataclass(frozen=True)
 class MetricResult:
     metric: str
     value: float | None
     status: str                      # PASS | WARN | FAIL
     reason: str | None = None
     z: float | None = None
+    code: str | None = None          # data_contracts.reasons, for a metric that is not PASS
 
 
 @dataclass
@@ -39,6 +48,11 @@ class Verdict:
     @property
     def reasons(self) -> list[str]:
         return [m.reason for m in self.metrics if m.reason]
+
+    @property
+    def reason_code(self) -> str | None:
+        """The code of the first reason with the verdict's own status (None for a PASS)."""
+        return next((m.code for m in self.metrics if m.status == self.status and m.code), None)
 
 
 def _fmt(x: float) -> str:
@@ -82,7 +96,7 @@ def check_site(metric: str, value: float, rule: Rule, history: Sequence[float], 
 
 def judge(metrics: Mapping[str, float | None], rules: Mapping[str, Rule],
           history: Mapping[str, Sequence[float]], cfg: RobustZ,
-          missing: Mapping[str, str] | None = None) -> Verdict:
+          missing: Mapping[str, Unmeasured] | None = None) -> Verdict:
     """The verdict of one series.
 
     Parameters
@@ -94,27 +108,30 @@ def judge(metrics: Mapping[str, float | None], rules: Mapping[str, Rule],
     history
         Metric name -> this site's earlier values (PASS and WARN scans only).
     missing
-        Metric name -> why it could not be computed, for the reason text.
+        Metric name -> why it could not be computed (reason text and code).
     """
     results = []
     for name in sorted(set(metrics) | set(missing or {})):
         value = metrics.get(name)
         if value is None or math.isnan(value):  # +inf is a value (FBER of a zero-filled background)
-            why = (missing or {}).get(name) or ("is NaN" if value is not None else "is missing")
-            results.append(MetricResult(name, None, "FAIL", f"{name} could not be computed: {why}"))
+            gone = (missing or {}).get(name) or Unmeasured("is NaN" if value is not None else "is missing")
+            results.append(MetricResult(name, None, "FAIL", f"{name} could not be computed: {gone.why}",
+                                        code=gone.code))
             continue
         rule = rules.get(name)
         if rule is None:
             results.append(MetricResult(name, value, "PASS"))
             continue
         status, reason = check_rule(name, value, rule)
+        code = "qc_limit" if reason else None
         z_status, z_reason, z = check_site(name, value, rule, history.get(name, ()), cfg)
         if ORDER[z_status] > ORDER[status]:
-            status, reason = z_status, z_reason
-        results.append(MetricResult(name, value, status, reason, z))
+            status, reason, code = z_status, z_reason, "qc_site_outlier"
+        results.append(MetricResult(name, value, status, reason, z, code))
     worst = max((r.status for r in results), key=ORDER.__getitem__, default="FAIL")
     if not results:
-        results.append(MetricResult("metrics", None, "FAIL", "no QC metric could be computed"))
+        results.append(MetricResult("metrics", None, "FAIL", "no QC metric could be computed",
+                                    code="metric_missing"))
     return Verdict(worst, results)
 
 

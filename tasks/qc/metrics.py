@@ -34,14 +34,17 @@ fov_cut (lower)
 tiv_cm3, gm_fraction, wm_fraction, csf_fraction (range)
     Segmentation sanity: intracranial volume and tissue fractions of an adult brain.
 
-A metric that cannot be computed is ``None`` with a reason (never a sentinel such as -1):
-the gate turns it into a FAIL that names it.
+A metric that cannot be computed is a :class:`NotComputed` with the reason (never a sentinel
+such as -1, nor a 0 that flatters it); the gate turns it into a FAIL that names it.
+
+The metrics come in groups (:data:`GROUPS`) a pipeline spec asks for by name, each computed
+from the raw image and some of the pipeline's outputs. This module is pure: loading the images
+and sharing the work between threads is :mod:`tasks.qc.measure`'s.
 """
 
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +52,14 @@ from scipy import ndimage
 
 # MRIQC's robust estimator of sigma from the MAD (1.4826 = 1/Phi^-1(3/4)).
 MAD_TO_SIGMA = 1.4826
+MIN_AIR_VOXELS = 100
+
+
+@dataclass(frozen=True)
+class NotComputed:
+    """A metric that cannot be computed on this image, and why (never a sentinel value)."""
+
+    why: str
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,10 @@ def snr(t: TissueStats) -> float:
     return t.mean / (t.sd * math.sqrt(t.n / (t.n - 1)))
 
 
-def cnr(gm: TissueStats, wm: TissueStats, air_sd: float) -> float:
+def cnr(gm: TissueStats, wm: TissueStats, air_sd: float | NotComputed) -> float | NotComputed:
+    """:math:`|\\mu_{WM}-\\mu_{GM}| / \\sqrt{\\sigma_{air}^2+\\sigma_{GM}^2+\\sigma_{WM}^2}` (needs the air's noise)."""
+    if isinstance(air_sd, NotComputed):
+        return air_sd
     denom = math.sqrt(air_sd ** 2 + gm.sd ** 2 + wm.sd ** 2)
     return abs(wm.mean - gm.mean) / denom if denom > 0 else math.nan
 
@@ -164,56 +178,32 @@ def fov_cut(img: np.ndarray, zooms: tuple[float, ...]) -> float:
     return worst
 
 
-def air_sd(img: np.ndarray, head: np.ndarray) -> float:
-    """Noise in the air: a robust sigma of voxels well away from the head."""
+def air_sd(img: np.ndarray, head: np.ndarray) -> float | NotComputed:
+    """Noise in the air: a robust sigma (1.4826 MAD) of the non-zero voxels well away from the head.
+
+    Fewer than 100 such voxels (a zero-filled background, a field of view tight on the head)
+    leave nothing to estimate the noise from: :class:`NotComputed`, not 0 (which would make
+    CNR look better than the image is).
+    """
     step = 2 if head.size > 4_000_000 else 1
     near = ndimage.binary_dilation(head[::step, ::step, ::step], iterations=max(1, 3 // step))
     far = ~np.repeat(np.repeat(np.repeat(near, step, 0), step, 1), step, 2)[: head.shape[0], : head.shape[1],
                                                                           : head.shape[2]]
     air = img[far & (img != 0)]
-    if air.size < 100:
-        return 0.0
+    if air.size < MIN_AIR_VOXELS:
+        return NotComputed(f"only {air.size} non-zero air voxels away from the head (at least {MIN_AIR_VOXELS} "
+                           "are needed to estimate the noise)")
     return float(MAD_TO_SIGMA * np.median(np.abs(air - np.median(air))))
 
 
 TISSUE_PROBABILITY = 0.9  # voxels this sure of their tissue: partial volume would pose as noise
 
-
-def anat_iqms(raw: np.ndarray, corrected: np.ndarray, brain: np.ndarray, gm: np.ndarray, wm: np.ndarray,
-              csf: np.ndarray, zooms: tuple[float, ...]) -> dict[str, float]:
-    """Every metric of the catalogue that needs only images (all on one grid).
-
-    As MRIQC does, the tissue statistics (SNR, CNR, CJV) come from the
-    bias-corrected image and EFC, FBER and WM2MAX from the raw one. ``gm``,
-    ``wm``, ``csf`` are probability maps; a tissue's voxels are those at least
-    ``TISSUE_PROBABILITY`` sure of it. Images are RAS-ordered (for ``fov_cut``).
-    """
-    voxel_mm3 = float(np.prod(zooms[:3]))
-    raw = raw.astype(np.float32)
-    # The metrics are independent passes over a few large arrays and numpy leaves the
-    # GIL while it sorts, reduces and indexes: two threads share them (1.1 -> 0.67 s on a 1 mm T1).
-    with ThreadPoolExecutor(2) as pool:
-        head = pool.submit(head_mask, raw)
-        on_raw = {"efc": pool.submit(efc, raw), "fov_cut": pool.submit(fov_cut, raw, zooms)}
-        g, w = (gm >= TISSUE_PROBABILITY) & brain, (wm >= TISSUE_PROBABILITY) & brain
-        on_raw["wm2max"] = pool.submit(wm2max, raw, w)
-        tg, tw = tissue_stats(corrected, g), tissue_stats(corrected, w)
-        on_raw["fber"] = pool.submit(lambda: fber(raw, head.result()))
-        noise = air_sd(corrected, head.result())
-        tiv = float(brain.sum()) * voxel_mm3
-        gm_v, wm_v, csf_v = (float(np.sum(p, where=brain, dtype=np.float64)) * voxel_mm3 for p in (gm, wm, csf))
-        raw_metrics = {name: job.result() for name, job in on_raw.items()}
-    return {
-        "snr_gm": snr(tg),
-        "snr_wm": snr(tw),
-        "cnr": cnr(tg, tw, noise),
-        "cjv": cjv(tg, tw),
-        "efc": raw_metrics["efc"],
-        "fber": raw_metrics["fber"],
-        "wm2max": raw_metrics["wm2max"],
-        "fov_cut": raw_metrics["fov_cut"],
-        "tiv_cm3": tiv / 1000.0,
-        "gm_fraction": gm_v / tiv if tiv else math.nan,
-        "wm_fraction": wm_v / tiv if tiv else math.nan,
-        "csf_fraction": csf_v / tiv if tiv else math.nan,
-    }
+# The groups of the catalogue a pipeline spec can ask for (PipelineSpec.image_qc), and the
+# pipeline outputs (by key, beside the raw image) each group is computed from.
+GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # group: (metrics, outputs it needs)
+    "head": (("efc", "fber", "fov_cut"), ()),
+    "tissue": (("snr_gm", "snr_wm", "cnr", "cjv", "wm2max"), ("preproc", "brain_mask", "probseg_GM", "probseg_WM")),
+    "volumes": (("tiv_cm3", "gm_fraction", "wm_fraction", "csf_fraction"),
+                ("brain_mask", "probseg_GM", "probseg_WM", "probseg_CSF")),
+}

@@ -9,21 +9,26 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
 import pandas as pd
 
+from pipelines.registry import get_spec
+from tasks.errors import CorelabError
 from tasks.lake import tables
 from tasks.lake.audit import append_event
 from tasks.lake.storage import Lake
 from tasks.lake.studies import read_study
 from tasks.qc.record import biomarker_rows
-from tasks.run.derivatives import PipelineRun
+from tasks.run.derivatives import PipelineRun, derivatives_root, image_entities, lake_outputs, measures_table
 
 
-class OverrideError(ValueError):
+class OverrideError(CorelabError, ValueError):
     """An override that names no processed series, or more than one."""
+
+    code = "override_invalid"
 
 
 def _find_series(lake: Lake, series: str) -> pd.DataFrame:
@@ -73,23 +78,25 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _restore_biomarkers(lake: Lake, site: str, row: Any, now: datetime) -> int:
-    """Biomarker rows of a series passed by a reviewer, from its derivatives and provenance."""
+    """Biomarker rows of a series passed by a reviewer, from its derivatives and provenance.
+
+    The measures table is found through the pipeline's spec (its ``measures`` output, for the
+    entities of the run's provenance file), with the version of the verdict.
+    """
     series = tables.read_table(lake, "series", [site]).set_index("series_uid").loc[row.series_uid]
-    root = f"derivatives/{row.pipeline_name}-{row.pipeline_version}/sub-{row.subject}/ses-{row.session}"
+    spec = replace(get_spec(row.pipeline_name), version=row.pipeline_version)
+    root = f"{derivatives_root(spec)}/sub-{row.subject}/ses-{row.session}"
     record, measures = {}, None
     for p in lake.find(root):
         if p.endswith("_provenance.json"):
             candidate = json.loads(lake.read_text(p))
             if row.input_sha256 in candidate.get("inputs", {}).values():
                 record = candidate
-                prefix = p.rsplit("/", 1)[-1][: -len("_provenance.json")]
-                measures = f"{root}/anat/{prefix}_desc-volumes_measures.tsv"
+                measures = lake_outputs(spec, row.subject, row.session, image_entities(p)).get("measures")
     if not record.get("ok") or not measures or not lake.exists(measures):
         return 0  # nothing measured (the pipeline failed): there is nothing to restore
     run = PipelineRun(row.series_uid, "", row.input_sha256, row.pipeline_name, row.pipeline_version,
-                      digest=record.get("digest", ""))
-    df = pd.read_csv(lake.open(measures), sep="\t")
-    run.measures = [{"measure": r.measure, "value": float(r.value), "unit": str(r.unit)} for r in df.itertuples()]
+                      digest=record.get("digest", ""), measures=measures_table(lake.read_bytes(measures)))
     rows = biomarker_rows(run, read_study(lake, site, series.study_key), series.scanner_epoch, "PASS", None, now)
     tables.write_rows(lake, "biomarkers", site, rows)
     return len(rows)

@@ -14,10 +14,12 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from data_contracts.reasons import codes_in
 from data_contracts.trial import TrialConfig
 from pipelines.spec import PipelineSpec
 from tasks.conformance.findings import Finding, record_findings
 from tasks.deid.fingerprint import check_rows, load_fingerprints
+from tasks.errors import TRANSIENT_RETRIES
 from tasks.lake import tables
 from tasks.lake.audit import append_event
 from tasks.lake.storage import Lake
@@ -37,9 +39,9 @@ def qc_rows(sq: SeriesQC, study: Study, flow_run_id: str | None, now: datetime) 
               "verdict": v.status, "automatic_verdict": v.status, "input_sha256": run.input_sha256,
               "container_digest": run.digest or None, "flow_run_id": flow_run_id, "created_at": now}
     rows = [{**common, "metric": m.metric, "value": _finite(m.value), "status": m.status,
-             "reason": m.reason, "robust_z": _finite(m.z)} for m in v.metrics]
+             "reason": m.reason, "reason_code": m.code, "robust_z": _finite(m.z)} for m in v.metrics]
     rows.append({**common, "metric": "verdict", "value": None, "status": v.status,
-                 "reason": "; ".join(v.reasons) or None, "robust_z": None})
+                 "reason": "; ".join(v.reasons) or None, "reason_code": v.reason_code, "robust_z": None})
     return rows
 
 
@@ -96,25 +98,29 @@ def record_series(lake: Lake, trial: TrialConfig, study: Study, sq: SeriesQC, fl
         tables.write_rows(lake, "biomarkers", study.site, bio)
     if status == "FAIL":
         reasons = sq.verdict.reasons if sq.verdict else [run.error or "no verdict"]
+        code = sq.verdict.reason_code if sq.verdict else run.error_code
         record_findings(lake, study, [Finding(
             kind="qc_fail", severity="major", series_key=run.series_uid, parameter=run.pipeline,
-            observed=status, message=f"{run.pipeline} {run.version} QC FAIL: " + "; ".join(reasons))])
+            observed=status, message=f"{run.pipeline} {run.version} QC FAIL: " + "; ".join(reasons),
+            reason_code=code)])
     append_event(lake, "series_processed", series_uid=run.series_uid, study_key=study.study_key,
                  pipeline=run.pipeline, version=run.version, digest=run.digest, verdict=status,
                  input_sha256=run.input_sha256, biomarkers=len(bio))
     return status
 
 
-RETRYABLE = "not run:"
+# A FAIL whose deciding reason is one of these says the pipeline never ran (no engine, a refused
+# image): nothing was learnt about the data, so the nightly reprocessing tries again.
+NOT_RUN = codes_in("infrastructure")
 
 
 def clear_retryable(lake: Lake, site: str) -> int:
-    """Forget verdicts of runs that never started, so tonight's run tries again."""
+    """Forget the verdicts of runs that never started, so tonight's run tries again."""
     qc = tables.read_table(lake, "qc", [site])
     if qc.empty:
         return 0
     failed = qc[(qc.metric == "verdict") & (qc.verdict == "FAIL") & qc.override_by.isna()
-                & qc.reason.fillna("").str.contains(RETRYABLE, regex=False)]
+                & qc.reason_code.isin(NOT_RUN)]
     for row in failed.itertuples():
         tables.delete_rows(lake, "qc", site, {"series_uid": row.series_uid,
                                               "pipeline_name": row.pipeline_name,
@@ -122,7 +128,7 @@ def clear_retryable(lake: Lake, site: str) -> int:
     return len(failed)
 
 
-@task(name="record-series", cache_policy=NO_CACHE)
+@task(name="record-series", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def record_series_task(lake: Lake, trial: TrialConfig, study: Study, sq: SeriesQC,
                        flow_run_id: str | None) -> str:
     return record_series(lake, trial, study, sq, flow_run_id)

@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.conformance.findings import Finding, deviation_rows, query_rows
 from tasks.deid.verify import Matcher, check_no_phi
+from tasks.errors import TRANSIENT_RETRIES
 from tasks.intake.custody import QuarantineRecord
 from tasks.lake import tables
 from tasks.lake.audit import append_event
@@ -136,6 +137,6 @@ def record_study(lake: Lake, outcome: StudyOutcome, matcher: Matcher) -> dict[st
     return counts
 
 
-@task(name="record-study", cache_policy=NO_CACHE)
+@task(name="record-study", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def record_study_task(lake: Lake, outcome: StudyOutcome, matcher: Matcher) -> dict[str, int]:
     return record_study(lake, outcome, matcher)

@@ -23,6 +23,7 @@ from tasks.deid.fingerprint import Fingerprint, fingerprint_path
 from tasks.deid.profile import DeidContext, date_shift_days
 from tasks.deid.series import PARALLEL_MIN_FILES, DeidSeries, SeriesJob, collect_series, start_series, write_series
 from tasks.deid.verify import Matcher, collect_identifiers
+from tasks.errors import TRANSIENT_RETRIES
 from tasks.intake.custody import QuarantineRecord, quarantine
 from tasks.intake.heap import collector_paused
 from tasks.intake.identify import patient_characteristics, study_date, subject_label
@@ -168,7 +169,8 @@ def _finish_series(up: Upload, p: _PendingSeries) -> tuple[SeriesOutcome, DeidSe
         kind = "burned_in_annotation" if deid.refused_code == "burned_in" else "quarantined_file"
         so.findings.append(Finding(kind=kind, severity="major", series_key=deid.series_uid,
                                    observed=deid.refused_code,
-                                   message=f"series {p.number} quarantined: {deid.refused}"))
+                                   message=f"series {p.number} quarantined: {deid.refused}",
+                                   reason_code=deid.refused_code or "refused"))
     return so, deid
 
 
@@ -181,9 +183,9 @@ def quarantine_finding(r: QuarantineRecord) -> Finding:
     """A file rejected at inventory as a deviation; a stray non-DICOM file (a README) is minor."""
     return Finding(kind="quarantined_file", severity="minor" if r.code == "not_dicom" else "major",
                    observed=f"{r.code} sha256:{r.sha256[:12]}",
-                   message=f"file with sha256 {r.sha256[:12]} quarantined ({r.code})")
+                   message=f"file with sha256 {r.sha256[:12]} quarantined ({r.code})", reason_code=r.code)
 
 
-@task(name="receive-one-study", cache_policy=NO_CACHE)
+@task(name="receive-one-study", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def receive_one_study_task(up: Upload, files: list[ReceivedFile]) -> StudyOutcome:
     return receive_one_study(up, files)

@@ -2,16 +2,17 @@
 
 The pipeline runs through the container runner (``podman``/``docker``/``apptainer``, or
 ``local`` when the installed software equals the image's lock). Its derivatives land in
-``derivatives/<name>-<version>/`` with the run's provenance record beside them. A pipeline
-that fails or is refused is not an exception: the :class:`PipelineRun` says why (``error``),
-and the QC stage turns that into a FAIL with the reason.
+``derivatives/<name>-<version>/`` with the run's provenance record beside them. Everything is
+read back through the pipeline's spec: its outputs by key, its measures with their units. A
+pipeline that fails or is refused is not an exception: the :class:`PipelineRun` says why
+(``error``, ``error_code``), and the QC stage turns that into a FAIL with the reason.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +22,12 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from data_contracts.bids import parse_entities
 from pipelines.spec import PipelineSpec, bids_prefix
+from tasks.errors import TRANSIENT_RETRIES
 from tasks.lake.storage import Lake
 from tasks.run.engines import ContainerRunError
 from tasks.run.runner import run_pipeline
-
-ENTITY = re.compile(r"_(acq|run)-([A-Za-z0-9]+)")
 
 
 @dataclass
@@ -43,15 +44,21 @@ class PipelineRun:
     outputs: dict[str, str] = field(default_factory=dict)   # output key -> lake path
     measures: list[dict[str, Any]] = field(default_factory=list)  # measure, value, unit
     error: str | None = None
+    error_code: str | None = None          # data_contracts.reasons, when error is set
+
+    def fail(self, message: str, code: str) -> None:
+        """Record the first reason this run produced nothing usable (later ones add nothing)."""
+        if self.error is None:
+            self.error, self.error_code = message, code
 
 
 def derivatives_root(spec: PipelineSpec) -> str:
     return f"derivatives/{spec.name}-{spec.version}"
 
 
-def image_entities(bids_image: str) -> dict[str, str]:
-    name = bids_image.rsplit("/", 1)[-1]
-    return {k: v for k, v in ENTITY.findall(name)}
+def image_entities(bids_file: str) -> dict[str, str]:
+    """The entities of a BIDS file's name beyond subject and session (``acq``, ``ce``, ``run`` ...)."""
+    return {k: v for k, v in parse_entities(bids_file).items() if k not in ("sub", "ses")}
 
 
 def _sha256(data: bytes) -> str:
@@ -76,6 +83,12 @@ def run_on_image(lake: Lake, spec: PipelineSpec, bids_image: str, subject: str, 
     root = derivatives_root(spec)
     entities = image_entities(bids_image)
     prefix = bids_prefix(subject, session, entities)
+    unsupported = sorted(set(entities) - set(spec.entities))
+    if unsupported:  # dropping one would give two inputs the same derivatives
+        out.fail(f"{spec.name} {spec.version} not run: it takes no BIDS entit{'y' if len(unsupported) == 1 else 'ies'} "
+                 f"{', '.join(unsupported)} (it takes {', '.join(spec.entities) or 'none'}); "
+                 f"{bids_image.rsplit('/', 1)[-1]} is not processed", "input_unsupported")
+        return out
     with tempfile.TemporaryDirectory(prefix="corelab-run-") as tmp:
         tmp_path = Path(tmp)
         # Object stores get a local working folder, uploaded when the run is complete.
@@ -85,11 +98,12 @@ def run_on_image(lake: Lake, spec: PipelineSpec, bids_image: str, subject: str, 
                                   backend=backend, entities=entities, threads=threads,
                                   allow_version_mismatch=allow_version_mismatch)
         except ContainerRunError as exc:  # refusals (digest, stale lock, versions) and no engine
-            out.error = f"{spec.name} {spec.version} not run: {exc}"
+            out.fail(f"{spec.name} {spec.version} not run: {exc}", exc.code)
             return out
         out.record, out.digest = record.to_dict(), record.digest
         if not record.ok:
-            out.error = f"{spec.name} {spec.version} failed: {record.error or 'exit ' + str(record.exit_code)}"
+            out.fail(f"{spec.name} {spec.version} failed: {record.error or 'exit ' + str(record.exit_code)}",
+                     failure_code(record.exit_code))
         if not lake.is_local and record.ok:
             for p in sorted(work.rglob("*")):
                 if p.is_file():
@@ -97,35 +111,50 @@ def run_on_image(lake: Lake, spec: PipelineSpec, bids_image: str, subject: str, 
     lake.write_text(f"{root}/sub-{subject}/ses-{session}/{prefix}_provenance.json",
                     json.dumps(out.record or {"error": out.error}, indent=2, default=str))
     if out.error is None:
-        out.outputs = {k: f"{root}/{v}" for k, v in expected_outputs(spec, subject, session, entities).items()}
-        read_measures(lake, out)
+        out.outputs = lake_outputs(spec, subject, session, entities)
+        read_measures(lake, spec, out)
     return out
 
 
-def expected_outputs(spec: PipelineSpec, subject: str, session: str, entities: dict[str, str]) -> dict[str, str]:
-    names = spec.expected_outputs(subject, session, entities)
-    keys = {"_desc-preproc_T1w": "preproc", "_desc-brain_mask": "brain_mask", "_label-GM_probseg": "GM",
-            "_label-WM_probseg": "WM", "_label-CSF_probseg": "CSF", "_desc-volumes_measures.tsv": "measures",
-            "_dseg.nii.gz": "dseg"}
-    out = {}
-    for name in names:
-        for needle, key in keys.items():
-            if needle in name:
-                out[key] = name
-    return out
+def lake_outputs(spec: PipelineSpec, subject: str, session: str, entities: dict[str, str]) -> dict[str, str]:
+    """Output key -> lake path of every output the spec promises for one input."""
+    root = derivatives_root(spec)
+    return {k: f"{root}/{v}" for k, v in spec.expected_outputs(subject, session, entities).items()}
 
 
-def read_measures(lake: Lake, run: PipelineRun) -> None:
-    """The pipeline's measures TSV."""
+def failure_code(exit_code: int | None) -> str:
+    """Why a pipeline that ran left nothing usable: stopped, failed, or exited 0 without an output."""
+    if exit_code is None:
+        return "pipeline_timeout"
+    return "pipeline_failed" if exit_code != 0 else "pipeline_incomplete"
+
+
+def read_measures(lake: Lake, spec: PipelineSpec, run: PipelineRun) -> None:
+    """The pipeline's measures table, checked against the measures and units its spec declares."""
+    if not spec.measures:
+        return
     rel = run.outputs.get("measures")
     if not rel or not lake.exists(rel):
-        run.error = run.error or f"{run.pipeline} left no measures table"
+        run.fail(f"{run.pipeline} left no measures table", "pipeline_incomplete")
         return
-    df = pd.read_csv(lake.open(rel), sep="\t")
-    run.measures = [{"measure": r.measure, "value": float(r.value), "unit": str(r.unit)} for r in df.itertuples()]
+    run.measures = measures_table(lake.read_bytes(rel))
+    declared = {m.name: m.unit for m in spec.measures}
+    reported = {m["measure"]: m["unit"] for m in run.measures}
+    if reported != declared:
+        wrong = sorted(f"{k} [{reported.get(k, 'absent')}, declared {declared.get(k, 'nothing')}]"
+                       for k in set(reported) | set(declared) if reported.get(k) != declared.get(k))
+        run.measures = []
+        run.fail(f"{run.pipeline} {run.version} measures differ from its spec: {'; '.join(wrong)}",
+                 "pipeline_incomplete")
 
 
-@task(name="run-pipeline", cache_policy=NO_CACHE)
+def measures_table(data: bytes) -> list[dict[str, Any]]:
+    """The rows of a ``measure``/``value``/``unit`` TSV."""
+    df = pd.read_csv(io.BytesIO(data), sep="\t")
+    return [{"measure": r.measure, "value": float(r.value), "unit": str(r.unit)} for r in df.itertuples()]
+
+
+@task(name="run-pipeline", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def run_on_image_task(lake: Lake, spec: PipelineSpec, bids_image: str, subject: str, session: str,
                       series_uid: str, backend: str, allow_version_mismatch: bool = False) -> PipelineRun:
     return run_on_image(lake, spec, bids_image, subject, session, series_uid, backend, allow_version_mismatch)

@@ -17,14 +17,17 @@ from pathlib import Path
 
 from pipelines.image_build import PODMAN_CONF, podman_env
 from pipelines.images import CONTAINERS, LockedImage, sha256_file
+from tasks.errors import CorelabError
 
 ENGINES = ("podman", "docker", "apptainer")
 IN_DIR, OUT_DIR = "/data/in", "/data/out"
 SIF_DIR = CONTAINERS / ".cache" / "sif"
 
 
-class ContainerRunError(RuntimeError):
+class ContainerRunError(CorelabError, RuntimeError):
     """A pipeline run could not be attempted."""
+
+    code = "run_refused"
 
 
 class RunRefused(ContainerRunError):
@@ -38,21 +41,31 @@ class RunRefused(ContainerRunError):
 class ImageMissing(RunRefused):
     """The locked image is not in the engine's storage (or the SIF file is absent)."""
 
+    code = "image_missing"
+
 
 class DigestMismatch(RunRefused):
     """The engine's image is not the one whose digest is locked."""
+
+    code = "digest_mismatch"
 
 
 class StaleLock(RunRefused):
     """The image definition changed after the locked image was built."""
 
+    code = "stale_lock"
+
 
 class VersionMismatch(RunRefused):
     """``local`` backend: the installed environment differs from the image's lock."""
 
+    code = "version_mismatch"
+
 
 class EngineMissing(ContainerRunError):
     """The backend's executable is not on PATH."""
+
+    code = "engine_missing"
 
 
 @dataclass(frozen=True)

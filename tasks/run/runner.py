@@ -35,12 +35,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from pipelines.images import (
     CONTAINERS,
-    LOCK_PATH,
     REPO,
     LockedImage,
     LockError,
@@ -77,8 +73,7 @@ from tasks.run.engines import (
 )
 
 __all__ = ["BACKENDS", "ContainerRunError", "DigestMismatch", "EngineMissing", "ImageMissing",
-           "RunRecord", "RunRefused", "StaleLock", "VersionMismatch", "run_pipeline",
-           "run_pipeline_task"]
+           "RunRecord", "RunRefused", "StaleLock", "VersionMismatch", "run_pipeline"]
 
 log = logging.getLogger("corelab.container_runner")
 BACKENDS = (*ENGINES, "local")
@@ -252,7 +247,7 @@ def _text(data: bytes | str | None) -> str:
 def check_outputs(record: RunRecord, spec: PipelineSpec, output_dir: Path, subject: str,
                   session: str, entities: Mapping[str, str] | None) -> RunRecord:
     """Hash the promised outputs; a missing one makes the run not ok."""
-    for rel in spec.expected_outputs(subject, session, entities):
+    for rel in spec.expected_outputs(subject, session, entities).values():
         path = output_dir / rel
         if path.is_file():
             record.outputs[rel] = sha256_file(path)
@@ -268,7 +263,7 @@ def run_pipeline(spec: PipelineSpec, input_path: str | Path, output_dir: str | P
                  subject: str, session: str, *, backend: str = "podman",
                  entities: Mapping[str, str] | None = None, threads: int | None = None,
                  allow_version_mismatch: bool = False, timeout_s: float | None = None,
-                 lock_path: Path = LOCK_PATH, containers: Path = CONTAINERS,
+                 lock_path: Path | None = None, containers: Path | None = None,
                  sif_dir: Path = SIF_DIR) -> RunRecord:
     """Run ``spec`` on one input file with ``backend`` and return its provenance.
 
@@ -290,6 +285,8 @@ def run_pipeline(spec: PipelineSpec, input_path: str | Path, output_dir: str | P
         then carries ``version_override=True`` and the list of mismatches.
     timeout_s : float, optional
         Stop (and remove) the run after this many seconds.
+    lock_path, containers : Path, optional
+        The lock and the image definitions (default: the spec's ``definitions`` folder).
 
     Returns
     -------
@@ -308,7 +305,8 @@ def run_pipeline(spec: PipelineSpec, input_path: str | Path, output_dir: str | P
     input_path, output_dir = Path(input_path), Path(output_dir)
     if not input_path.is_file():
         raise ContainerRunError(f"input {input_path} does not exist or is not a file")
-    entry = _locked(spec, lock_path)
+    containers = containers or spec.definitions
+    entry = _locked(spec, lock_path or spec.lock_path)
     entities = {k: v for k, v in (entities or {}).items() if v is not None}
     options = dict(entities) | {"threads": threads}
     if backend == "local":
@@ -340,10 +338,3 @@ def _locked(spec: PipelineSpec, lock_path: Path) -> LockedImage:
         raise StaleLock(f"image {entry.reference} was built for {spec.name} {entry.pipeline_version}, "
                         f"the spec is {spec.version}: rebuild with `corelab containers build {spec.image}`")
     return entry
-
-
-@task(name="run-pipeline", cache_policy=NO_CACHE)
-def run_pipeline_task(spec: PipelineSpec, input_path: str | Path, output_dir: str | Path,
-                      subject: str, session: str, **kwargs) -> RunRecord:
-    """Prefect task around :func:`run_pipeline` (refusals are never retried)."""
-    return run_pipeline(spec, input_path, output_dir, subject, session, **kwargs)

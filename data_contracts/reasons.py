@@ -1,0 +1,94 @@
+"""Reason codes: the machine-readable vocabulary of why something was refused, failed or flagged.
+
+The tables store these codes (``reason_code`` in ``qc`` and ``deviations``; ``code`` in each
+quarantine ``reason.json``), so they are part of the contract between corelab and whoever reads
+its lake: a nightly job picks what to retry by code, a dashboard counts failures by code, a
+statistician filters by code. Every error a stage raises carries one (``tasks.errors``).
+
+Categories
+    infrastructure  the work did not happen; nothing is known to be wrong with the data
+    input           the data as received cannot be used (a site must correct or re-send it)
+    phi             an identifying value is, or may be, left: fail closed
+    pipeline        a pipeline or conversion ran on the data and could not produce its outputs
+    qc              the outputs exist and a quality metric is beyond the trial's limits
+    contract        a value does not meet a table's or a path's contract (a bug or a bad call)
+
+``retryable`` marks transient failures only: the same call may succeed in seconds (storage or
+network down for a moment, a container engine that did not answer). Prefect retries exactly
+these (``tasks.errors.transient``); nothing else is retried by Prefect. The nightly
+reprocessing re-runs work whose code is in the ``infrastructure`` category, transient or not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Category = Literal["infrastructure", "input", "phi", "pipeline", "qc", "contract"]
+
+
+@dataclass(frozen=True)
+class Reason:
+    code: str
+    category: Category
+    retryable: bool
+    description: str
+
+
+REASONS: dict[str, Reason] = {r.code: r for r in (
+    # infrastructure
+    Reason("storage_unavailable", "infrastructure", True, "the lake could not be read or written (disk, network, S3)"),
+    Reason("engine_unavailable", "infrastructure", True, "the container engine did not answer"),
+    Reason("engine_missing", "infrastructure", False, "the backend's container engine is not installed on this worker"),
+    Reason("image_missing", "infrastructure", False, "the locked image is not in the engine's storage"),
+    Reason("digest_mismatch", "infrastructure", False, "the engine's image is not the digest containers/lock pins"),
+    Reason("stale_lock", "infrastructure", False, "the image definition changed after the locked image was built"),
+    Reason("version_mismatch", "infrastructure", False,
+           "local backend: this environment differs from the image's lock"),
+    Reason("run_refused", "infrastructure", False,
+           "the run could not be attempted (unknown backend, unmountable path)"),
+    # input
+    Reason("upload_not_found", "input", False, "the upload path does not exist"),
+    Reason("bad_archive", "input", False, "a zip archive cannot be opened"),
+    Reason("corrupt_gzip", "input", False, "a gzip-compressed file cannot be decompressed"),
+    Reason("not_dicom", "input", False, "a file is not DICOM"),
+    Reason("unreadable", "input", False, "a DICOM file cannot be parsed (truncated?)"),
+    Reason("missing_uid", "input", False, "a DICOM file lacks a required UID"),
+    Reason("no_pixel_data", "input", False, "a DICOM file holds no pixel data"),
+    Reason("incomplete_header", "input", False, "an image header lacks its size elements"),
+    Reason("pixel_size", "input", False, "the pixel data is shorter or longer than the header promises"),
+    Reason("duplicate_uid", "input", False, "a SOPInstanceUID repeats with other content"),
+    Reason("unattributable", "input", False, "the study cannot be attributed to a trial subject or visit"),
+    Reason("unknown_study", "input", False, "no received study has that key"),
+    Reason("refused", "input", False, "refused for a reason without a code of its own"),
+    # phi
+    Reason("burned_in", "phi", False, "the pixel data may hold identifying text"),
+    Reason("deid_failed", "phi", False, "a data set could not be de-identified"),
+    Reason("phi_left", "phi", False, "an identifying value is left after de-identification"),
+    Reason("phi_in_output", "phi", False, "an output about to be written holds an identifying value"),
+    # pipeline
+    Reason("conversion_failed", "pipeline", False, "dcm2niix could not convert a series"),
+    Reason("conversion_ambiguous", "pipeline", False, "dcm2niix made more than one image from one series"),
+    Reason("bids_name_invalid", "pipeline", False, "an output name is not valid BIDS"),
+    Reason("input_unsupported", "pipeline", False, "the pipeline does not take an entity of the input's name"),
+    Reason("pipeline_failed", "pipeline", False, "the pipeline exited with an error"),
+    Reason("pipeline_timeout", "pipeline", False, "the pipeline ran out of time and was stopped"),
+    Reason("pipeline_incomplete", "pipeline", False, "the pipeline exited 0 but left a promised output out"),
+    Reason("derivatives_unreadable", "pipeline", False, "the pipeline's outputs cannot be read for QC"),
+    # qc
+    Reason("metric_missing", "qc", False, "a QC metric could not be computed"),
+    Reason("qc_limit", "qc", False, "a QC metric is beyond the trial's limit"),
+    Reason("qc_site_outlier", "qc", False, "a QC metric is far from the site's own distribution"),
+    # contract
+    Reason("schema_violation", "contract", False, "rows do not meet their table's schema"),
+    Reason("lake_path_invalid", "contract", False, "a lake path is absolute or leaves the lake"),
+    Reason("export_refused", "contract", False, "the export cannot be made as asked"),
+    Reason("override_invalid", "contract", False, "a reviewer override names no processed series or is incomplete"),
+)}
+
+CODES = frozenset(REASONS)
+
+
+def codes_in(category: Category) -> frozenset[str]:
+    """Every reason code of one category."""
+    return frozenset(code for code, r in REASONS.items() if r.category == category)

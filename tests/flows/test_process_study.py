@@ -1,0 +1,237 @@
+"""process_study end to end on real T1s: BIDS, the pinned anat pipeline, the QC gate, the tables."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.process_study import process_study
+from flows.receive_study import receive_study
+from pipelines.registry import get_spec
+from tasks.lake.export import export_biomarkers
+from tasks.lake.storage import Lake
+from tasks.lake.studies import read_study
+from tasks.lake.tables import read_table, write_rows
+from tasks.qc.measure import gate, measure_quality
+from tasks.qc.overrides import OverrideError, override
+from tasks.qc.record import biomarker_rows, qc_rows
+from tasks.run.derivatives import PipelineRun, lake_outputs, run_on_image
+from tests.data import REPO, shared_path
+
+pytestmark = pytest.mark.prefect
+T1_SITES = {"siemens-xa30": ("dcm_qa_xa30", "In"), "philips-ingenia": ("dcm_qa_philips_enh", "In")}
+
+
+def locked_digest() -> str:
+    return tomllib.loads((REPO / "containers" / "lock").read_text())["images"]["anat"]["digest"]
+
+
+@pytest.fixture(scope="module")
+def processed(prefect_harness, tmp_path_factory, trial):
+    lake_dir = tmp_path_factory.mktemp("lake")
+    results = {}
+    for site, parts in T1_SITES.items():
+        (o,) = receive_study(str(shared_path(*parts)), site, lake_url=str(lake_dir), trial=trial)
+        results[site] = (o, process_study(o.study.study_key, site, lake_url=str(lake_dir), trial=trial))
+    return Lake(str(lake_dir)), results
+
+
+def test_real_t1s_pass_and_become_biomarkers(processed):
+    lake, results = processed
+    for site, (_, done) in results.items():
+        (sp,) = done
+        assert sp.verdict.status == "PASS", (site, sp.verdict.reasons)
+    bio = read_table(lake, "biomarkers")
+    assert sorted(bio.site.unique()) == sorted(T1_SITES)
+    assert set(bio.measure) == {"TIV", "GM", "WM", "CSF", "GM_fraction"}
+    tiv = bio[bio.measure == "TIV"].set_index("site")["value"]
+    assert all(1_100_000 < v < 2_000_000 for v in tiv)            # mm3
+    assert set(bio.qc_status) == {"PASS"} and set(bio.pipeline_name) == {"anat"}
+
+
+def test_every_biomarker_row_carries_its_provenance(processed):
+    lake, _ = processed
+    bio = read_table(lake, "biomarkers")
+    assert set(bio.container_digest) == {locked_digest()}
+    for row in bio.drop_duplicates("series_uid").itertuples():
+        sidecars = [p for p in lake.find("bids") if p.endswith(".json") and "_T1w" in p
+                    and json.loads(lake.read_text(p)).get("SeriesInstanceUID") == row.series_uid]
+        (sidecar,) = sidecars
+        image = sidecar[: -len(".json")] + ".nii.gz"
+        assert row.input_sha256 == hashlib.sha256(lake.read_bytes(image)).hexdigest()
+    provenance = [json.loads(lake.read_text(p)) for p in lake.find("derivatives") if p.endswith("_provenance.json")]
+    assert len(provenance) == 2 and all(p["ok"] and p["digest"] == locked_digest() for p in provenance)
+    desc = json.loads(lake.read_text("derivatives/anat-0.1.0/dataset_description.json"))
+    assert desc["GeneratedBy"][0]["Name"] == "anat"
+    assert desc["GeneratedBy"][0]["Container"]["Tag"] == locked_digest()
+
+
+def test_duckdb_and_the_wide_export(processed, tmp_path):
+    lake, _ = processed
+    glob = lake.path("tables/biomarkers") + "/*/*.parquet"
+    rows = duckdb.sql(f"SELECT site, measure, value FROM read_parquet('{glob}', hive_partitioning=true) "
+                      "WHERE measure = 'TIV' ORDER BY site").fetchall()
+    assert [r[0] for r in rows] == ["philips-ingenia", "siemens-xa30"]
+    out = tmp_path / "wide.csv"
+    assert export_biomarkers(lake, out, "csv", as_wide=True) == 2
+    wide = pd.read_csv(out)
+    assert {"anat_TIV", "anat_GM_fraction", "qc_status", "subject", "session"} <= set(wide.columns)
+
+
+def test_qc_table_holds_every_metric_and_the_verdict(processed):
+    lake, _ = processed
+    qc = read_table(lake, "qc")
+    per_series = qc.groupby("series_uid").metric.apply(set)
+    for metrics in per_series:
+        assert {"verdict", "snr_wm", "cnr", "cjv", "efc", "coverage", "fov_cut", "tiv_cm3"} <= metrics
+    assert set(qc[qc.metric == "verdict"].status) == {"PASS"}
+
+
+def test_rerun_changes_nothing(processed, trial):
+    lake, results = processed
+    before = {p: Path(lake.path(p)).read_bytes() for p in lake.find("tables")}
+    o, _ = results["siemens-xa30"]
+    assert process_study(o.study.study_key, "siemens-xa30", lake_url=lake.url, trial=trial) == []
+    assert {p: Path(lake.path(p)).read_bytes() for p in lake.find("tables")} == before
+
+
+def test_override_moves_biomarkers_both_ways(processed):
+    lake, results = processed
+    _, (sp,) = results["siemens-xa30"]
+    n = len(read_table(lake, "biomarkers"))
+    ev = override(lake, sp.run.series_uid[:30], "fail", "motion seen on review", "Dr Reviewer")
+    assert ev["biomarkers_withdrawn"] == 5 and len(read_table(lake, "biomarkers")) == n - 5
+    qc = read_table(lake, "qc")
+    mine = qc[qc.series_uid == sp.run.series_uid]
+    assert set(mine.verdict) == {"FAIL"} and set(mine.automatic_verdict) == {"PASS"}
+    assert set(mine.override_by) == {"Dr Reviewer"} and set(mine.override_reason) == {"motion seen on review"}
+    ev = override(lake, sp.run.series_uid, "pass", "second look: fine", "Dr Other")
+    assert ev["biomarkers_added"] == 5 and len(read_table(lake, "biomarkers")) == n
+    with pytest.raises(OverrideError, match="no processed series"):
+        override(lake, "9.9.9", "pass", "x", "y")
+    with pytest.raises(OverrideError, match="pass or fail"):
+        override(lake, sp.run.series_uid, "maybe", "x", "y")
+
+
+def test_a_new_pipeline_version_adds_rows_and_keeps_the_old(processed, trial, monkeypatch):
+    lake, results = processed
+    o, _ = results["siemens-xa30"]
+    from dataclasses import replace
+
+    import pipelines.registry as reg
+
+    newer = replace(reg.anat_spec(), version="0.2.0")
+    monkeypatch.setitem(reg.BUILTIN, "anat", lambda: newer)
+    (sp,) = process_study(o.study.study_key, "siemens-xa30", lake_url=lake.url, trial=trial)
+    # no image was built for 0.2.0: the runner refuses, and that is a recorded FAIL, not a crash
+    assert sp.verdict.status == "FAIL" and "not run" in sp.verdict.reasons[0]
+    qc = read_table(lake, "qc")
+    versions = set(qc[qc.series_uid == sp.run.series_uid].pipeline_version)
+    assert versions == {"0.1.0", "0.2.0"}
+    bio = read_table(lake, "biomarkers")
+    assert set(bio[bio.series_uid == sp.run.series_uid].pipeline_version) == {"0.1.0"}
+
+
+# -- bad and degraded inputs: the gate, without Prefect ----------------------------------------
+def _stage(lake: Lake, study, data: np.ndarray, affine: np.ndarray, name: str) -> str:
+    rel = f"bids/sub-{study.subject}/ses-{study.session}/anat/sub-{study.subject}_ses-{study.session}_{name}_T1w.nii.gz"
+    path = Path(lake.path(rel))
+    nib.save(nib.Nifti1Image(data.astype(np.float32), affine), str(path))
+    return rel
+
+
+@pytest.fixture(scope="module")
+def xa30(processed):
+    lake, results = processed
+    o, _ = results["siemens-xa30"]
+    study = read_study(lake, "siemens-xa30", o.study.study_key)
+    ref = nib.as_closest_canonical(nib.load(str(shared_path("dcm_qa_xa30", "Ref", "5_anat-T1w_acq-tfl.nii"))))
+    return lake, study, np.asanyarray(ref.dataobj, dtype=np.float32), ref.affine
+
+
+def _judge(lake, trial, study, rel):
+    """Run, measure, gate and record one staged image as if it were a series of the study."""
+    uid = "2.25.9" + str(abs(hash(rel)))[:12]
+    spec = get_spec("anat")
+    run = run_on_image(lake, spec, rel, study.subject, study.session, uid, "local")
+    sq = measure_quality(lake, spec, run)
+    gate(trial, study.site, sq, {})
+    now = datetime.now(timezone.utc)
+    write_rows(lake, "qc", study.site, qc_rows(sq, study, None, now))
+    bio = biomarker_rows(run, study, "E0", sq.verdict.status, None, now)
+    if bio:
+        write_rows(lake, "biomarkers", study.site, bio)
+    return sq
+
+
+def _recorded(lake, sp):
+    qc = read_table(lake, "qc")
+    verdict = qc[(qc.series_uid == sp.run.series_uid) & (qc.metric == "verdict")].iloc[0]
+    bio = read_table(lake, "biomarkers")
+    return verdict, bio[bio.series_uid == sp.run.series_uid]
+
+
+def test_top_30_percent_removed_fails_on_coverage(xa30, trial):
+    lake, study, data, affine = xa30
+    cut = data[:, :, : int(data.shape[2] * 0.7)]
+    sp = _judge(lake, trial, study, _stage(lake, study, cut, affine, "acq-cut"))
+    assert sp.verdict.status == "FAIL"
+    assert any(r.startswith("fov_cut") for r in sp.verdict.reasons), sp.verdict.reasons
+    verdict, bio = _recorded(lake, sp)
+    assert verdict.status == "FAIL" and "fov_cut" in verdict.reason and bio.empty
+
+
+def test_heavy_noise_fails_or_warns_on_snr_cnr(xa30, trial):
+    lake, study, data, affine = xa30
+    rng = np.random.default_rng(1)
+    sigma = 0.25 * float(np.percentile(data, 99))
+    noisy = np.sqrt((data + rng.normal(0, sigma, data.shape)) ** 2 + rng.normal(0, sigma, data.shape) ** 2)
+    sp = _judge(lake, trial, study, _stage(lake, study, noisy, affine, "acq-noisy"))
+    assert sp.verdict.status in ("FAIL", "WARN")
+    flagged = {m.metric for m in sp.verdict.metrics if m.status != "PASS"}
+    assert flagged & {"snr_wm", "snr_gm", "cnr"}, sp.verdict.reasons
+    verdict, bio = _recorded(lake, sp)
+    assert "snr_wm" in verdict.reason or "cnr" in verdict.reason
+    assert bio.empty or sp.verdict.status == "WARN"   # a WARN is kept, flagged
+    assert set(bio.qc_status) <= {"WARN"}
+
+
+def test_no_segmentation_output_is_a_named_fail(processed, trial):
+    lake, results = processed
+    o, _ = results["siemens-xa30"]
+    study = read_study(lake, "siemens-xa30", o.study.study_key)
+    rel = _stage(lake, study, np.zeros((64, 64, 1)), np.eye(4), "acq-flat")   # a 2D slice: anat refuses it
+    sp = _judge(lake, trial, study, rel)
+    assert sp.verdict.status == "FAIL"
+    assert sp.verdict.reasons[0].startswith("segmentation could not be computed: anat 0.1.0 failed")
+    verdict, bio = _recorded(lake, sp)
+    assert "anat 0.1.0 failed" in verdict.reason and bio.empty
+    assert not [p for p in lake.find("derivatives") if "acq-flat" in p and not p.endswith("_provenance.json")]
+
+
+def test_nan_metric_is_a_named_fail(processed, trial, tmp_path):
+    lake, results = processed
+    o, (done,) = results["siemens-xa30"]
+    study = read_study(lake, "siemens-xa30", o.study.study_key)
+    copy = Lake(str(tmp_path / "copy"))
+    for p in lake.find("bids") + lake.find("derivatives"):
+        copy.write_bytes(p, lake.read_bytes(p))
+    wm = copy.path(next(p for p in copy.find("derivatives")
+                        if p.endswith(f"sub-{study.subject}_ses-{study.session}_label-WM_probseg.nii.gz")))
+    img = nib.load(wm)
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), wm)   # no white matter at all
+    run = PipelineRun(done.run.series_uid, done.run.bids_image, done.run.input_sha256, "anat", "0.1.0")
+    run.outputs = lake_outputs(get_spec("anat"), study.subject, study.session, {})
+    sq = measure_quality(copy, get_spec("anat"), run)
+    gate(trial, study.site, sq, {})
+    assert sq.verdict.status == "FAIL"
+    assert "snr_wm could not be computed: is NaN" in sq.verdict.reasons
