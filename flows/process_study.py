@@ -10,7 +10,7 @@ deviations and site queries for failures, audit events. Returns one
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from data_contracts.trial import TrialConfig, load_trial
 from flows.runtime import flow_run_id
@@ -29,7 +29,6 @@ def process_study(study_key: str, site: str, trial_file: str | None = None, lake
                   backend: str = "local", allow_version_mismatch: bool = False,
                   pipelines: list[str] | None = None, trial: TrialConfig | None = None) -> list[SeriesQC]:
     """Process one received study (see module docstring)."""
-    log = get_run_logger()
     trial = trial or load_trial(trial_file or "trial.yaml")
     lake = open_lake(lake_url)
     study = read_study(lake, site, study_key)
@@ -52,7 +51,6 @@ def process_study(study_key: str, site: str, trial_file: str | None = None, lake
             # 4. measure quality, gate on the site's rules and history
             sq = judge_series_task(lake, trial, site, spec, run)
             # 5. record: qc, biomarkers (PASS/WARN), queries for FAIL, audit
-            verdict = record_series_task(lake, trial, study, sq, flow_run_id())
-            log.info("%s %s on series %s: %s", spec.name, spec.version, series_uid[-12:], verdict)
+            record_series_task(lake, trial, study, sq, flow_run_id())
             done.append(sq)
     return done

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -61,6 +62,8 @@ def apply_defaults() -> None:
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
     logging.getLogger(LOGGER).setLevel(os.environ.get("CORELAB_LOG_LEVEL", "INFO").upper())
+    if "prefect" in sys.modules:  # set up before us (a worker's flow-run process): attach now
+        attach_run_logs()
 
 
 def attach_run_logs() -> None:

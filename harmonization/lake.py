@@ -164,9 +164,3 @@ def already_harmonized(lake: Lake, model_id: str) -> set[tuple[str, str, str, st
 def read_biomarkers_task(lake: Lake) -> pd.DataFrame:
     """The lake's ``biomarkers`` table (retried: storage can fail transiently)."""
     return read_table(lake, "biomarkers")
-
-
-@task(name="write-harmonized-biomarkers", cache_policy=NO_CACHE)
-def write_harmonized_task(lake: Lake, per_site: dict[str, list[dict[str, Any]]]) -> int:
-    """Prefect wrapper of :func:`write_harmonized`."""
-    return write_harmonized(lake, per_site)

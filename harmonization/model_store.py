@@ -113,11 +113,6 @@ def list_models(lake: Lake) -> list[dict[str, Any]]:
     return sorted(out, key=lambda m: str(m["created_at"]))
 
 
-@task(name="save-harmonization-model", cache_policy=NO_CACHE)
-def save_model_task(lake: Lake, model: ComBatModel) -> str:
-    """Prefect wrapper of :func:`save_model`."""
-    return save_model(lake, model)
-
 
 @task(name="load-harmonization-model", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def load_model_task(lake: Lake, model_id: str) -> ComBatModel:

@@ -21,8 +21,6 @@ from typing import Any
 import jinja2
 import pandas as pd
 import yaml
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from harmonization import combat, diagnostics, figures
 from harmonization.combat import ApplyResult, ComBatModel, FitResult
@@ -241,9 +239,3 @@ def save_report(lake: Lake, report: dict[str, Any], name: str) -> tuple[str, str
     lake.write_text(base + ".json", to_json(report))
     lake.write_text(base + ".html", render_html(report))
     return base + ".html", base + ".json"
-
-
-@task(name="harmonization-report", cache_policy=NO_CACHE)
-def save_report_task(lake: Lake, report: dict[str, Any], name: str) -> tuple[str, str]:
-    """Prefect wrapper of :func:`save_report`."""
-    return save_report(lake, report, name)

@@ -59,6 +59,3 @@ def main() -> None:
                   highlight=False, soft_wrap=True)
         sys.exit(1)
 
-
-if __name__ == "__main__":
-    main()

@@ -31,11 +31,9 @@ import fsspec
 
 from tasks.errors import CorelabError
 
-# The stores of the design; creating them up front makes a new lake self-describing.
-STORES = (
-    "inbox", "quarantine", "deid", "bids", "derivatives", "qc",
-    "tables", "models", "reports", "audit", "queries",
-)
+# The stores that hold something; creating them up front makes a new lake self-describing.
+# (Site queries are a table under tables/; QC verdicts too, until QC snapshots need a store.)
+STORES = ("inbox", "quarantine", "deid", "bids", "derivatives", "tables", "models", "reports", "audit")
 
 
 class LakePathError(CorelabError, ValueError):

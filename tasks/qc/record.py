@@ -103,6 +103,8 @@ def record_series(lake: Lake, trial: TrialConfig, study: Study, sq: SeriesQC, fl
             kind="qc_fail", severity="major", series_key=run.series_uid, parameter=run.pipeline,
             observed=status, message=f"{run.pipeline} {run.version} QC FAIL: " + "; ".join(reasons),
             reason_code=code)])
+    log.info("%s %s on series %s: %s%s", run.pipeline, run.version, run.series_uid[-12:], status,
+             "".join(f"; {r}" for r in (sq.verdict.reasons if sq.verdict else [])))
     append_event(lake, "series_processed", series_uid=run.series_uid, study_key=study.study_key,
                  pipeline=run.pipeline, version=run.version, digest=run.digest, verdict=status,
                  input_sha256=run.input_sha256, biomarkers=len(bio))

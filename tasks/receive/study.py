@@ -8,6 +8,7 @@ refused data to ``quarantine/``; its table rows are built and written by
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -32,6 +33,8 @@ from tasks.lake import tables
 from tasks.lake.storage import Lake
 from tasks.lake.studies import Study
 from tasks.receive.record import SeriesOutcome, StudyOutcome
+
+log = logging.getLogger("corelab.receive")
 
 
 @dataclass
@@ -171,6 +174,10 @@ def _finish_series(up: Upload, p: _PendingSeries) -> tuple[SeriesOutcome, DeidSe
                                    observed=deid.refused_code,
                                    message=f"series {p.number} quarantined: {deid.refused}",
                                    reason_code=deid.refused_code or "refused"))
+    # de-identified words only: the cleaned description, the protocol's names, the findings
+    log.info("series %s %r: %s%s%s", p.number, so.description, so.verdict,
+             f" as {so.series_type}" if so.series_type else "",
+             "".join(f"; {f.severity} {f.kind}: {f.message}" for f in so.findings))
     return so, deid
 
 

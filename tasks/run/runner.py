@@ -75,7 +75,7 @@ from tasks.run.engines import (
 __all__ = ["BACKENDS", "ContainerRunError", "DigestMismatch", "EngineMissing", "ImageMissing",
            "RunRecord", "RunRefused", "StaleLock", "VersionMismatch", "run_pipeline"]
 
-log = logging.getLogger("corelab.container_runner")
+log = logging.getLogger("corelab.run")
 BACKENDS = (*ENGINES, "local")
 TAIL = 4000
 # Set inside containers and for local runs alike (HOME only inside), so both compute alike.

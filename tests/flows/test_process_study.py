@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +44,15 @@ def processed(prefect_harness, tmp_path_factory, trial):
         (o,) = receive_study(str(shared_path(*parts)), site, lake_url=str(lake_dir), trial=trial)
         results[site] = (o, process_study(o.study.study_key, site, lake_url=str(lake_dir), trial=trial))
     return Lake(str(lake_dir)), results
+
+
+@pytest.fixture
+def scratch(processed, tmp_path):
+    """A copy of the processed lake for a test that changes it: the module's lake stays as made,
+    so the tests reading it pass in any order."""
+    lake, results = processed
+    shutil.copytree(lake.root, tmp_path / "scratch")
+    return Lake(str(tmp_path / "scratch")), results
 
 
 def test_real_t1s_pass_and_become_biomarkers(processed):
@@ -104,8 +114,8 @@ def test_rerun_changes_nothing(processed, trial):
     assert {p: Path(lake.path(p)).read_bytes() for p in lake.find("tables")} == before
 
 
-def test_override_moves_biomarkers_both_ways(processed):
-    lake, results = processed
+def test_override_moves_biomarkers_both_ways(scratch):
+    lake, results = scratch
     _, (sp,) = results["siemens-xa30"]
     n = len(read_table(lake, "biomarkers"))
     ev = override(lake, sp.run.series_uid[:30], "fail", "motion seen on review", "Dr Reviewer")
@@ -122,8 +132,8 @@ def test_override_moves_biomarkers_both_ways(processed):
         override(lake, sp.run.series_uid, "maybe", "x", "y")
 
 
-def test_a_new_pipeline_version_adds_rows_and_keeps_the_old(processed, trial, monkeypatch):
-    lake, results = processed
+def test_a_new_pipeline_version_adds_rows_and_keeps_the_old(scratch, trial, monkeypatch):
+    lake, results = scratch
     o, _ = results["siemens-xa30"]
     from dataclasses import replace
 
@@ -134,6 +144,7 @@ def test_a_new_pipeline_version_adds_rows_and_keeps_the_old(processed, trial, mo
     (sp,) = process_study(o.study.study_key, "siemens-xa30", lake_url=lake.url, trial=trial)
     # no image was built for 0.2.0: the runner refuses, and that is a recorded FAIL, not a crash
     assert sp.verdict.status == "FAIL" and "not run" in sp.verdict.reasons[0]
+    assert sp.verdict.reason_code == "stale_lock"
     qc = read_table(lake, "qc")
     versions = set(qc[qc.series_uid == sp.run.series_uid].pipeline_version)
     assert versions == {"0.1.0", "0.2.0"}
@@ -151,11 +162,12 @@ def _stage(lake: Lake, study, data: np.ndarray, affine: np.ndarray, name: str) -
 
 @pytest.fixture(scope="module")
 def xa30(processed):
+    """The XA30 study, and its reference T1 (dcm2niix's own conversion) to degrade."""
     lake, results = processed
     o, _ = results["siemens-xa30"]
     study = read_study(lake, "siemens-xa30", o.study.study_key)
     ref = nib.as_closest_canonical(nib.load(str(shared_path("dcm_qa_xa30", "Ref", "5_anat-T1w_acq-tfl.nii"))))
-    return lake, study, np.asanyarray(ref.dataobj, dtype=np.float32), ref.affine
+    return study, np.asanyarray(ref.dataobj, dtype=np.float32), ref.affine
 
 
 def _judge(lake, trial, study, rel):
@@ -180,8 +192,8 @@ def _recorded(lake, sp):
     return verdict, bio[bio.series_uid == sp.run.series_uid]
 
 
-def test_top_30_percent_removed_fails_on_coverage(xa30, trial):
-    lake, study, data, affine = xa30
+def test_top_30_percent_removed_fails_on_coverage(xa30, scratch, trial):
+    (lake, _), (study, data, affine) = scratch, xa30
     cut = data[:, :, : int(data.shape[2] * 0.7)]
     sp = _judge(lake, trial, study, _stage(lake, study, cut, affine, "acq-cut"))
     assert sp.verdict.status == "FAIL"
@@ -190,8 +202,8 @@ def test_top_30_percent_removed_fails_on_coverage(xa30, trial):
     assert verdict.status == "FAIL" and "fov_cut" in verdict.reason and bio.empty
 
 
-def test_heavy_noise_fails_or_warns_on_snr_cnr(xa30, trial):
-    lake, study, data, affine = xa30
+def test_heavy_noise_fails_or_warns_on_snr_cnr(xa30, scratch, trial):
+    (lake, _), (study, data, affine) = scratch, xa30
     rng = np.random.default_rng(1)
     sigma = 0.25 * float(np.percentile(data, 99))
     noisy = np.sqrt((data + rng.normal(0, sigma, data.shape)) ** 2 + rng.normal(0, sigma, data.shape) ** 2)
@@ -205,10 +217,8 @@ def test_heavy_noise_fails_or_warns_on_snr_cnr(xa30, trial):
     assert set(bio.qc_status) <= {"WARN"}
 
 
-def test_no_segmentation_output_is_a_named_fail(processed, trial):
-    lake, results = processed
-    o, _ = results["siemens-xa30"]
-    study = read_study(lake, "siemens-xa30", o.study.study_key)
+def test_no_segmentation_output_is_a_named_fail(xa30, scratch, trial):
+    (lake, _), (study, _, _) = scratch, xa30
     rel = _stage(lake, study, np.zeros((64, 64, 1)), np.eye(4), "acq-flat")   # a 2D slice: anat refuses it
     sp = _judge(lake, trial, study, rel)
     assert sp.verdict.status == "FAIL"

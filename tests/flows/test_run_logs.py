@@ -61,11 +61,24 @@ def test_corelab_v_shows_the_decisions_on_the_console(tmp_path):
     up = copy_upload(tmp_path / "up", *GE_SERIES, limit=3)
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"))
     env.pop("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", None)
-    args = [sys.executable, "-m", "flows.cli", "ingest", str(up), "--site", "ge-nih", "--trial", str(DEMO_TRIAL),
-            "--lake", str(tmp_path / "lake"), "--no-process"]
-    quiet = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    loud = subprocess.run(args[:3] + ["-v"] + args[3:], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    def corelab(*flags: str, lake: str) -> subprocess.CompletedProcess:
+        args = [*flags, "ingest", str(up), "--site", "ge-nih", "--trial", str(DEMO_TRIAL), "--lake", lake,
+                "--no-process"]
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    quiet = corelab(lake=str(tmp_path / "lake1"))
+    loud = corelab("-v", lake=str(tmp_path / "lake2"))
     assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
     line = "corelab.receive - series 4 "
     assert line in loud.stderr and line not in quiet.stderr
+
+
+def test_a_process_that_set_prefect_up_first_still_sends_corelab_logs_to_the_run():
+    """A worker's flow-run process imports Prefect before loading our flow: the handler is attached then."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_LOGGING")}
+    code = ("import logging, prefect, flows.runtime; "
+            "print(sorted(type(h).__name__ for h in logging.getLogger('corelab').handlers), "
+            "logging.getLogger('corelab').level)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "['APILogHandler'] 20", out.stderr
