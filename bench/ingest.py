@@ -67,12 +67,13 @@ def dicognito_only(blobs: list[bytes]) -> None:
 def intake_without_prefect(trial) -> None:
     from tasks.intake.inventory import inventory_upload
     from tasks.lake.storage import Lake
-    from tasks.receive.study import StudyContext, receive_one_study, record_study
+    from tasks.receive.record import record_study
+    from tasks.receive.study import Upload, receive_one_study
 
     lake = Lake(tempfile.mkdtemp(prefix="bench-lake-")).init()
     for site, rel in DEMO_UPLOADS.items():
         files = inventory_upload(DATA / rel).accepted
-        outcome = receive_one_study(StudyContext(trial, site, "bench", lake), files)
+        outcome = receive_one_study(Upload(trial, site, "bench", lake), files)
         record_study(lake, outcome, outcome.matcher)
 
 

@@ -41,11 +41,11 @@ def main() -> None:
             lake = tempfile.mkdtemp(prefix="bench-lake-")
             (o,) = receive_study(str(DATA / rel), site, lake_url=lake, trial=trial)
             t = time.perf_counter()
-            (sp,) = process_study(o.study_key, site, lake_url=lake, backend=args.backend, trial=trial)
+            (sq,) = process_study(o.study.study_key, site, lake_url=lake, backend=args.backend, trial=trial)
             total = time.perf_counter() - t
-            inside = float(sp.record.get("duration_s", 0.0))
+            inside = float(sq.run.record.get("duration_s", 0.0))
             print(f"{site:18} {total:8.1f} {inside:10.1f} {total - inside:9.1f} "
-                  f"{100 * (total - inside) / total:8.1f}%  {sp.verdict.status}")
+                  f"{100 * (total - inside) / total:8.1f}%  {sq.verdict.status}")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ When new data arrives in ../shared/data, regenerate the manifest::
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import sys
 from pathlib import Path
 
 import pytest
+
+from pipelines.images import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("CORELAB_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -51,7 +52,7 @@ def _check(rel: str) -> str | None:
     expected = _manifest().get(rel)
     if expected is None:
         return "not in tests/shared_data.sha256 (new data? run `python -m tests.data --write`)"
-    actual = _sha256(SHARED / rel)
+    actual = sha256_file(SHARED / rel)
     if actual != expected:
         return f"sha256 {actual[:16]}... differs from the manifest's {expected[:16]}... (the data changed)"
     return None
@@ -67,16 +68,8 @@ def _manifest() -> dict[str, str]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest() -> int:
-    rows = [f"{_sha256(p)}  {p.relative_to(SHARED).as_posix()}"
+    rows = [f"{sha256_file(p)}  {p.relative_to(SHARED).as_posix()}"
             for p in sorted(SHARED.rglob("*")) if p.is_file()]
     MANIFEST.write_text("# sha256 of every file of ../shared/data (python -m tests.data --write)\n"
                         + "\n".join(rows) + "\n")

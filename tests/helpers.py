@@ -47,3 +47,27 @@ def gz(path: Path) -> Path:
     out.write_bytes(gzip.compress(path.read_bytes()))
     path.unlink()
     return out
+
+
+def s3_lake(bucket: str):
+    """A lake on moto's real S3 API server, on a port of its own so the server can stop and start.
+
+    Returns the lake and the (started) server. Botocore makes one attempt per call, so an outage
+    reaches corelab at once instead of after botocore's own retries.
+    """
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    from tasks.lake.storage import Lake
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
+            "config_kwargs": {"retries": {"max_attempts": 1}}}
+    lake = Lake(f"s3://{bucket}/trial1", opts)
+    lake.fs.mkdir(bucket)
+    return lake, server

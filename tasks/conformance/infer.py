@@ -16,7 +16,7 @@ import yaml
 
 from data_contracts.trial import vendor_of
 from tasks.conformance.parameters import scanner_identity, series_parameters
-from tasks.intake.inventory import group_series, inventory_upload
+from tasks.intake.inventory import InventoryError, group_series, inventory_upload
 
 # Default half-widths of the tolerance around an observed value.
 SLACK = {
@@ -56,7 +56,7 @@ def infer_protocol(upload: Path, visit: str = "baseline") -> dict[str, Any]:
     """A ``protocol:`` section (as a dict) drafted from the series of ``upload``."""
     inv = inventory_upload(upload, keep_data=False)
     if not inv.accepted:
-        raise ValueError(f"{upload}: no readable DICOM series to infer a protocol from")
+        raise InventoryError("not_dicom", f"{upload}: no readable DICOM series to infer a protocol from")
     used: set[str] = set()
     types = []
     for members in group_series(inv.accepted).values():

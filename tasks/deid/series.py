@@ -205,5 +205,6 @@ def deidentify_series(files: list[ReceivedFile], ctx: DeidContext, matcher: Matc
 def write_series(lake: Lake, series: DeidSeries) -> list[str]:
     """Write a verified series to deid/ (refuses an unverified one)."""
     if not series.ok:
-        raise ValueError(f"refusing to write an unverified series to deid/: {series.refused}")
+        raise DeidError(f"refusing to write an unverified series to deid/: {series.refused}",
+                        series.refused_code or "deid_failed")
     return lake.write_many({f"{series.folder}/{name}": data for name, data in sorted(series.files.items())})

@@ -8,7 +8,6 @@ meets the outage and the second surely does not).
 from __future__ import annotations
 
 import logging
-import socket
 
 import pytest
 
@@ -17,7 +16,7 @@ from tasks.intake.identify import SubjectError
 from tasks.intake.inventory import inventory_upload
 from tasks.lake.storage import Lake
 from tasks.receive.study import Upload, receive_one_study_task
-from tests.helpers import GE_SERIES, copy_upload, rewrite
+from tests.helpers import GE_SERIES, copy_upload, rewrite, s3_lake
 
 pytestmark = pytest.mark.prefect
 
@@ -57,18 +56,7 @@ def retry_log():
 
 
 def test_custody_during_a_storage_outage_is_retried_and_completes(prefect_harness, tmp_path, retry_log):
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    # one attempt per call: the outage reaches corelab at once instead of after botocore's own retries
-    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
-            "config_kwargs": {"retries": {"max_attempts": 1}}}
-    lake = Lake("s3://outage/trial1", opts)
-    lake.fs.mkdir("outage")
+    lake, server = s3_lake("outage")
     up = copy_upload(tmp_path / "up", *GE_SERIES, limit=3)
     inv = inventory_upload(up)
     server.stop()

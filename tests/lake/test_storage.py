@@ -63,22 +63,11 @@ def test_write_many_is_all_there_and_leaves_no_temporary_files(tmp_path, s3_url)
 
 def test_a_store_that_is_down_is_a_transient_storage_error_naming_the_lake(tmp_path):
     """moto's S3 server stopped under a lake: an outage, retried; a missing key is not one."""
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
     from tasks.errors import is_transient
     from tasks.lake.storage import StorageUnavailable
+    from tests.helpers import s3_lake
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
-            "config_kwargs": {"retries": {"max_attempts": 1}}}
-    lake = Lake("s3://down/trial1", opts)
-    lake.fs.mkdir("down")
+    lake, server = s3_lake("down")
     lake.write_text("reports/a.txt", "hello")
     with pytest.raises(FileNotFoundError):
         lake.read_bytes("reports/absent.txt")           # not there: trying again changes nothing
