@@ -28,7 +28,7 @@ from data_contracts.qc_settings import QCSettings
 LABEL = r"^[A-Za-z0-9]+$"        # BIDS labels are alphanumeric
 SITE_ID = r"^[a-z0-9][a-z0-9-]*$"
 
-# Canonical parameter names and units the protocol speaks in (see tasks/dicom_params.py).
+# Canonical parameter names and units the protocol speaks in (see tasks/conformance/parameters.py).
 PARAMETERS = {
     "field_strength": "T",
     "repetition_time": "ms",

@@ -3,7 +3,7 @@
 Pure command construction (:func:`oci_command`, :func:`apptainer_command`) is kept apart from
 the calls that ask an engine about an image (:func:`verify_oci_image`) or check a SIF file
 (:func:`verify_sif`), so tests can assert the command each backend gets without an engine.
-The runner (``tasks/container_runner.py``) uses these; see its docstring for the rules.
+The runner (``tasks/run/runner.py``) uses these; see its docstring for the rules.
 """
 
 from __future__ import annotations
