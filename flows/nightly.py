@@ -4,7 +4,8 @@ Inputs: the lake, the trial file and the container backend. For every accepted
 study it runs ``process_study``, which converts what is not yet in BIDS and runs
 each pipeline version that has not judged a series yet: new studies, and all
 studies after a pipeline version change. Series whose pipeline could not run at
-all (no engine, a refused image: reasons with "not run") are retried; a pipeline
+all are retried: their verdict's reason code is in the ``infrastructure`` category
+of data_contracts/reasons.py (no engine, a refused image, storage down); a pipeline
 that ran and failed on its input is not retried blindly. Returns counts.
 """
 

@@ -26,7 +26,7 @@ from data_contracts.bids import parse_entities
 from pipelines.spec import PipelineSpec, bids_prefix
 from tasks.errors import TRANSIENT_RETRIES
 from tasks.lake.storage import Lake
-from tasks.run.engines import ContainerRunError
+from tasks.run.engines import ENGINE_ERROR_EXIT, OCI_ENGINES, ContainerRunError, EngineUnavailable
 from tasks.run.runner import run_pipeline
 
 
@@ -98,8 +98,13 @@ def run_on_image(lake: Lake, spec: PipelineSpec, bids_image: str, subject: str, 
                                   backend=backend, entities=entities, threads=threads,
                                   allow_version_mismatch=allow_version_mismatch)
         except ContainerRunError as exc:  # refusals (digest, stale lock, versions) and no engine
+            if exc.retryable:             # the engine did not answer: Prefect tries again
+                raise
             out.fail(f"{spec.name} {spec.version} not run: {exc}", exc.code)
             return out
+        if record.exit_code == ENGINE_ERROR_EXIT and backend in OCI_ENGINES:
+            raise EngineUnavailable(f"{backend} failed to run {spec.name} {spec.version} (exit "
+                                    f"{ENGINE_ERROR_EXIT}, the engine's own error): {record.error}")
         out.record, out.digest = record.to_dict(), record.digest
         if not record.ok:
             out.fail(f"{spec.name} {spec.version} failed: {record.error or 'exit ' + str(record.exit_code)}",

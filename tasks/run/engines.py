@@ -19,7 +19,8 @@ from pipelines.image_build import PODMAN_CONF, podman_env
 from pipelines.images import CONTAINERS, LockedImage, sha256_file
 from tasks.errors import CorelabError
 
-ENGINES = ("podman", "docker", "apptainer")
+OCI_ENGINES = ("podman", "docker")
+ENGINES = (*OCI_ENGINES, "apptainer")
 IN_DIR, OUT_DIR = "/data/in", "/data/out"
 SIF_DIR = CONTAINERS / ".cache" / "sif"
 
@@ -66,6 +67,18 @@ class EngineMissing(ContainerRunError):
     """The backend's executable is not on PATH."""
 
     code = "engine_missing"
+
+
+class EngineUnavailable(ContainerRunError):
+    """The engine is there but failed to answer (its own error, not the pipeline's): transient."""
+
+    code = "engine_unavailable"
+
+
+# podman and docker exit 125 when the engine itself fails (before or instead of running the
+# container): a daemon or storage error, not the pipeline's own exit status.
+ENGINE_ERROR_EXIT = 125
+_NO_SUCH_IMAGE = ("no such image", "image not known", "failed to find image")
 
 
 @dataclass(frozen=True)
@@ -144,6 +157,9 @@ def verify_oci_image(backend: str, entry: LockedImage) -> str:
     """The ID of the image tagged ``entry.tagged``; refuse unless it is the locked digest."""
     proc = subprocess.run([backend, "image", "inspect", "--format", "{{.Id}}", entry.tagged],
                           capture_output=True, text=True, env=engine_env(backend))
+    if proc.returncode != 0 and not any(s in proc.stderr.lower() for s in _NO_SUCH_IMAGE):
+        raise EngineUnavailable(f"{backend} image inspect {entry.tagged} failed (exit {proc.returncode}): "
+                                f"{proc.stderr.strip()[:300]}")
     if proc.returncode != 0:
         raise ImageMissing(f"{backend} has no image {entry.tagged} (locked as {entry.reference}); "
                            f"build it with `corelab containers build {entry.key}` or load the "

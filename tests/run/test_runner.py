@@ -395,3 +395,39 @@ def test_committed_lock_describes_the_current_anat_definition():
     entry = read_lock(REPO / "containers" / "lock")["anat"]
     assert entry.pipeline_version == spec.version
     assert definition_drift(entry, spec.sources) == []
+
+
+def test_an_engine_that_fails_to_answer_is_transient_and_never_a_verdict(setup, t1, monkeypatch, tmp_path, trial):
+    """podman or docker failing on its own (exit 125, a storage or daemon error) is not the pipeline's
+    failure: run_on_image raises it for Prefect to retry, and writes no verdict or provenance."""
+    from tasks.errors import is_transient
+    from tasks.lake.storage import Lake
+    from tasks.run.derivatives import run_on_image
+    from tasks.run.engines import EngineUnavailable
+
+    spec = replace(TOY, definitions=setup["containers"])
+    lake = Lake(str(tmp_path / "lake")).init()
+    rel = "bids/sub-01/ses-V1/anat/sub-01_ses-V1_T1w.nii.gz"
+    lake.write_bytes(rel, t1.read_bytes())
+    monkeypatch.setenv("FAKE_EXIT", "125")
+    with pytest.raises(EngineUnavailable, match="exit 125") as err:
+        run_on_image(lake, spec, rel, "01", "V1", "2.25.7", "docker")
+    assert is_transient(err.value)
+    assert not [p for p in lake.find("derivatives") if p.endswith("_provenance.json")]   # no record of a run
+    monkeypatch.setenv("FAKE_EXIT", "3")                 # the pipeline's own failure stays a record
+    run = run_on_image(lake, spec, rel, "01", "V1", "2.25.7", "docker")
+    assert run.error_code == "pipeline_failed" and "status 3" in run.error
+
+
+def test_image_inspect_failing_for_another_reason_than_a_missing_image_is_transient(setup, t1, monkeypatch):
+    engine = setup["repo"].parent / "bin" / "docker"
+    engine.write_text(engine.read_text().replace(
+        'print("Error: no such image", file=sys.stderr); sys.exit(125)',
+        'print("Error: database is locked", file=sys.stderr); sys.exit(125)'))
+    monkeypatch.setenv("FAKE_ID", "")
+    from tasks.run.engines import EngineUnavailable
+
+    with pytest.raises(EngineUnavailable, match="database is locked"):
+        toy_run(setup, t1, "docker")
+    with pytest.raises(ImageMissing):
+        toy_run(setup, t1, "podman")                     # its fake still says: no such image
