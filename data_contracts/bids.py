@@ -19,14 +19,15 @@ from data_contracts._bids_entities import ENTITIES, SCHEMA_BIDS_VERSION
 # official validator (bids-validator-deno 3.0.2, schema 1.11.1) warns UNKNOWN_BIDS_VERSION for
 # a dataset that claims a version newer than its own schema, so the claim moves only with it.
 BIDS_VERSION = "1.10.0"
-__all__ = ["BIDS_VERSION", "ENTITY_ORDER", "EntityError", "SCHEMA_BIDS_VERSION", "entity_prefix",
-           "parse_entities"]
+__all__ = ["BIDS_VERSION", "ENTITY_ORDER", "EntityError", "LABEL", "SCHEMA_BIDS_VERSION", "check_value",
+           "entity_prefix", "parse_entities"]
 
 ENTITY_ORDER: tuple[str, ...] = tuple(key for key, *_ in ENTITIES)
 FORMAT: dict[str, str] = {key: fmt for key, _, fmt, _ in ENTITIES}
 ALLOWED: dict[str, tuple[str, ...]] = {key: enum for key, _, _, enum in ENTITIES if enum}
 NAME: dict[str, str] = {key: name for key, name, _, _ in ENTITIES}
-_LABEL = re.compile(r"^[A-Za-z0-9]+$")     # BIDS "label": alphanumeric
+LABEL = r"^[A-Za-z0-9]+$"                  # BIDS "label": alphanumeric
+_LABEL = re.compile(LABEL)
 _INDEX = re.compile(r"^[0-9]+$")           # BIDS "index": a non-negative integer
 _PAIR = re.compile(r"^([a-z]+)-(.+)$")
 
@@ -53,7 +54,10 @@ def check_value(key: str, value: object) -> str:
 
 def entity_prefix(subject: str, session: str, entities: Mapping[str, object] | None = None) -> str:
     """``sub-S_ses-V[_<key>-<value> ...]`` in the order of the entity table (values checked)."""
-    parts = {"sub": subject, "ses": session, **{k: v for k, v in (entities or {}).items() if v is not None}}
+    given = {k: v for k, v in (entities or {}).items() if v is not None}
+    if {"sub", "ses"} & set(given):
+        raise EntityError("subject and session are arguments of entity_prefix, not entities to pass")
+    parts = {"sub": subject, "ses": session, **given}
     unknown = sorted(set(parts) - set(ENTITY_ORDER))
     if unknown:
         raise EntityError(f"unknown BIDS entities {unknown} (BIDS {SCHEMA_BIDS_VERSION} entity table)")

@@ -29,6 +29,16 @@ class Rule(BaseModel):
         return self
 
 
+# The groups of image QC metrics a pipeline spec can ask for (PipelineSpec.image_qc): the metrics
+# of each (tasks/qc/metrics.py computes them) and the pipeline outputs, by key, each is computed
+# from beside the raw image. A spec that asks for a group must declare those outputs.
+IMAGE_QC_GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "head": (("efc", "fber", "fov_cut"), ()),
+    "tissue": (("snr_gm", "snr_wm", "cnr", "cjv", "wm2max"), ("preproc", "brain_mask", "probseg_GM", "probseg_WM")),
+    "volumes": (("tiv_cm3", "gm_fraction", "wm_fraction", "csf_fraction"),
+                ("brain_mask", "probseg_GM", "probseg_WM", "probseg_CSF")),
+}
+
 # Defaults for the built-in anat pipeline on a 3 T T1w, set with bench/qc_calibration.py from
 # the three real T1s of ../shared/data (Philips 1 mm, Siemens XA30 2 mm, chris_t1 0.88 mm), which
 # must pass, and the same T1s with heavy noise or their top 30 % cut, which must not. Each trial

@@ -15,8 +15,9 @@ Categories
 
 ``retryable`` marks transient failures only: the same call may succeed in seconds (storage or
 network down for a moment, a container engine that did not answer). Prefect retries exactly
-these (``tasks.errors.transient``); nothing else is retried by Prefect. The nightly
-reprocessing re-runs work whose code is in the ``infrastructure`` category, transient or not.
+these (``tasks.errors.transient``); nothing else is retried by Prefect, and a transient failure
+that outlasts the retries fails the run instead of becoming a verdict. The nightly reprocessing
+re-runs work whose recorded verdict carries a code of the ``infrastructure`` category.
 """
 
 from __future__ import annotations

@@ -22,10 +22,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from data_contracts.bids import LABEL, check_value
 from data_contracts.harmonization_settings import HarmonizationSettings
 from data_contracts.qc_settings import QCSettings
 
-LABEL = r"^[A-Za-z0-9]+$"        # BIDS labels are alphanumeric
 SITE_ID = r"^[a-z0-9][a-z0-9-]*$"
 
 # Canonical parameter names and units the protocol speaks in (see tasks/conformance/parameters.py).
@@ -189,6 +189,16 @@ class SeriesType(Strict):
         default_factory=dict, description="per vendor (ge, siemens, philips, ...) overrides")
 
     _names = field_validator("tolerances")(_check_parameter_names)
+
+    @field_validator("entities")
+    @classmethod
+    def _bids_entities(cls, v: dict[str, str]) -> dict[str, str]:
+        """Entities of the one BIDS table, with values it allows (a file name is built from them)."""
+        for key, value in v.items():
+            if key in ("sub", "ses"):
+                raise ValueError(f"entity {key!r} is set by corelab (subject and visit), not by the protocol")
+            check_value(key, value)
+        return v
 
     @field_validator("vendor_tolerances")
     @classmethod

@@ -32,9 +32,17 @@ from tasks.receive.study import Upload, quarantine_finding, receive_one_study_ta
 
 
 def _audit_failure(lake: Lake, site: str, upload_key: str, n_files: int, exc: Exception) -> None:
-    """An audit event for a study that failed without a verdict (the error's type and code, never its text)."""
-    append_event(lake, "study_failed", site=site, upload=upload_key, n_files=n_files,
-                 error=type(exc).__name__, reason_code=getattr(exc, "code", None))
+    """An audit event for a study that failed without a verdict (the error's type and code, never its text).
+
+    When the lake is what failed, the event cannot be written either: that is logged, and the
+    original error is the one the run fails with.
+    """
+    try:
+        append_event(lake, "study_failed", site=site, upload=upload_key, n_files=n_files,
+                     error=type(exc).__name__, reason_code=getattr(exc, "code", None))
+    except Exception as audit_exc:
+        get_run_logger().error("the failure could not be audited (%s: %s)", type(audit_exc).__name__,
+                               getattr(audit_exc, "code", ""))
 
 
 def _studies(files: list[ReceivedFile]) -> dict[str, list[ReceivedFile]]:

@@ -12,7 +12,7 @@ Environment defaults (:data:`DEFAULTS`)
     (each ``dst <- src`` pairing, each "found X, skipping", each exact container command, each
     gate verdict) is in the flow run's log in the Prefect UI. Prefect's own run loggers log at
     INFO (``PREFECT_LOGGING_LEVEL``), so the flows' own lines reach the run too; the console
-    shows warnings only unless the CLI is given ``-v`` (:func:`verbose_console`).
+    shows warnings only unless the CLI is given ``-v`` (:func:`configure_console`).
 
 Embedded runs (:func:`embedded_runs`)
     Two Prefect 3.8 defaults cost seconds per flow run when the flow runs in the caller's own

@@ -113,7 +113,6 @@ def list_models(lake: Lake) -> list[dict[str, Any]]:
     return sorted(out, key=lambda m: str(m["created_at"]))
 
 
-
 @task(name="load-harmonization-model", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def load_model_task(lake: Lake, model_id: str) -> ComBatModel:
     """Prefect wrapper of :func:`load_model`."""

@@ -23,7 +23,6 @@ from harmonization import combat, model_store, report
 from harmonization import lake as lake_io
 from harmonization.errors import Finding, HarmonizationRefused
 from harmonization.inputs import from_wide_table, read_table_file, write_back, write_table_file
-from tasks.errors import TRANSIENT_RETRIES
 from tasks.lake.audit import append_event
 from tasks.lake.storage import Lake
 
@@ -158,14 +157,16 @@ def summary_markdown(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@task(name="fit-harmonization-model", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+@task(name="fit-harmonization-model", cache_policy=NO_CACHE)
 def fit_lake_task(lake: Lake, rows: pd.DataFrame, covariates: pd.DataFrame,
                   settings: HarmonizationSettings) -> tuple[combat.ComBatModel, Outcome]:
     """Prefect wrapper of :func:`fit_lake`."""
     return fit_lake(lake, rows, covariates, settings)
 
 
-@task(name="apply-harmonization-model", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+# Neither is retried by Prefect: after a partial write (rows, then report and audit) a second
+# attempt would find the rows done and skip the rest. They read through retried tasks.
+@task(name="apply-harmonization-model", cache_policy=NO_CACHE)
 def apply_lake_task(lake: Lake, model: combat.ComBatModel, model_id: str, rows: pd.DataFrame,
                     covariates: pd.DataFrame, settings: HarmonizationSettings,
                     only_new: bool = True) -> Outcome:

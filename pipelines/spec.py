@@ -32,12 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from data_contracts.bids import ENTITY_ORDER, EntityError, entity_prefix
+from data_contracts.bids import ENTITY_ORDER, LABEL, EntityError, entity_prefix
+from data_contracts.qc_settings import IMAGE_QC_GROUPS
 from pipelines.images import CONTAINERS
 
-_NAME = re.compile(r"^[A-Za-z0-9]+$")
-# Groups of QC metrics the QC stage computes from a pipeline's images (tasks/qc/metrics.py).
-IMAGE_QC_GROUPS = ("head", "tissue", "volumes")
+_NAME = re.compile(LABEL)   # a pipeline name is a BIDS label, hyphens allowed
 
 
 class SpecError(ValueError):
@@ -118,7 +117,8 @@ class PipelineSpec:
         What the ``measures`` output reports, with units; a run reporting anything else is
         incomplete.
     image_qc : tuple of str
-        Which groups of image QC metrics the QC stage computes (:data:`IMAGE_QC_GROUPS`).
+        Which groups of image QC metrics the QC stage computes
+        (``data_contracts.qc_settings.IMAGE_QC_GROUPS``; the spec must declare their outputs).
     qc_sidecar : str or None
         Output key whose JSON sidecar (same name, ``.json``) holds the pipeline's own QC values.
     qc_metrics : tuple of SidecarMetric
@@ -156,6 +156,11 @@ class PipelineSpec:
         if unknown:
             raise SpecError(f"pipeline {self.name!r}: unknown image QC groups {unknown}; known: "
                             f"{list(IMAGE_QC_GROUPS)}")
+        for group in self.image_qc:
+            lacking = [k for k in IMAGE_QC_GROUPS[group][1] if k not in self.outputs]
+            if lacking:
+                raise SpecError(f"pipeline {self.name!r}: image QC group {group!r} is computed from outputs "
+                                f"{lacking}, which the spec does not declare")
         if self.measures and "measures" not in self.outputs:
             raise SpecError(f"pipeline {self.name!r} declares measures but no 'measures' output")
         if self.qc_sidecar is not None and self.qc_sidecar not in self.outputs:

@@ -15,6 +15,7 @@ accepted (or an audit chain is broken), 2 for a bad command, trial file, site or
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
@@ -53,9 +54,10 @@ def main() -> None:
     except Exception as exc:  # no traceback reaches a user: one line, and where the details are
         from flows.cli.common import err
 
+        logging.getLogger("corelab.cli").error("corelab %s failed", " ".join(sys.argv[1:2]), exc_info=exc)
         code = getattr(exc, "code", None)
         err.print(f"[bold red]error:[/] {type(exc).__name__}{f' ({code})' if isinstance(code, str) else ''}: "
-                  f"{escape(str(exc))}\nNothing received was lost; the flow run's log holds the details.",
-                  highlight=False, soft_wrap=True)
+                  f"{escape(str(exc))}\nNothing received was lost; `corelab -v` shows the details (a flow's "
+                  "are in its run log too).", highlight=False, soft_wrap=True)
         sys.exit(1)
 

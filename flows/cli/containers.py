@@ -17,13 +17,8 @@ from pipelines.image_build import DEFAULT_BASE, BuildError, build_image, export_
 from pipelines.images import LOCK_PATH, REPO, LockError, definition_drift, read_lock
 from pipelines.registry import UnknownPipeline, spec_for_image
 
-app = typer.Typer(help="Pinned pipeline images: build, lock, verify.", no_args_is_help=True)
-
-
-@app.callback()
-def _logging(verbose: bool = typer.Option(True, help="Log each command before it runs.")) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(message)s")
+app = typer.Typer(help="Pinned pipeline images: build, lock, verify (`corelab -v containers ...` logs each "
+                       "command before it runs).", no_args_is_help=True)
 
 
 @app.command()
@@ -115,5 +110,6 @@ def _problems(key: str, images: dict, engine: bool, repo: Path) -> list[str]:
     return found
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # alone, without the corelab CLI's console: log each command
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     app()

@@ -24,7 +24,7 @@ def qc_override(
 ) -> None:
     """Record a reviewer's verdict; the biomarkers table follows it."""
     from tasks.lake.storage import open_lake
-    from tasks.qc.record import OverrideError, override
+    from tasks.qc.overrides import OverrideError, override
 
     try:
         event = override(open_lake(lake_url(lake)), series, verdict, reason, by)

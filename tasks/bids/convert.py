@@ -25,7 +25,7 @@ import nibabel as nib
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from data_contracts.bids import entity_prefix
+from data_contracts.bids import EntityError, entity_prefix
 from data_contracts.trial import SeriesType, TrialConfig
 from tasks.bids.dataset import write_dataset_description, write_participants, write_scans, write_sessions
 from tasks.conformance.findings import Finding
@@ -125,16 +125,6 @@ def run_dcm2niix(src: Path, out: Path, stem: str) -> list[Path]:
     return sorted(out.iterdir())
 
 
-def _local_copy(lake: Lake, folder: str, tmp: Path) -> Path:
-    if lake.is_local:
-        return Path(lake.path(folder))
-    dest = tmp / "dicom"
-    dest.mkdir()
-    for rel in lake.find(folder):
-        (dest / rel.rsplit("/", 1)[-1]).write_bytes(lake.read_bytes(rel))
-    return dest
-
-
 def convert_series(lake: Lake, s: SeriesToConvert, subject: str, session: str,
                    fingerprints: list[Fingerprint]) -> Converted:
     """Convert one series into the lake's BIDS dataset; nothing is written on any failure."""
@@ -149,14 +139,17 @@ def convert_series(lake: Lake, s: SeriesToConvert, subject: str, session: str,
         tmp_path = Path(tmp)
         out = tmp_path / "out"
         out.mkdir()
-        produced = run_dcm2niix(_local_copy(lake, s.deid_path, tmp_path), out, "img")
+        produced = run_dcm2niix(Path(lake.local_folder(s.deid_path, tmp_path)), out, "img")
         image = next(p for p in produced if p.name.endswith(".nii.gz"))
         sidecar = json.loads(image.with_name("img.json").read_text())
         if st.datatype == "fmap" and st.suffix == "epi" and "dir" not in entities:
             label = direction_label(nib.load(image), sidecar.get("PhaseEncodingDirection"))
             if label:
                 entities["dir"] = label
-        stem = bids_stem(subject, session, entities, st.suffix)
+        try:
+            stem = bids_stem(subject, session, entities, st.suffix)
+        except EntityError as exc:  # a value no BIDS name may hold: this series is not converted
+            raise ConversionError(f"series {s.series_number}: {exc}", "bids_name_invalid") from exc
         folder = f"bids/sub-{subject}/ses-{session}/{st.datatype}"
         sidecar.update({"SeriesInstanceUID": s.series_uid, "CorelabSeriesType": st.name,
                         "ScannerEpoch": s.scanner_epoch})

@@ -3,7 +3,7 @@
 Intake releases the raw upload once its de-identified copy is verified, but later stages
 (BIDS sidecars, derivatives, tables) must be checked too. Each received study leaves a
 fingerprint beside its de-identified files in ``deid/<site>/<subject>/<session>/``; it holds
-no PHI (only keyed hashes), and :func:`check_rows` refuses to write what matches it.
+no PHI (only keyed hashes); ``tasks.deid.verify.check_no_phi`` refuses to write what matches it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import hashlib
 import json
 
 from data_contracts.trial import TrialConfig
-from tasks.deid.verify import DIGIT_RUN, LONG, UID_TOKEN, Leak, Matcher, PHILeakError, decoded
+from tasks.deid.verify import DIGIT_RUN, LONG, UID_TOKEN, Leak, Matcher, decoded
 from tasks.lake.storage import Lake
 
 
@@ -115,12 +115,3 @@ def load_fingerprints(lake: Lake, trial: TrialConfig, site: str, subject: str, s
     folder = f"deid/{site}/{subject}/{session}"
     return [Fingerprint.from_json(lake.read_text(p), key) for p in lake.find(folder)
             if p.rsplit("/", 1)[-1].startswith("phi-fingerprint-")]
-
-
-def check_rows(fingerprints: list[Fingerprint], label: str, payload: object) -> None:
-    """Refuse to write rows that hold a value of one of the fingerprints."""
-    data = json.dumps(payload, default=str).encode()
-    for fp in fingerprints:
-        leaks = fp.find_leaks(label, data)
-        if leaks:
-            raise PHILeakError(f"refusing to write {label}: {leaks[0].source}")

@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Protocol
 
 from pydicom._uid_dict import UID_dictionary
 from pydicom.dataset import Dataset
@@ -188,6 +189,10 @@ class Matcher:
             hits += [(m.group(1), m.start(1)) for m in self._short.finditer(region)]
         return [(self.source[v], pos) for v, pos in hits]
 
+    def find_leaks(self, name: str, data: bytes) -> list[Leak]:
+        """Every identifying value in an output's content or name (see :func:`find_leaks`)."""
+        return find_leaks(name, data, self)
+
     def in_name(self, name: str) -> list[str]:
         low = name.lower().encode("utf-8", "replace")
         # file names are short: a value anywhere in one is a leak, word or not
@@ -265,9 +270,15 @@ def find_leaks(name: str, data: bytes, matcher: Matcher) -> list[Leak]:
     return leaks
 
 
-def check_no_phi(label: str, payload: object, matcher: Matcher) -> None:
-    """Refuse to write rows or events that hold an identifying value."""
+class LeakFinder(Protocol):
+    """What finds a study's identifying values in an output: a Matcher, or a Fingerprint of one."""
+
+    def find_leaks(self, name: str, data: bytes) -> list[Leak]: ...
+
+
+def check_no_phi(label: str, payload: object, finders: Iterable[LeakFinder]) -> None:
+    """Refuse to write rows or events that hold an identifying value of any of ``finders``."""
     data = json.dumps(payload, default=str, sort_keys=True).encode()
-    leaks = find_leaks(label, data, matcher)
+    leaks = [leak for finder in finders for leak in finder.find_leaks(label, data)]
     if leaks:
         raise PHILeakError(f"{label}: refusing to write: " + "; ".join(sorted({leak.source for leak in leaks})))

@@ -18,6 +18,7 @@ trying again would change neither.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import os
@@ -48,22 +49,29 @@ class StorageUnavailable(CorelabError, OSError):
     code = "storage_unavailable"
 
 
-# Errors that say the store is down or unreachable for now, as opposed to "not there" or "not
-# allowed". s3fs passes botocore's connection and HTTP errors through (measured with moto: a
-# stopped server gives botocore EndpointConnectionError after ~7 s of botocore's own retries).
-_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Errors that say the store is down or unreachable for now, as opposed to "not there", "not
+# allowed" or "full": only those are worth trying again. s3fs passes botocore's connection and
+# HTTP errors through (measured with moto: a stopped server gives botocore
+# EndpointConnectionError after ~7 s of botocore's own retries) and maps S3's own error answers
+# to OSError; a disk or network file system says it with errno.
+_OUTAGE_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                  errno.ECONNABORTED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.ESTALE}
 
 
 def _is_outage(exc: BaseException) -> bool:
-    if isinstance(exc, CorelabError) or isinstance(exc, _PERMANENT):
+    if isinstance(exc, CorelabError):
         return False
-    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
+    if isinstance(exc, (TimeoutError, ConnectionError)):  # builtin: refused, reset, aborted, timed out
         return True
+    if isinstance(exc, OSError):
+        return exc.errno in _OUTAGE_ERRNOS
     try:
-        from botocore.exceptions import BotoCoreError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
     except ImportError:  # s3fs is not installed: no S3 lake either
         return False
-    return isinstance(exc, BotoCoreError)
+    # not NoCredentialsError, ParamValidationError and the like: no retry fixes a configuration
+    return isinstance(exc, (BotoConnectionError, HTTPClientError))
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -78,7 +86,9 @@ def _io(method: F) -> F:
         except Exception as exc:
             if not _is_outage(exc):
                 raise
-            what = f" {args[0]!r}" if args and isinstance(args[0], str) else ""
+            # paths in the restricted stores keep the site's own file names, which may identify
+            rel = args[0] if args and isinstance(args[0], str) else ""
+            what = f" {rel!r}" if rel and not rel.startswith(("inbox/", "quarantine/")) else ""
             raise StorageUnavailable(f"lake {self.url}: {method.__name__}{what} failed: "
                                      f"{type(exc).__name__}: {exc}") from exc
     return wrapper  # type: ignore[return-value]
@@ -165,6 +175,28 @@ class Lake:
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(base, detail=False)
                       if not _is_temp(p))
+
+    def local_file(self, rel: str, tmp: str | os.PathLike[str]) -> str:
+        """A local path holding the file ``rel``: the lake's own file, or a copy in ``tmp`` (object stores).
+
+        For programs that read files by path (nibabel, dcm2niix, a pipeline container).
+        """
+        if self.is_local:
+            return self.path(rel)
+        dest = os.path.join(os.fspath(tmp), posixpath.basename(rel))
+        with open(dest, "wb") as fh:
+            fh.write(self.read_bytes(rel))
+        return dest
+
+    def local_folder(self, rel: str, tmp: str | os.PathLike[str]) -> str:
+        """A local folder holding the files directly below ``rel`` (the lake's own, or copies in ``tmp``)."""
+        if self.is_local:
+            return self.path(rel)
+        dest = os.path.join(os.fspath(tmp), posixpath.basename(rel.rstrip("/")) or "folder")
+        os.makedirs(dest, exist_ok=True)
+        for path in self.find(rel):
+            self.local_file(path, dest)
+        return dest
 
     # -- writing -------------------------------------------------------------
     @_io

@@ -25,12 +25,12 @@ from prefect.cache_policies import NO_CACHE
 
 from data_contracts.trial import TrialConfig
 from pipelines.spec import PipelineSpec, SidecarMetric, sidecar_of
-from tasks.errors import TRANSIENT_RETRIES
+from tasks.errors import TRANSIENT_RETRIES, is_transient
 from tasks.lake import tables
 from tasks.lake.storage import Lake
 from tasks.qc import metrics as m
 from tasks.qc.gate import Unmeasured, Verdict, judge, site_history
-from tasks.run.derivatives import PipelineRun, local_path
+from tasks.run.derivatives import PipelineRun
 
 # The pseudo-metric a pipeline that produced nothing usable fails on.
 OUTPUTS = "segmentation"
@@ -93,7 +93,7 @@ def image_metrics(groups: tuple[str, ...], raw: np.ndarray, zooms: tuple[float, 
 
 
 def _load(lake: Lake, rel: str, tmp: Path) -> nib.Nifti1Image:
-    return nib.load(str(local_path(lake, rel, tmp)))
+    return nib.load(lake.local_file(rel, tmp))
 
 
 def _array(lake: Lake, rel: str, tmp: Path) -> np.ndarray:
@@ -120,6 +120,8 @@ def measure_quality(lake: Lake, spec: PipelineSpec, run: PipelineRun) -> SeriesQ
                         raise ValueError(f"raw image {raw_data.shape} and {key} {image.shape} are not on one grid")
                 values = image_metrics(spec.image_qc, raw_data, tuple(raw.header.get_zooms()[:3]), images)
         except (KeyError, FileNotFoundError, ValueError, OSError) as exc:
+            if is_transient(exc):  # the lake is down, the derivatives are not at fault: retried
+                raise
             sq.missing[OUTPUTS] = Unmeasured(f"derivatives unreadable ({type(exc).__name__}: {exc})",
                                              "derivatives_unreadable")
             return sq

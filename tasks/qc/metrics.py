@@ -50,6 +50,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from data_contracts.qc_settings import IMAGE_QC_GROUPS
+
 # MRIQC's robust estimator of sigma from the MAD (1.4826 = 1/Phi^-1(3/4)).
 MAD_TO_SIGMA = 1.4826
 MIN_AIR_VOXELS = 100
@@ -198,12 +200,5 @@ def air_sd(img: np.ndarray, head: np.ndarray) -> float | NotComputed:
 
 TISSUE_PROBABILITY = 0.9  # voxels this sure of their tissue: partial volume would pose as noise
 
-# The groups of the catalogue a pipeline spec can ask for (PipelineSpec.image_qc), and the
-# pipeline outputs (by key, beside the raw image) each group is computed from.
-GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    # group: (metrics, outputs it needs)
-    "head": (("efc", "fber", "fov_cut"), ()),
-    "tissue": (("snr_gm", "snr_wm", "cnr", "cjv", "wm2max"), ("preproc", "brain_mask", "probseg_GM", "probseg_WM")),
-    "volumes": (("tiv_cm3", "gm_fraction", "wm_fraction", "csf_fraction"),
-                ("brain_mask", "probseg_GM", "probseg_WM", "probseg_CSF")),
-}
+# The groups of the catalogue a pipeline spec can ask for, and the outputs each needs.
+GROUPS = IMAGE_QC_GROUPS

@@ -15,7 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines.registry import get_spec
+from pipelines.registry import UnknownPipeline, get_spec
+from pipelines.spec import PipelineSpec
 from tasks.errors import CorelabError
 from tasks.lake import tables
 from tasks.lake.audit import append_event
@@ -52,6 +53,7 @@ def override(lake: Lake, series: str, verdict: str, reason: str, by: str) -> dic
         raise OverrideError("an override needs a reason and the reviewer's name")
     (row,) = _find_series(lake, series).itertuples()
     site, uid = row.site, row.series_uid
+    spec = _spec_of(row) if verdict == "PASS" else None   # before anything is written
     now = datetime.now(timezone.utc)
     qc = tables.read_table(lake, "qc", [site])
     mine = qc[(qc.series_uid == uid) & (qc.pipeline_name == row.pipeline_name)
@@ -64,7 +66,7 @@ def override(lake: Lake, series: str, verdict: str, reason: str, by: str) -> dic
         withdrawn = tables.delete_rows(lake, "biomarkers", site, {
             "series_uid": uid, "pipeline_name": row.pipeline_name, "pipeline_version": row.pipeline_version})
     else:
-        added = _restore_biomarkers(lake, site, row, now)
+        added = _restore_biomarkers(lake, site, row, spec, now)
     event = {"series_uid": uid, "pipeline": row.pipeline_name, "version": row.pipeline_version,
              "verdict": verdict, "automatic_verdict": row.automatic_verdict, "reason": reason,
              "biomarkers_withdrawn": withdrawn, "biomarkers_added": added}
@@ -77,14 +79,22 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
                 (v.to_pydatetime() if isinstance(v, pd.Timestamp) else v)) for k, v in row.items()}
 
 
-def _restore_biomarkers(lake: Lake, site: str, row: Any, now: datetime) -> int:
+def _spec_of(row: Any) -> PipelineSpec:
+    """The spec of the pipeline version that judged the series (its measures are read through it)."""
+    try:
+        return replace(get_spec(row.pipeline_name), version=row.pipeline_version)
+    except UnknownPipeline as exc:
+        raise OverrideError(f"pipeline {row.pipeline_name!r} is not registered here, so its biomarkers "
+                            "cannot be restored; nothing was changed") from exc
+
+
+def _restore_biomarkers(lake: Lake, site: str, row: Any, spec: PipelineSpec, now: datetime) -> int:
     """Biomarker rows of a series passed by a reviewer, from its derivatives and provenance.
 
     The measures table is found through the pipeline's spec (its ``measures`` output, for the
     entities of the run's provenance file), with the version of the verdict.
     """
     series = tables.read_table(lake, "series", [site]).set_index("series_uid").loc[row.series_uid]
-    spec = replace(get_spec(row.pipeline_name), version=row.pipeline_version)
     root = f"{derivatives_root(spec)}/sub-{row.subject}/ses-{row.session}"
     record, measures = {}, None
     for p in lake.find(root):

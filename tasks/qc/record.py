@@ -18,7 +18,8 @@ from data_contracts.reasons import codes_in
 from data_contracts.trial import TrialConfig
 from pipelines.spec import PipelineSpec
 from tasks.conformance.findings import Finding, record_findings
-from tasks.deid.fingerprint import check_rows, load_fingerprints
+from tasks.deid.fingerprint import load_fingerprints
+from tasks.deid.verify import check_no_phi
 from tasks.errors import TRANSIENT_RETRIES
 from tasks.lake import tables
 from tasks.lake.audit import append_event
@@ -91,8 +92,8 @@ def record_series(lake: Lake, trial: TrialConfig, study: Study, sq: SeriesQC, fl
     qc = qc_rows(sq, study, flow_run_id, now)
     epoch = series_scanner_epoch(lake, study.site, run.series_uid)
     bio = biomarker_rows(run, study, epoch, status, flow_run_id, now)
-    check_rows(load_fingerprints(lake, trial, study.site, study.subject, study.session), "processing rows",
-               {"qc": qc, "biomarkers": bio})
+    check_no_phi("processing rows", {"qc": qc, "biomarkers": bio},
+                 load_fingerprints(lake, trial, study.site, study.subject, study.session))
     tables.write_rows(lake, "qc", study.site, qc)
     if bio:
         tables.write_rows(lake, "biomarkers", study.site, bio)

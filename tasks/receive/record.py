@@ -120,7 +120,7 @@ def record_study(lake: Lake, outcome: StudyOutcome, matcher: Matcher) -> dict[st
         "deviations": deviations,
         "queries": query_rows(study, deviations),
     }
-    check_no_phi(f"tables for study {study.study_key[:12]}", rows, matcher)
+    check_no_phi(f"tables for study {study.study_key[:12]}", rows, [matcher])
     counts = {}
     for table, table_rows in rows.items():
         if table_rows:
@@ -132,7 +132,7 @@ def record_study(lake: Lake, outcome: StudyOutcome, matcher: Matcher) -> dict[st
         "deviations": [d["deviation_id"] for d in rows["deviations"]],
         "quarantined_sha256": [q.sha256 for q in outcome.quarantined],
     }
-    check_no_phi("audit event", event, matcher)
+    check_no_phi("audit event", event, [matcher])
     append_event(lake, "study_received", **event)
     return counts
 

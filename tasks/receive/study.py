@@ -24,7 +24,6 @@ from tasks.deid.fingerprint import Fingerprint, fingerprint_path
 from tasks.deid.profile import DeidContext, date_shift_days
 from tasks.deid.series import PARALLEL_MIN_FILES, DeidSeries, SeriesJob, collect_series, start_series, write_series
 from tasks.deid.verify import Matcher, collect_identifiers
-from tasks.errors import TRANSIENT_RETRIES
 from tasks.intake.custody import QuarantineRecord, quarantine
 from tasks.intake.heap import collector_paused
 from tasks.intake.identify import patient_characteristics, study_date, subject_label
@@ -68,9 +67,9 @@ def receive_one_study(up: Upload, files: list[ReceivedFile]) -> StudyOutcome:
 
     Raises
     ------
-    SubjectError, ValueError
+    AttributionError
         The study cannot be attributed (no PatientID, not on the roster, no date);
-        the caller quarantines its files.
+        the caller quarantines its files. Anything else is a failure of the run.
     """
     with collector_paused():  # the study's parsed headers fill the heap (see tasks.intake.heap)
         return _receive_one_study(up, files)
@@ -174,10 +173,12 @@ def _finish_series(up: Upload, p: _PendingSeries) -> tuple[SeriesOutcome, DeidSe
                                    observed=deid.refused_code,
                                    message=f"series {p.number} quarantined: {deid.refused}",
                                    reason_code=deid.refused_code or "refused"))
-    # de-identified words only: the cleaned description, the protocol's names, the findings
-    log.info("series %s %r: %s%s%s", p.number, so.description, so.verdict,
+    # Only what is known to be clean goes to the run log (which leaves the restricted stores): the
+    # description of a verified series, the protocol's names, and the findings by kind. A finding's
+    # message may quote a file name or a scanner serial; it reaches the tables after their PHI check.
+    log.info("series %s%s: %s%s%s", p.number, f" {so.description!r}" if deid.ok else "", so.verdict,
              f" as {so.series_type}" if so.series_type else "",
-             "".join(f"; {f.severity} {f.kind}: {f.message}" for f in so.findings))
+             "".join(f"; {f.severity} {f.kind}" + (f" {f.parameter}" if f.parameter else "") for f in so.findings))
     return so, deid
 
 
@@ -193,6 +194,9 @@ def quarantine_finding(r: QuarantineRecord) -> Finding:
                    message=f"file with sha256 {r.sha256[:12]} quarantined ({r.code})", reason_code=r.code)
 
 
-@task(name="receive-one-study", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+# No Prefect retries: a series de-identified in this process is de-identified in place, so a second
+# attempt would start from changed headers. The flow fails instead (audited, the upload kept in the
+# inbox), and receiving the upload again starts from the files as they came.
+@task(name="receive-one-study", cache_policy=NO_CACHE)
 def receive_one_study_task(up: Upload, files: list[ReceivedFile]) -> StudyOutcome:
     return receive_one_study(up, files)

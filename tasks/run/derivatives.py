@@ -5,7 +5,8 @@ The pipeline runs through the container runner (``podman``/``docker``/``apptaine
 ``derivatives/<name>-<version>/`` with the run's provenance record beside them. Everything is
 read back through the pipeline's spec: its outputs by key, its measures with their units. A
 pipeline that fails or is refused is not an exception: the :class:`PipelineRun` says why
-(``error``, ``error_code``), and the QC stage turns that into a FAIL with the reason.
+(``error``, ``error_code``), and the QC stage turns that into a FAIL with the reason. Only a
+transient failure (the lake or the engine not answering) is raised, for Prefect to retry.
 """
 
 from __future__ import annotations
@@ -65,19 +66,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def local_path(lake: Lake, rel: str, tmp: Path) -> Path:
-    """A local file holding ``rel``: the lake's own file, or a copy in ``tmp`` for object stores."""
-    if lake.is_local:
-        return Path(lake.path(rel))
-    dest = tmp / rel.rsplit("/", 1)[-1]
-    dest.write_bytes(lake.read_bytes(rel))
-    return dest
-
-
 def run_on_image(lake: Lake, spec: PipelineSpec, bids_image: str, subject: str, session: str,
                  series_uid: str, backend: str, allow_version_mismatch: bool = False,
                  threads: int | None = None) -> PipelineRun:
-    """Run ``spec`` on one BIDS image into the lake's derivatives; never raises for a failed run."""
+    """Run ``spec`` on one BIDS image into the lake's derivatives.
+
+    A failed or refused run is recorded in the result; only a transient failure (StorageUnavailable,
+    EngineUnavailable) is raised.
+    """
     data = lake.read_bytes(bids_image)
     out = PipelineRun(series_uid, bids_image, _sha256(data), spec.name, spec.version)
     root = derivatives_root(spec)
@@ -94,7 +90,7 @@ def run_on_image(lake: Lake, spec: PipelineSpec, bids_image: str, subject: str, 
         # Object stores get a local working folder, uploaded when the run is complete.
         work = Path(lake.path(root)) if lake.is_local else tmp_path / "deriv"
         try:
-            record = run_pipeline(spec, local_path(lake, bids_image, tmp_path), work, subject, session,
+            record = run_pipeline(spec, Path(lake.local_file(bids_image, tmp_path)), work, subject, session,
                                   backend=backend, entities=entities, threads=threads,
                                   allow_version_mismatch=allow_version_mismatch)
         except ContainerRunError as exc:  # refusals (digest, stale lock, versions) and no engine

@@ -212,8 +212,6 @@ def plan_local(spec: PipelineSpec, entry: LockedImage, input_path: Path, output_
     return Plan(argv, env, entry.digest, versions, mismatches, cwd=tempfile.gettempdir())
 
 
-
-
 def execute(record: RunRecord, plan: Plan, backend: str, timeout_s: float | None) -> RunRecord:
     """Run the planned command, logging it first, and fill in the record's outcome."""
     log.info("running %s %s on %s: %s", record.pipeline, record.pipeline_version, backend,

@@ -111,3 +111,18 @@ def test_vendor_names():
     assert vendor_of("Siemens Healthineers") == "siemens"
     assert vendor_of("Philips Medical Systems") == "philips"
     assert vendor_of("Acme") == ""
+
+
+def test_a_protocol_entity_that_no_bids_name_may_hold_is_refused_at_load(tmp_path):
+    import yaml
+
+    from data_contracts.trial import TrialConfigError, load_trial
+
+    for entities, message in (({"acq": "mp-rage"}, "letters and digits"), ({"colour": "red"}, "unknown BIDS entit"),
+                              ({"run": "x"}, "digits"), ({"sub": "01"}, "set by corelab")):
+        raw = yaml.safe_load(EXAMPLE.read_text())
+        raw["protocol"]["series_types"][0]["entities"] = entities
+        bad = tmp_path / "trial.yaml"
+        bad.write_text(yaml.safe_dump(raw))
+        with pytest.raises(TrialConfigError, match=message):
+            load_trial(bad)

@@ -66,3 +66,29 @@ def test_nightly_retries_a_run_that_never_started(prefect_harness, tmp_path):
     verdicts = read_table(lake, "qc").query("metric == 'verdict'")
     assert verdicts.verdict.tolist() == ["PASS"]
     assert nightly_reprocess(lake.url, str(trial_file), backend="local")["series_processed"] == 0
+
+
+@pytest.mark.prefect
+def test_nightly_goes_on_after_a_study_fails_and_ends_red(prefect_harness, tmp_path, monkeypatch):
+    from prefect import task
+
+    import flows.process_study as process_flow
+
+    trial = load_trial(DEMO_TRIAL)
+    lake = Lake(str(tmp_path / "lake")).init()
+    for site, parts in (("siemens-xa30", ("dcm_qa_xa30", "In")), ("ge-nih", ("dcm_qa_nih", "In", "20180918GE"))):
+        o = receive_one_study(Upload(trial, site, "u", lake), inventory_upload(shared_path(*parts)).accepted)
+        record_study(lake, o, o.matcher)
+
+    @task(name="run-pipeline")
+    def broken(*args, **kwargs):
+        raise RuntimeError("the pipeline task crashed")
+
+    monkeypatch.setattr(process_flow, "run_on_image_task", broken)   # only the XA30 study has a T1
+    trial_file = tmp_path / "trial.yaml"
+    trial_file.write_text(DEMO_TRIAL.read_text())
+    state = nightly_reprocess(lake.url, str(trial_file), backend="local", return_state=True)
+    assert state.is_failed() and "1 of 2 studies failed to process" in state.message
+    ge = read_table(lake, "studies").query("site == 'ge-nih'").iloc[0]
+    assert lake.find(f"bids/sub-{ge.subject}/ses-baseline/func")          # the other study was processed
+    assert read_table(lake, "qc").empty                                   # and the crash left no verdict

@@ -132,6 +132,26 @@ def test_override_moves_biomarkers_both_ways(scratch):
         override(lake, sp.run.series_uid, "maybe", "x", "y")
 
 
+def test_override_from_the_cli_and_for_a_pipeline_not_registered_here(scratch, monkeypatch):
+    from typer.testing import CliRunner
+
+    import pipelines.registry as reg
+    from flows.cli import app
+
+    lake, results = scratch
+    _, (sp,) = results["siemens-xa30"]
+    uid = sp.run.series_uid
+    res = CliRunner().invoke(app, ["qc", "override", uid, "--verdict", "fail", "--reason", "artefact", "--by", "Dr R",
+                                   "--lake", lake.url])
+    assert res.exit_code == 0 and "PASS -> FAIL by Dr R; biomarkers added 0, withdrawn 5" in res.output
+    before = {p: lake.read_bytes(p) for p in lake.find("tables")}
+    monkeypatch.setattr(reg, "BUILTIN", {})       # a process where anat is not registered
+    res = CliRunner().invoke(app, ["qc", "override", uid, "--verdict", "pass", "--reason", "fine", "--by", "Dr S",
+                                   "--lake", lake.url])
+    assert res.exit_code == 2 and "pipeline 'anat' is not registered here" in res.output
+    assert {p: lake.read_bytes(p) for p in lake.find("tables")} == before     # nothing was changed
+
+
 def test_a_new_pipeline_version_adds_rows_and_keeps_the_old(scratch, trial, monkeypatch):
     lake, results = scratch
     o, _ = results["siemens-xa30"]

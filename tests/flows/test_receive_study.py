@@ -172,7 +172,6 @@ def test_cli_exit_codes(prefect_harness, tmp_path):
     assert res.exit_code == 0 and "audit log intact" in res.output
 
 
-
 def test_burned_in_series_is_refused_and_the_rest_of_the_study_accepted(tmp_path, trial, monkeypatch):
     import tasks.receive.study as intake
     from tasks.intake.inventory import inventory_upload

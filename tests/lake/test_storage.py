@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 
 import pytest
@@ -26,9 +27,9 @@ def s3_url():
     server.stop()
 
 
-def _lakes(tmp_path, endpoint):
+def _lakes(tmp_path, endpoint, prefix="trial1"):
     opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
-    return [Lake(str(tmp_path / "local")).init(), Lake("s3://lake/trial1", opts).init()]
+    return [Lake(str(tmp_path / "local")).init(), Lake(f"s3://lake/{prefix}", opts).init()]
 
 
 def test_same_code_local_and_s3(tmp_path, s3_url):
@@ -85,3 +86,57 @@ def test_a_store_that_is_down_is_a_transient_storage_error_naming_the_lake(tmp_p
     local = Lake(str(tmp_path / "local")).init()
     with pytest.raises(FileNotFoundError):
         local.read_bytes("reports/absent.txt")
+
+
+@pytest.mark.parametrize("exc,outage", [
+    (OSError(5, "Input/output error"), True),             # EIO: a failing disk, S3's own error answer
+    (ConnectionRefusedError(111, "refused"), True),
+    (TimeoutError("read timed out"), True),
+    (OSError(28, "No space left on device"), False),      # full: waiting seconds does not help
+    (OSError(30, "Read-only file system"), False),
+    (PermissionError(13, "denied"), False),
+    (FileNotFoundError(2, "absent"), False),
+])
+def test_what_counts_as_an_outage(exc, outage):
+    from tasks.lake.storage import _is_outage
+
+    assert _is_outage(exc) is outage
+
+
+def test_s3_configuration_errors_are_not_outages():
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError, ParamValidationError
+
+    from tasks.lake.storage import _is_outage
+
+    assert _is_outage(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert not _is_outage(NoCredentialsError()) and not _is_outage(ParamValidationError(report="bad bucket"))
+
+
+def test_an_outage_message_names_no_file_of_the_restricted_stores(tmp_path, monkeypatch):
+    from tasks.lake.storage import StorageUnavailable
+
+    lake = Lake(str(tmp_path)).init()
+
+    def down(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(lake.fs, "exists", down)
+    with pytest.raises(StorageUnavailable) as err:
+        lake.exists("inbox/site/u1/Doe_John_T1.dcm")
+    assert "Doe_John" not in str(err.value) and "exists failed" in str(err.value)
+    with pytest.raises(StorageUnavailable, match="'tables/qc'"):
+        lake.exists("tables/qc")
+
+
+def test_local_paths_for_programs_that_read_files(tmp_path, s3_url):
+    """nibabel, dcm2niix and pipelines read by path: a local lake hands its own files, S3 copies."""
+    for lake in _lakes(tmp_path, s3_url, prefix="local-paths"):   # its own prefix in the shared bucket
+        lake.write_many({"deid/s/series-1/a.dcm": b"a", "deid/s/series-1/b.dcm": b"bb"})
+        work = tmp_path / f"work-{lake.is_local}"
+        work.mkdir()
+        folder = lake.local_folder("deid/s/series-1", work)
+        assert sorted(os.listdir(folder)) == ["a.dcm", "b.dcm"]
+        assert open(os.path.join(folder, "b.dcm"), "rb").read() == b"bb"
+        path = lake.local_file("deid/s/series-1/a.dcm", work)
+        assert open(path, "rb").read() == b"a"
+        assert (path == lake.path("deid/s/series-1/a.dcm")) is lake.is_local

@@ -10,9 +10,8 @@ from pipelines.anat.derivatives import output_names
 from pipelines.anat.process import MEASURES
 from pipelines.anat.template import TISSUES
 from pipelines.registry import UnknownPipeline, get_spec, names, register, spec_for_image
-from pipelines.spec import IMAGE_QC_GROUPS, Measure, PipelineSpec, SpecError, sidecar_of
+from pipelines.spec import Measure, PipelineSpec, SpecError, sidecar_of
 from tasks.qc.measure import needed_outputs
-from tasks.qc.metrics import GROUPS
 
 
 def test_the_anat_spec_names_the_outputs_anat_writes_by_their_keys():
@@ -27,7 +26,6 @@ def test_the_anat_spec_declares_the_measures_anat_reports_with_their_units():
 
 
 def test_every_spec_asks_only_for_qc_it_can_be_given():
-    assert set(GROUPS) == set(IMAGE_QC_GROUPS)
     for name in names():
         spec = get_spec(name)
         assert set(needed_outputs(spec.image_qc)) <= set(spec.outputs), name
@@ -39,6 +37,8 @@ def test_a_spec_that_cannot_be_read_is_refused_when_made():
     anat = get_spec("anat")
     with pytest.raises(SpecError, match="unknown image QC groups"):
         replace(anat, image_qc=("head", "colour"))
+    with pytest.raises(SpecError, match=r"group 'volumes' is computed from outputs \['probseg_CSF'\]"):
+        replace(anat, outputs={k: v for k, v in anat.outputs.items() if k != "probseg_CSF"})
     with pytest.raises(SpecError, match="declares measures but no 'measures' output"):
         replace(anat, outputs={k: v for k, v in anat.outputs.items() if k != "measures"})
     with pytest.raises(SpecError, match="qc_sidecar 'report'"):

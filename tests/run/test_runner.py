@@ -376,7 +376,7 @@ def test_cli_verify_reports_drift(setup, monkeypatch):
     import flows.cli.containers as cli
 
     monkeypatch.setattr(cli, "spec_for_image", lambda key: TOY)
-    args = ["--no-verbose", "verify", "--no-engine", "--repo", str(setup["repo"])]
+    args = ["verify", "--no-engine", "--repo", str(setup["repo"])]
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "toy: ok"
