@@ -134,7 +134,8 @@ DEVIATIONS = TableSchema(
     name="deviations",
     # 1.1: reason_code (the error that caused a deviation: a quarantine, a failed conversion,
     # a QC FAIL's deciding reason; null for protocol findings, whose kind says it all); the
-    # kind duplicate_series, which nothing ever produced, is gone
+    # kind duplicate_series, which nothing ever produced, is gone; study_date_substituted (a visit
+    # dated from another element than StudyDate, or from the upload's arrival)
     version="1.1",
     schema=_s(
         ("deviation_id", pa.string()),         # hash of study_key, series, kind, parameter
@@ -159,6 +160,7 @@ DEVIATIONS = TableSchema(
             "parameter", "missing_series", "unclassified_series", "ambiguous_series",
             "unknown_scanner", "new_scanner_epoch", "out_of_window", "unscheduled_visit",
             "quarantined_file", "burned_in_annotation", "qc_fail", "processing_failed",
+            "study_date_substituted",
         }),
         "reason_code": CODES,
     },

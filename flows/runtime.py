@@ -76,7 +76,16 @@ def attach_run_logs() -> None:
 
     logger = logging.getLogger(LOGGER)
     if not any(isinstance(h, APILogHandler) for h in logger.handlers):
-        logger.addHandler(APILogHandler())
+        handler = APILogHandler()
+        handler.addFilter(_in_a_run)  # Prefect read its settings before our defaults: not its warning
+        logger.addHandler(handler)
+
+
+def _in_a_run(record: logging.LogRecord) -> bool:
+    """Only records logged inside a flow or task run go to the API (others have no run to go to)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
 class _NoTraceback(logging.Filter):

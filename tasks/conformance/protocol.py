@@ -7,6 +7,7 @@ a site query can quote it, and a test can assert it exactly.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,22 +83,24 @@ def epoch_id(manufacturer: str | None, model: str | None, serial: str | None, so
     return "E" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def check_scanner(site: Site, identity: dict[str, str | None], series_key: str | None = None
-                  ) -> tuple[str, list[Finding]]:
+def check_scanner(site: Site, identity: dict[str, str | None], series_key: str | None = None,
+                  show: Callable[[str | None], str | None] = lambda serial: serial) -> tuple[str, list[Finding]]:
     """The scanner epoch of a series, and a finding if the scanner is not qualified as is.
 
     An unknown scanner and a qualified scanner with a new software version
     both start a new scanner epoch, which harmonization must treat as a batch.
+    Serial numbers are compared as received and reported as ``show`` makes them: as they are when
+    the trial retains device identity, else as keyed labels (the epoch is then keyed too).
     """
     man, model = identity.get("manufacturer"), identity.get("model")
     serial, sw = identity.get("device_serial"), identity.get("software_versions")
-    epoch = epoch_id(man, model, serial, sw)
+    epoch = epoch_id(man, model, show(serial), sw)
     same_machine = [s for s in site.scanners
                     if vendor_of(s.manufacturer) == vendor_of(man) and _norm(s.model) == _norm(model)
                     and (s.serial is None or _norm(s.serial) == _norm(serial))]
-    observed = f"{man} {model} serial {serial} software {sw}"
+    observed = f"{man} {model} serial {show(serial)} software {sw}"
     if not same_machine:
-        qualified = "; ".join(f"{s.manufacturer} {s.model} serial {s.serial}" for s in site.scanners)
+        qualified = "; ".join(f"{s.manufacturer} {s.model} serial {show(s.serial)}" for s in site.scanners)
         return epoch, [Finding(
             kind="unknown_scanner", severity="major", series_key=series_key,
             expected=qualified, observed=observed,

@@ -12,6 +12,7 @@ from datetime import date
 
 from data_contracts.trial import TrialConfig, Visit
 from tasks.conformance.findings import Finding
+from tasks.intake.identify import RECEIPT
 
 
 @dataclass(frozen=True)
@@ -54,3 +55,23 @@ def assign_visit(trial: TrialConfig, shifted_date: date, baseline: date | None,
     f = Finding(kind="unscheduled_visit", severity="minor", observed=f"day {days}",
                 message=f"study on day {days} matches no remaining scheduled visit")
     return VisitAssignment(f"unsched{days}", days, False, (f,))
+
+
+def date_finding(source: str) -> Finding | None:
+    """A deviation saying how sure a visit's date is, when it is not the study's own StudyDate.
+
+    A date from another element of the images is as good as the scanner's clock (minor); the day
+    the upload arrived can be days after the scan, so the site is asked to confirm it (major).
+    Never the date itself: an original date is PHI.
+    """
+    if source == "StudyDate":
+        return None
+    if source == RECEIPT:
+        return Finding(kind="study_date_substituted", severity="major", parameter="StudyDate",
+                       expected="a date in StudyDate or another date element", observed=source,
+                       message="no date element of the study holds a valid date (suppressed or invalid); its "
+                               "visit was assigned from the day the upload arrived: confirm the scan date",
+                       reason_code="date_unreadable")
+    return Finding(kind="study_date_substituted", severity="minor", parameter="StudyDate",
+                   expected="StudyDate", observed=source,
+                   message=f"StudyDate (0008,0020) holds no valid date; the visit was assigned from {source}")

@@ -27,15 +27,22 @@ class Fingerprint:
     dotted-number tokens, digit runs and their windows, and text windows of
     each identifier's length, with the same word and number boundaries as
     :class:`Matcher`. That is slow for megabytes, fine for sidecars and tables.
+
+    The values the trial retains (the device identity) are kept as keyed hashes too: an
+    identifier found inside one of them is that value, not a leak (as in :class:`Matcher`).
+    Version 1 fingerprints (without them) still read.
     """
 
-    VERSION = 1
+    VERSION = 2
 
     def __init__(self, key: bytes, hashes: dict[str, str], text_lengths: list[int],
-                 number_windows: list[int], not_verifiable: list[str]):
+                 number_windows: list[int], not_verifiable: list[str],
+                 retained: list[str] | None = None, retained_lengths: list[int] | None = None):
         self.key, self.hashes = key, hashes
         self.text_lengths, self.number_windows = sorted(set(text_lengths)), sorted(set(number_windows))
         self.not_verifiable = not_verifiable
+        self.retained = set(retained or ())
+        self.retained_lengths = sorted(set(retained_lengths or ()))
 
     def _h(self, value: bytes) -> str:
         return hashlib.blake2b(value, key=self.key[:64], digest_size=16).hexdigest()
@@ -51,47 +58,57 @@ class Fingerprint:
             elif value not in matcher.uids:
                 fp.text_lengths.append(len(value))
         fp.text_lengths, fp.number_windows = sorted(set(fp.text_lengths)), sorted(set(fp.number_windows))
+        fp.retained = {fp._h(v) for v in matcher.retained}
+        fp.retained_lengths = sorted({len(v) for v in matcher.retained})
         return fp
 
     def to_json(self) -> str:
         return json.dumps({"version": self.VERSION, "hashes": self.hashes, "text_lengths": self.text_lengths,
-                           "number_windows": self.number_windows, "not_verifiable": self.not_verifiable},
+                           "number_windows": self.number_windows, "not_verifiable": self.not_verifiable,
+                           "retained": sorted(self.retained), "retained_lengths": self.retained_lengths},
                           sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, key: bytes) -> "Fingerprint":
         d = json.loads(text)
-        return cls(key, d["hashes"], d["text_lengths"], d["number_windows"], d["not_verifiable"])
+        return cls(key, d["hashes"], d["text_lengths"], d["number_windows"], d["not_verifiable"],
+                   d.get("retained"), d.get("retained_lengths"))
 
     def _hit(self, value: bytes) -> str | None:
         return self.hashes.get(self._h(value))
 
     def in_content(self, data: bytes) -> list[tuple[str, int]]:
         low = data.lower()
-        hits: list[tuple[str, int]] = []
+        hits: list[tuple[str, int, int]] = []      # source, start, length
         for m in UID_TOKEN.finditer(low):
             parts = m.group(0).split(b".")
             for a in range(len(parts)):
                 for b in range(a + 2, len(parts) + 1):
                     src = self._hit(b".".join(parts[a:b]))
                     if src:
-                        hits.append((src, m.start()))
+                        hits.append((src, m.start(), len(m.group(0))))
         for m in DIGIT_RUN.finditer(low):
             run = m.group(0)
             src = self._hit(run)
             if src:
-                hits.append((src, m.start()))
+                hits.append((src, m.start(), len(run)))
             for w in self.number_windows:
                 for k in range(len(run) - w + 1):
                     src = self._hit(run[k:k + w]) if w != len(run) else None
                     if src:
-                        hits.append((src, m.start() + k))
+                        hits.append((src, m.start() + k, w))
         for w in self.text_lengths:
             for k in range(len(low) - w + 1):
                 src = self._hit(low[k:k + w])
                 if src and (w >= LONG or _word_bounded(low, k, w)):
-                    hits.append((src, k))
-        return hits
+                    hits.append((src, k, w))
+        kept = self._retained_spans(low) if hits else []
+        return [(src, pos) for src, pos, n in hits if not any(a <= pos and pos + n <= b for a, b in kept)]
+
+    def _retained_spans(self, low: bytes) -> list[tuple[int, int]]:
+        """Where a value the trial retains stands in ``low``."""
+        return [(k, k + w) for w in self.retained_lengths for k in range(len(low) - w + 1)
+                if self._h(low[k:k + w]) in self.retained]
 
     def find_leaks(self, name: str, data: bytes) -> list[Leak]:
         content, _ = decoded(name, data)

@@ -46,6 +46,7 @@ from tasks.deid._annex_e import ACTIONS, WILDCARDS
 from tasks.deid._safe_private import SAFE_PRIVATE
 from tasks.deid.walk import maybe_sequence, raw_vr, walk
 from tasks.errors import CorelabError
+from tasks.intake.placeholders import is_placeholder
 from tasks.lake.versions import corelab_version
 
 OPTION_COLUMNS = {
@@ -194,6 +195,17 @@ class DeidContext:
         return (d + timedelta(days=self.date_shift_days)).strftime("%Y%m%d") + value[8:]
 
 
+def device_label(key: bytes, serial: str | None) -> str | None:
+    """A scanner's serial number as a keyed label (Annex E without Retain Device Identity).
+
+    The same serial gives the same label across the trial, so harmonization can still tell
+    scanners apart, and nobody without the trial's key can recover the serial.
+    """
+    if not serial:
+        return serial
+    return "D" + hmac.new(key, f"device|{serial}".encode(), hashlib.sha256).hexdigest()[:12]
+
+
 def keyed_uid(key: bytes, text: str) -> str:
     """A 2.25 UID (PS3.5 B.2: an integer form of a 128-bit UUID) derived from a keyed hash.
 
@@ -240,7 +252,7 @@ def identifying_values(ds: Dataset, options: Deidentification) -> list[str]:
                 vals.update(re.split(r"[\^=\s]+", text))
             elif kw.endswith("Address"):
                 vals.update(p.strip(" -") for p in text.split(",") if len(p.strip(" -")) >= 5)
-    return sorted((v for v in vals if len(v) >= 3), key=lambda v: (-len(v), v))
+    return sorted((v for v in vals if len(v) >= 3 and not is_placeholder(v)), key=lambda v: (-len(v), v))
 
 
 def _original_dates_and_uids(ds: Dataset) -> tuple[set[str], set[str]]:

@@ -32,6 +32,7 @@ from pydicom.multival import MultiValue
 
 from tasks.deid.walk import walk
 from tasks.errors import CorelabError
+from tasks.intake.placeholders import is_placeholder
 
 IDENTIFYING_KEYWORDS = (
     "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
@@ -82,14 +83,23 @@ def _pieces(kw: str, value: str) -> set[Identifier]:
     searched by comma-separated part (street, city, postcode). Institution
     names only whole: their words ("Center", "Medical") occur in any header.
     """
+    if is_placeholder(value):
+        return set()
     out = {Identifier(kw, value)}
     if kw in PERSON_KEYWORDS:
         out.update(Identifier(f"{kw} component", p) for p in re.split(r"[\^=\s,]+", value)
-                   if len(p) >= SHORT and p != value)
+                   if len(p) >= SHORT and p != value and not is_placeholder(p))
     elif kw in ADDRESS_KEYWORDS:
         out.update(Identifier(f"{kw} part", p.strip(" -")) for p in value.split(",")
-                   if len(p.strip(" -")) >= LONG and p != value)
+                   if len(p.strip(" -")) >= LONG and p != value and not is_placeholder(p))
     return out
+
+
+def retained_values(headers: Iterable[Dataset], retain_device_identity: bool) -> list[str]:
+    """The values of identifying attributes the trial keeps on purpose (the device identity)."""
+    if not retain_device_identity:
+        return []
+    return sorted({v.strip() for ds in headers for kw in DEVICE_KEYWORDS for v in _values(ds.get(kw)) if v.strip()})
 
 
 def collect_identifiers(headers: Iterable[Dataset], retain_device_identity: bool = True) -> list[Identifier]:
@@ -135,9 +145,14 @@ class Matcher:
     an identifier component equal to one of their tokens (the "nih" of both
     InstitutionName "NIH FMRIF" and site "ge-nih") cannot be told apart from
     them by content, so it is listed in ``not_verifiable`` instead of searched.
+
+    ``retained`` are values the trial keeps on purpose (the device identity under
+    Retain Device Identity): an identifier found inside one of them (InstitutionName
+    "orange" in DeviceSerialNumber "0000000000orange") is that value, not a leak.
     """
 
-    def __init__(self, identifiers: Iterable[Identifier], own_labels: Iterable[str] = ()):
+    def __init__(self, identifiers: Iterable[Identifier], own_labels: Iterable[str] = (),
+                 retained: Iterable[str] = ()):
         identifiers = list(identifiers)
         own = {t for label in own_labels for t in re.split(r"[^a-z0-9]+", label.lower()) if t}
         clash = {i.source for i in identifiers if i.value.lower() in own}
@@ -154,6 +169,16 @@ class Matcher:
         self._long = _alternation([v for v in text if len(v) >= LONG], word=False)
         self._short = _alternation([v for v in text if len(v) < LONG], word=True)
         self._any_word = _alternation(text, word=True)
+        self.retained = sorted({r.strip().lower().encode("utf-8", "replace") for r in retained
+                                if len(r.strip()) >= SHORT and not is_placeholder(r)})
+        self._retained = _alternation(self.retained, word=False)
+
+    def _outside_retained(self, low: bytes, hits: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
+        """The hits that do not lie within an occurrence of a retained value."""
+        if self._retained is None or not hits:
+            return hits
+        spans = [m.span() for m in self._retained.finditer(low)]
+        return [(v, pos) for v, pos in hits if not any(a <= pos and pos + len(v) <= b for a, b in spans)]
 
     def _numbers_in(self, low: bytes) -> list[tuple[bytes, int]]:
         # Each distinct token and digit run is looked up once: pixel data and
@@ -187,7 +212,7 @@ class Matcher:
         if self._short:
             region = low if header_end is None else low[:header_end]
             hits += [(m.group(1), m.start(1)) for m in self._short.finditer(region)]
-        return [(self.source[v], pos) for v, pos in hits]
+        return [(self.source[v], pos) for v, pos in self._outside_retained(low, hits)]
 
     def find_leaks(self, name: str, data: bytes) -> list[Leak]:
         """Every identifying value in an output's content or name (see :func:`find_leaks`)."""

@@ -12,12 +12,14 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date, datetime
 
 from pydicom.dataset import Dataset
 
 from data_contracts.trial import TrialConfig
 from tasks.errors import CorelabError
+from tasks.intake.placeholders import is_placeholder
 
 
 class AttributionError(CorelabError, ValueError):
@@ -40,12 +42,16 @@ def subject_label(trial: TrialConfig, site_id: str, patient_id: str | None) -> s
     Raises
     ------
     SubjectError
-        Empty PatientID, or a PatientID missing from the site's roster.
+        Empty PatientID, a placeholder PatientID (pseudonym mode), or one missing from the roster.
     """
     pid = (patient_id or "").strip()
     if not pid:
         raise SubjectError("PatientID (0010,0020) is empty: the study cannot be attributed to a subject")
     cfg = trial.subjects
+    if cfg.mode == "pseudonym" and is_placeholder(pid):  # every such study would be one "subject"
+        raise SubjectError("PatientID (0010,0020) is a placeholder (suppressed by the scanner or an upstream "
+                           "tool): the study cannot be attributed to a subject; map it in the site's roster "
+                           "or send the study with its PatientID")
     if cfg.mode == "roster":
         roster = cfg.roster.get(site_id, {})
         if pid not in roster:
@@ -58,16 +64,47 @@ def subject_label(trial: TrialConfig, site_id: str, patient_id: str | None) -> s
     return cfg.prefix + base64.b32encode(digest[:5]).decode().rstrip("=")
 
 
-def study_date(headers: Sequence[Dataset]) -> date:
-    """The study's date (StudyDate, else SeriesDate, AcquisitionDate, ContentDate of its first file)."""
-    h = headers[0]
-    for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
-        v = str(h.get(kw, "") or "").strip()
-        if len(v) >= 8:
-            try:
-                return datetime.strptime(v[:8], "%Y%m%d").date()
-            except ValueError:
-                continue
+# Where a study's date can come from, most trusted first: the study's own date, then dates every
+# MR image carries (series, acquisition, content), then when the file itself was made.
+DATE_SOURCES = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "AcquisitionDateTime",
+                "InstanceCreationDate")
+RECEIPT = "receipt"
+
+
+@dataclass(frozen=True)
+class StudyDate:
+    """A study's date, and where it came from (an element of :data:`DATE_SOURCES`, or ``receipt``)."""
+
+    value: date
+    source: str
+
+
+def _date(value: object) -> date | None:
+    text = str(value or "").strip()
+    try:
+        return datetime.strptime(text[:8], "%Y%m%d").date() if len(text) >= 8 else None
+    except ValueError:  # "***", "00000000", a value in another format: not a date
+        return None
+
+
+def study_date(headers: Sequence[Dataset], received: date | None = None) -> StudyDate:
+    """The study's date: the first readable one of :data:`DATE_SOURCES` in any of its files.
+
+    Scanners that suppress dates write invalid values (``***``) in every date element; then, and
+    only then, the day the upload arrived (``received``) stands in, and says so in ``source``.
+
+    Raises
+    ------
+    StudyDateError
+        No file holds a readable date, and no receipt date was given.
+    """
+    for kw in DATE_SOURCES:
+        for h in headers:
+            found = _date(h.get(kw))
+            if found is not None:
+                return StudyDate(found, kw)
+    if received is not None:
+        return StudyDate(received, RECEIPT)
     raise StudyDateError("the study has no readable StudyDate (0008,0020): its visit cannot be determined")
 
 

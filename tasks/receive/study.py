@@ -9,8 +9,10 @@ refused data to ``quarantine/``; its table rows are built and written by
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
+from functools import partial
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -19,14 +21,14 @@ from data_contracts.trial import TrialConfig
 from tasks.conformance.findings import Finding
 from tasks.conformance.parameters import scanner_identity, series_parameters
 from tasks.conformance.protocol import check_completeness, check_scanner, check_series
-from tasks.conformance.visits import VisitAssignment, assign_visit
+from tasks.conformance.visits import VisitAssignment, assign_visit, date_finding
 from tasks.deid.fingerprint import Fingerprint, fingerprint_path
-from tasks.deid.profile import DeidContext, date_shift_days
+from tasks.deid.profile import DeidContext, date_shift_days, device_label
 from tasks.deid.series import PARALLEL_MIN_FILES, DeidSeries, SeriesJob, collect_series, start_series, write_series
-from tasks.deid.verify import Matcher, collect_identifiers
+from tasks.deid.verify import Matcher, collect_identifiers, retained_values
 from tasks.intake.custody import QuarantineRecord, quarantine
 from tasks.intake.heap import collector_paused
-from tasks.intake.identify import patient_characteristics, study_date, subject_label
+from tasks.intake.identify import AttributionError, patient_characteristics, study_date, subject_label
 from tasks.intake.inventory import ReceivedFile, group_series, study_key
 from tasks.lake import tables
 from tasks.lake.storage import Lake
@@ -57,9 +59,25 @@ def _verified_before(lake: Lake, site: str, ctx: DeidContext, files: list[Receiv
     return [f.rel for f in files if ctx.new_uid(str(f.header.SeriesInstanceUID)) in accepted]
 
 
-def _prior(lake: Lake, site: str, subject: str):
-    studies = tables.read_table(lake, "studies", [site])
-    return studies[studies["subject"] == subject] if len(studies) else studies
+class StudyElsewhereError(AttributionError):
+    """The study is already in the lake under another site, subject or trial: not received twice."""
+
+    code = "study_elsewhere"
+
+
+def _prior(lake: Lake, trial_id: str, site: str, subject: str, key: str):
+    """The subject's earlier studies at this site; refuses a study the lake holds under another attribution."""
+    studies = tables.read_table(lake, "studies")
+    if not len(studies):
+        return studies
+    for row in studies[studies["study_key"] == key].itertuples():
+        if (row.trial_id, row.site, row.subject) != (trial_id, site, subject):
+            raise StudyElsewhereError(
+                f"this study (the same images, by their UIDs) was received before as trial {row.trial_id}, "
+                f"site {row.site}, subject {row.subject}, visit {row.session}; it is not received again as "
+                f"trial {trial_id}, site {site}, subject {subject}. If the first attribution was wrong, "
+                "correct it there")
+    return studies[(studies["site"] == site) & (studies["subject"] == subject)]
 
 
 def receive_one_study(up: Upload, files: list[ReceivedFile]) -> StudyOutcome:
@@ -86,8 +104,10 @@ def _receive_one_study(up: Upload, files: list[ReceivedFile]) -> StudyOutcome:
     headers = [f.header for f in files]
     ctx.prepare(headers)  # before any UID is replaced: new UIDs must avoid original dates
     new_study_uid = ctx.new_uid(str(files[0].header.StudyInstanceUID))
-    acq = study_date(headers) + timedelta(days=shift)
-    prior = _prior(lake, site, subject)
+    received_at = datetime.now(timezone.utc)
+    dated = study_date(headers, received_at.date())
+    acq = dated.value + timedelta(days=shift)
+    prior = _prior(lake, trial.trial_id, site, subject, key)
     if len(prior) and key in set(prior["study_key"]):
         row = prior[prior["study_key"] == key].iloc[0]
         study = Study(trial.trial_id, site, key, subject, str(row["session"]), new_study_uid, acq,
@@ -104,17 +124,22 @@ def _receive_one_study(up: Upload, files: list[ReceivedFile]) -> StudyOutcome:
         visit = assign_visit(trial, acq, baseline, set(prior["session"]) if len(prior) else set())
     ctx.session = visit.session
     matcher = Matcher(collect_identifiers(headers, opts.retain_device_identity),
-                      own_labels=[trial.trial_id, site, subject, visit.session])
+                      own_labels=[trial.trial_id, site, subject, visit.session],
+                      retained=retained_values(headers, opts.retain_device_identity))
     study = Study(trial.trial_id, site, key, subject, visit.session, new_study_uid, acq,
                   visit.days_from_baseline, visit.in_window)
-    outcome = StudyOutcome(study, len(files), "; ".join(ctx.method_text), findings=list(visit.findings),
+    dating = [f for f in (date_finding(dated.source),) if f is not None]
+    outcome = StudyOutcome(study, len(files), "; ".join(ctx.method_text), received_at=received_at,
+                           findings=dating + list(visit.findings),
                            matcher=matcher,
                            characteristics=patient_characteristics(headers[0], opts.retain_patient_characteristics))
     scanner_findings: dict[tuple[str, str], Finding] = {}
     pooled = len(files) >= PARALLEL_MIN_FILES
     started = [_start_series(up, ctx, matcher, members, pooled) for members in group_series(files).values()]
+    # without Retain Device Identity the serial leaves intake only as a keyed label
+    show = (lambda serial: serial) if opts.retain_device_identity else partial(device_label, secret)
     for pending in started:
-        so, deid = _finish_series(up, pending)
+        so, deid = _finish_series(up, pending, show)
         for f in list(so.findings):
             if f.kind in ("unknown_scanner", "new_scanner_epoch"):
                 scanner_findings.setdefault((f.kind, f.observed or ""), f)
@@ -155,12 +180,14 @@ def _start_series(up: Upload, ctx: DeidContext, matcher: Matcher, members: list[
                           start_series(members, ctx, matcher, number, pooled))
 
 
-def _finish_series(up: Upload, p: _PendingSeries) -> tuple[SeriesOutcome, DeidSeries]:
+def _finish_series(up: Upload, p: _PendingSeries, show: Callable[[str | None], str | None]
+                   ) -> tuple[SeriesOutcome, DeidSeries]:
     deid = collect_series(p.job)
-    epoch, scanner = check_scanner(up.trial.site(up.site), p.identity, deid.series_uid)
+    epoch, scanner = check_scanner(up.trial.site(up.site), p.identity, deid.series_uid, show)
     check = check_series(p.descriptions, p.params, p.identity["manufacturer"], up.trial, up.site,
                          deid.series_uid, label=deid.description or f"series {p.number}")
-    so = SeriesOutcome(deid.series_uid, p.number, deid.description, len(p.job.files), p.params, p.identity,
+    identity = {**p.identity, "device_serial": show(p.identity.get("device_serial"))}
+    so = SeriesOutcome(deid.series_uid, p.number, deid.description, len(p.job.files), p.params, identity,
                        epoch, check.series_type, check.verdict, check.findings + scanner,
                        burned_in=deid.refused_code == "burned_in")
     if deid.ok:
