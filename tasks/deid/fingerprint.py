@@ -12,7 +12,7 @@ import hashlib
 import json
 
 from data_contracts.trial import TrialConfig
-from tasks.deid.verify import DIGIT_RUN, LONG, UID_TOKEN, Leak, Matcher, decoded
+from tasks.deid.verify import DIGIT_RUN, UID_TOKEN, Leak, Matcher, decoded, token_bounded
 from tasks.lake.storage import Lake
 
 
@@ -25,7 +25,7 @@ class Fingerprint:
     (the trial's de-identification key), so it holds no PHI and can live in
     ``deid/``. Searching hashes every candidate of the right shape and length:
     dotted-number tokens, digit runs and their windows, and text windows of
-    each identifier's length, with the same word and number boundaries as
+    each identifier's length, with the same token and number boundaries as
     :class:`Matcher`. That is slow for megabytes, fine for sidecars and tables.
 
     The values the trial retains (the device identity) are kept as keyed hashes too: an
@@ -100,7 +100,7 @@ class Fingerprint:
         for w in self.text_lengths:
             for k in range(len(low) - w + 1):
                 src = self._hit(low[k:k + w])
-                if src and (w >= LONG or _word_bounded(low, k, w)):
+                if src and token_bounded(low, k, w):
                     hits.append((src, k, w))
         kept = self._retained_spans(low) if hits else []
         return [(src, pos) for src, pos, n in hits if not any(a <= pos and pos + n <= b for a, b in kept)]
@@ -114,12 +114,6 @@ class Fingerprint:
         content, _ = decoded(name, data)
         leaks = [Leak(name, src, "file name") for src, _ in self.in_content(name.encode())]
         return leaks + [Leak(name, src, f"content at byte {pos}") for src, pos in self.in_content(content)]
-
-
-def _word_bounded(low: bytes, k: int, w: int) -> bool:
-    before = low[k - 1:k] if k else b""
-    after = low[k + w:k + w + 1]
-    return not (before.isalnum() or after.isalnum())
 
 
 def fingerprint_path(site: str, subject: str, session: str, study_key: str) -> str:

@@ -7,11 +7,15 @@ gzip decoded first, since compression would hide a value from a byte search),
 plus every output's file name. A hit fails closed: the caller quarantines
 the series instead of writing it to ``deid/``.
 
-Short values cannot be searched blindly in binary data ("DEV" occurs by chance
-in pixel noise). So values of five or more characters are searched
-everywhere, case-insensitively; values of three or four characters are
-searched as whole words outside pixel data; shorter ones ("1", "M") cannot
-identify anyone by content and are reported as not verifiable by content.
+Values are searched case-insensitively as whole tokens: a value that starts (ends) with a
+letter must not have a letter before (after) it, one that starts (ends) with a digit no digit,
+so ``smith`` is found in ``SMITH^JOHN``, ``smith_01`` and ``Dr Smith,`` but the name ``dicom``
+is not in ``pydicom``. Short values cannot be searched blindly in binary data ("DEV" occurs by
+chance in pixel noise). So values of five or more characters are searched everywhere; values
+of three or four characters outside pixel data; shorter ones ("1", "M") cannot identify anyone
+by content and are reported as not verifiable by content. So is a value equal to a word our
+own software writes (``dcm2niix``, ``pydicom``, see :data:`OWN_WORDS`): it stands in every
+sidecar and table, and cannot be told apart from a name there.
 """
 
 from __future__ import annotations
@@ -48,6 +52,15 @@ PERSON_KEYWORDS = {"PatientName", "OtherPatientNames", "PatientBirthName", "Pati
                    "NameOfPhysiciansReadingStudy", "RequestingPhysician"}
 ADDRESS_KEYWORDS = {"PatientAddress", "InstitutionAddress", "ReferringPhysicianAddress"}
 LONG, SHORT = 5, 3
+# Words our own outputs carry in keys and values: the software that wrote them (sidecars'
+# ConversionSoftware, Parquet's "created_by" and pandas metadata, GeneratedBy, the
+# DeidentificationMethod text) and the formats they name.
+OWN_WORDS = frozenset({
+    "corelab", "dcm2niix", "pydicom", "dicom", "nifti", "nibabel", "numpy", "pandas", "pyarrow", "arrow",
+    "parquet", "prefect", "simpleitk", "antspyx", "ants", "dipy", "nilearn", "nipype", "bids", "combat",
+    "neuroharmonize", "neurocombat", "python", "podman", "docker", "json", "annex", "retain", "clean",
+    "basic", "profile", "deidentified", "option", "options", "method", "software", "version",
+})
 PIXEL_TAG_LE = b"\xe0\x7f\x10\x00"
 
 
@@ -154,7 +167,7 @@ class Matcher:
     def __init__(self, identifiers: Iterable[Identifier], own_labels: Iterable[str] = (),
                  retained: Iterable[str] = ()):
         identifiers = list(identifiers)
-        own = {t for label in own_labels for t in re.split(r"[^a-z0-9]+", label.lower()) if t}
+        own = {t for label in own_labels for t in re.split(r"[^a-z0-9]+", label.lower()) if t} | OWN_WORDS
         clash = {i.source for i in identifiers if i.value.lower() in own}
         ids = [i for i in identifiers if i.value.lower() not in own and len(i.value) >= SHORT]
         self.not_verifiable = sorted(clash | {i.source for i in identifiers if len(i.value) < SHORT})
@@ -166,12 +179,12 @@ class Matcher:
         self.numbers = {v for v in values if v.isdigit()}
         self.windows = sorted({len(v) for v in self.numbers if len(v) >= 8})
         text = [v for v in values if v not in self.uids and v not in self.numbers]
-        self._long = _alternation([v for v in text if len(v) >= LONG], word=False)
-        self._short = _alternation([v for v in text if len(v) < LONG], word=True)
-        self._any_word = _alternation(text, word=True)
+        self._long = _alternation([v for v in text if len(v) >= LONG])
+        self._short = _alternation([v for v in text if len(v) < LONG])
+        self._any = _alternation(text)
         self.retained = sorted({r.strip().lower().encode("utf-8", "replace") for r in retained
                                 if len(r.strip()) >= SHORT and not is_placeholder(r)})
-        self._retained = _alternation(self.retained, word=False)
+        self._retained = _alternation(self.retained)
 
     def _outside_retained(self, low: bytes, hits: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
         """The hits that do not lie within an occurrence of a retained value."""
@@ -208,7 +221,7 @@ class Matcher:
         low = data.lower()
         hits = self._numbers_in(low)
         if self._long:
-            hits += [(m.group(0), m.start()) for m in self._long.finditer(low)]
+            hits += [(m.group(1), m.start(1)) for m in self._long.finditer(low)]
         if self._short:
             region = low if header_end is None else low[:header_end]
             hits += [(m.group(1), m.start(1)) for m in self._short.finditer(region)]
@@ -220,22 +233,42 @@ class Matcher:
 
     def in_name(self, name: str) -> list[str]:
         low = name.lower().encode("utf-8", "replace")
-        # file names are short: a value anywhere in one is a leak, word or not
+        # file names are short: a value of any length anywhere in one is a leak
         hits = [v for v, _ in self._numbers_in(low)]
-        if self._any_word:
-            hits += [m.group(1) for m in self._any_word.finditer(low)]
-        if self._long:
-            hits += [m.group(0) for m in self._long.finditer(low)]
+        if self._any:
+            hits += [m.group(1) for m in self._any.finditer(low)]
         return sorted({self.source[v] for v in hits})
 
 
-def _alternation(values: list[bytes], word: bool) -> re.Pattern[bytes] | None:
+_LETTER, _DIGIT = rb"[a-z]", rb"[0-9]"
+
+
+def _edge(c: int) -> bytes | None:
+    """The class of byte a token must not touch on the side of its character ``c``."""
+    ch = bytes([c])
+    return _LETTER if ch.isalpha() else _DIGIT if ch.isdigit() else None
+
+
+def _token(v: bytes) -> bytes:
+    before, after = _edge(v[0]), _edge(v[-1])
+    return ((rb"(?<!" + before + rb")" if before else b"") + re.escape(v)
+            + (rb"(?!" + after + rb")" if after else b""))
+
+
+def _alternation(values: list[bytes]) -> re.Pattern[bytes] | None:
+    """One pattern for values as whole tokens (group 1 is the value found; see the module doc)."""
     if not values:
         return None
-    body = b"|".join(re.escape(v) for v in sorted(set(values), key=lambda v: (-len(v), v)))
-    if word:
-        return re.compile(rb"(?<![a-z0-9])(" + body + rb")(?![a-z0-9])")
-    return re.compile(body)
+    body = b"|".join(_token(v) for v in sorted(set(values), key=lambda v: (-len(v), v)))
+    return re.compile(rb"(" + body + rb")")
+
+
+def token_bounded(low: bytes, k: int, w: int) -> bool:
+    """Whether ``low[k:k+w]`` stands as a whole token (the rule of :func:`_alternation`)."""
+    v = low[k:k + w]
+    before, after = low[k - 1:k], low[k + w:k + w + 1]
+    return not ((before and (before.isalpha() and v[:1].isalpha() or before.isdigit() and v[:1].isdigit()))
+                or (after and (after.isalpha() and v[-1:].isalpha() or after.isdigit() and v[-1:].isdigit())))
 
 
 def decoded(name: str, data: bytes) -> tuple[bytes, int | None]:
