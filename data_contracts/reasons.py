@@ -61,6 +61,8 @@ REASONS: dict[str, Reason] = {r.code: r for r in (
     Reason("duplicate_uid", "input", False, "a SOPInstanceUID repeats with other content"),
     Reason("unattributable", "input", False, "the study cannot be attributed to a trial subject or visit"),
     Reason("date_unreadable", "input", False, "no date element of the study holds a valid date"),
+    Reason("derived_image", "input", False,
+           "a derived image (ADC, trace, MPR...) in an acquired series, kept apart from the acquisition"),
     Reason("study_elsewhere", "input", False, "the study is already in the lake under another site, subject or trial"),
     Reason("unknown_study", "input", False, "no received study has that key"),
     Reason("refused", "input", False, "refused for a reason without a code of its own"),

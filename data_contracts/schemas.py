@@ -135,7 +135,8 @@ DEVIATIONS = TableSchema(
     # 1.1: reason_code (the error that caused a deviation: a quarantine, a failed conversion,
     # a QC FAIL's deciding reason; null for protocol findings, whose kind says it all); the
     # kind duplicate_series, which nothing ever produced, is gone; study_date_substituted (a visit
-    # dated from another element than StudyDate, or from the upload's arrival)
+    # dated from another element than StudyDate, or from the upload's arrival); derived_image (a
+    # scanner-computed image found in an acquired series and kept apart from it)
     version="1.1",
     schema=_s(
         ("deviation_id", pa.string()),         # hash of study_key, series, kind, parameter
@@ -160,7 +161,7 @@ DEVIATIONS = TableSchema(
             "parameter", "missing_series", "unclassified_series", "ambiguous_series",
             "unknown_scanner", "new_scanner_epoch", "out_of_window", "unscheduled_visit",
             "quarantined_file", "burned_in_annotation", "qc_fail", "processing_failed",
-            "study_date_substituted",
+            "study_date_substituted", "derived_image",
         }),
         "reason_code": CODES,
     },

@@ -75,9 +75,11 @@ def receive_study(upload: str, site: str, trial_file: str | None = None, lake_ur
             outcome = receive_one_study_task(Upload(trial, site, key, lake), quote(files))
         except AttributionError as exc:  # whose or when is unknown: the site must correct it
             log.error("study rejected (%s): %s", exc.code, exc)
-            rejected += quarantine_files_task(lake, site, key, quote(files), str(exc), exc.code)
-            append_event(lake, "study_rejected", site=site, upload=key, n_files=len(files),
-                         reason_code=exc.code)
+            records = quarantine_files_task(lake, site, key, quote(files), str(exc), exc.code)
+            rejected += records
+            if any(r.new for r in records):  # the same refused study sent again is not a new event
+                append_event(lake, "study_rejected", site=site, upload=key, n_files=len(files),
+                             reason_code=exc.code)
             continue
         except Exception as exc:  # a bug or an outage: no verdict; the raw upload stays in the inbox
             _audit_failure(lake, site, key, len(files), exc)
@@ -104,7 +106,7 @@ def receive_study(upload: str, site: str, trial_file: str | None = None, lake_ur
     # 7. release raw copies whose de-identified copies are verified; the rest stays
     verified = {rel for o in outcomes for rel in o.verified_files}
     release_inbox(lake, site, key, verified, inv.names)
-    if not inv.accepted and inv.rejected:
+    if not inv.accepted and any(r.new for r in rejected):
         append_event(lake, "upload_rejected", site=site, upload=key, n_files=len(inv.rejected),
                      quarantined_sha256=[r.sha256 for r in inv.rejected])
     return outcomes

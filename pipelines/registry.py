@@ -60,6 +60,7 @@ def anat_spec() -> PipelineSpec:
         qc_sidecar="measures",
         qc_metrics=(SidecarMetric("coverage", "template_brain_in_fov"),
                     SidecarMetric("inu_range", "bias_field.p95", minus="bias_field.p05")),
+        bids_ignore=("sub-*/figures", "*_measures.tsv", "*_measures.json"),
         sources=("pipelines/anat",),
     )
 

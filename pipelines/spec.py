@@ -126,6 +126,10 @@ class PipelineSpec:
     options : mapping of str to str
         Optional parameter name to command-line flag, e.g. ``{"threads": "--threads"}``. Those
         named like BIDS entities are the entities the pipeline takes from its input's name.
+    bids_ignore : tuple of str
+        Outputs no BIDS rule covers (reviewer figures, measure tables), as ``.bidsignore``
+        patterns; corelab writes them, and its own provenance files, into the derivatives'
+        ``.bidsignore`` so the BIDS validator checks everything else.
     sources : tuple of str
         Folders (relative to the definitions' parent) holding the pipeline's code; their hash
         goes into the lock at build time, and the ``local`` backend compares it with the tree.
@@ -144,6 +148,7 @@ class PipelineSpec:
     qc_sidecar: str | None = None
     qc_metrics: tuple[SidecarMetric, ...] = ()
     options: Mapping[str, str] = field(default_factory=dict)
+    bids_ignore: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
     definitions: Path = CONTAINERS
 

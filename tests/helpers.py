@@ -49,6 +49,29 @@ def gz(path: Path) -> Path:
     return out
 
 
+def bids_validator(root: Path) -> tuple[list[dict], list[dict]]:
+    """The official BIDS validator's (bids-validator-deno) errors and warnings on a dataset folder.
+
+    Every file is checked (``--max-rows -1``: all TSV rows, not the first 1000).
+    """
+    import json
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("bids-validator-deno")
+    assert exe.is_file(), f"{exe} missing: bids-validator-deno is in requirements.lock"
+    proc = subprocess.run([str(exe), "--format", "json", "--max-rows", "-1", str(root)],
+                          capture_output=True, text=True, cwd=root, timeout=600)
+    assert proc.stdout.strip(), f"bids-validator gave no report (exit {proc.returncode}): {proc.stderr[-500:]}"
+    issues = json.loads(proc.stdout)["issues"]["issues"]
+    return ([i for i in issues if i["severity"] == "error"], [i for i in issues if i["severity"] == "warning"])
+
+
+def describe(issues: list[dict]) -> list[str]:
+    """One line per validator issue: code, sub-code and where."""
+    return sorted(f"{i['code']} {i.get('subCode') or ''} {i.get('location') or ''}".strip() for i in issues)
+
+
 def s3_lake(bucket: str):
     """A lake on moto's real S3 API server, on a port of its own so the server can stop and start.
 

@@ -41,19 +41,30 @@ def ingest(
     print_outcomes(outcomes, site)
     if not outcomes or all(o.status == "rejected" and not o.already_received for o in outcomes):
         fail(f"{path}: nothing was accepted; see quarantine/{site}/ in the lake for the reasons", 1)
-    if process:
-        for o in outcomes:
-            if o.status != "rejected":
-                run_processing(o.study.study_key, site, cfg, lake_url(lake), backend, allow_version_mismatch)
+    if not process:
+        return
+    failed = []
+    for o in outcomes:
+        # a study received before is processed again: what failed then is tried again now
+        if o.status != "rejected" or o.already_received:
+            failed += run_processing(o.study.study_key, site, cfg, lake_url(lake), backend, allow_version_mismatch)
+    if failed:
+        fail(f"{path}: {len(failed)} series failed after intake (see the deviations and qc tables): "
+             + "; ".join(failed), 1)
 
 
-def run_processing(study_key: str, site: str, cfg, lake: str, backend: str, allow: bool) -> None:
-    """process_study on one study, then its QC table."""
+def run_processing(study_key: str, site: str, cfg, lake: str, backend: str, allow: bool) -> list[str]:
+    """process_study on one study, then its QC table; returns what of the study is failed now."""
     from flows.process_study import process_study
+    from tasks.lake.storage import open_lake
+    from tasks.lake.studies import read_study
+    from tasks.qc.record import failures_after_intake
 
     done = process_study(study_key, site, lake_url=lake, backend=backend,
                          allow_version_mismatch=allow, trial=cfg)
     print_processing(study_key, done)
+    store = open_lake(lake)
+    return failures_after_intake(store, cfg, read_study(store, site, study_key))
 
 
 def process(
@@ -70,9 +81,12 @@ def process(
 
     try:
         cfg = load_trial(trial_path(trial))
-        run_processing(study, site, cfg, lake_url(lake), backend, allow_version_mismatch)
+        failed = run_processing(study, site, cfg, lake_url(lake), backend, allow_version_mismatch)
     except (TrialConfigError, UnknownStudyError) as exc:
         fail(str(exc))
+    if failed:
+        fail(f"study {study[:16]}: {len(failed)} series failed (see the deviations and qc tables): "
+             + "; ".join(failed), 1)
 
 
 @protocol_app.command("infer")

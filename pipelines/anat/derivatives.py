@@ -22,7 +22,7 @@ from typing import Any
 
 from pipelines.anat.errors import AnatArgumentError, AnatOutputError
 
-BIDS_VERSION = "1.9.0"
+BIDS_VERSION = "1.10.0"   # as the raw dataset corelab writes (data_contracts.bids)
 #: Entities a caller may add, in the BIDS order for anatomical files.
 OPTIONAL_ENTITIES = ("acq", "ce", "rec", "run")
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
@@ -141,6 +141,11 @@ def ensure_dataset(root: Path, description: dict[str, Any], lookup_tsv: str) -> 
     lookup = root / "dseg.tsv"
     if not lookup.exists():
         atomic_write_text(lookup, lookup_tsv)
+    readme = root / "README"
+    if not readme.exists():
+        atomic_write_text(readme, f"{description['Name']}\n\nMade by the built-in anatomical pipeline of corelab. "
+                                  "Reviewer figures (sub-*/figures) and the volumes tables (*_measures.tsv) "
+                                  "are not BIDS files; the derivatives' .bidsignore lists them.\n")
 
 
 def dseg_tsv() -> str:

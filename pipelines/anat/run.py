@@ -94,7 +94,7 @@ def _sidecars(names: dict[str, str], maps: AnatMaps, common: dict[str, Any]) -> 
         "preproc": {"Description": "T1w reoriented to RAS and N4 bias-corrected (not skull-stripped)",
                     "SkullStripped": False, "BiasField": maps.qc["bias_field"]},
         "bias_field": {"Description": "N4 multiplicative bias field: input / field = desc-preproc",
-                       "Sources": [preproc], "BiasField": maps.qc["bias_field"]},
+                       "SkullStripped": False, "Sources": [preproc], "BiasField": maps.qc["bias_field"]},
         "brain_mask": {"Description": "intracranial mask: MNI152 template mask, "
                                       "affine-warped, within the head",
                        "Type": "Brain", "Sources": [preproc]},
@@ -206,7 +206,8 @@ def run_anat(
     common = {
         "RawSources": [_raw_source(input_path)], "InputSHA256": input_sha,
         "GeneratedBy": generated_by(NAME, VERSION, container_digest),
-        "Parameters": params.as_dict(), "SoftwareVersions": versions,
+        # BIDS wants a string here; the packages one by one are in the result (AnatResult.versions)
+        "Parameters": params.as_dict(), "SoftwareVersions": "; ".join(f"{k} {v}" for k, v in versions.items()),
         "Template": {"Name": TEMPLATE_NAME, "Provider": f"nilearn {template_version()}",
                      "Files": load_template().files},
         "SpatialReference": "orig",

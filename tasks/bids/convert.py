@@ -153,6 +153,8 @@ def convert_series(lake: Lake, s: SeriesToConvert, subject: str, session: str,
         folder = f"bids/sub-{subject}/ses-{session}/{st.datatype}"
         sidecar.update({"SeriesInstanceUID": s.series_uid, "CorelabSeriesType": st.name,
                         "ScannerEpoch": s.scanner_epoch})
+        if "task" in entities:  # BIDS requires TaskName wherever the task entity is (bold, events...)
+            sidecar.setdefault("TaskName", entities["task"])
         staged: dict[str, bytes] = {}
         for p in produced:
             ext = p.name[len("img"):]
@@ -231,8 +233,8 @@ def convert_study(lake: Lake, trial: TrialConfig, study: Study) -> tuple[dict[st
                                     observed="conversion", message=f"series {s.series_number}: {exc}",
                                     reason_code=exc.code))
     write_dataset_description(lake, trial)
-    write_sessions(lake, study.subject)
     write_scans(lake, study.subject, study.session, str(study.acquisition_date))
+    write_sessions(lake, study.subject)  # after scans: a session's acq_time is its first scan's
     write_participants(lake, trial)
     return images, findings
 

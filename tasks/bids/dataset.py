@@ -49,6 +49,16 @@ def write_dataset_description(lake: Lake, trial: TrialConfig) -> None:
     }
     _write_if_changed(lake, "bids/dataset_description.json", json.dumps(desc, indent=2).encode())
     _write_if_changed(lake, "bids/participants.json", json.dumps(PARTICIPANTS_JSON, indent=2).encode())
+    _write_if_changed(lake, "bids/sessions.json", json.dumps(SESSIONS_JSON, indent=2).encode())
+    _write_if_changed(lake, "bids/scans.json", json.dumps(SCANS_JSON, indent=2).encode())
+    _write_if_changed(lake, "bids/README", _readme(trial).encode())
+
+
+def _readme(trial: TrialConfig) -> str:
+    return (f"{trial.name or trial.trial_id}\n\nRaw BIDS dataset of trial {trial.trial_id}, written by corelab "
+            "from the DICOM studies the sites sent: each study de-identified (DICOM PS3.15 Annex E), checked "
+            "against the trial's protocol, and converted with dcm2niix. Subjects are trial pseudonyms, dates "
+            "are shifted per subject; sessions.tsv and scans.tsv carry the shifted dates.\n")
 
 
 def write_participants(lake: Lake, trial: TrialConfig) -> pd.DataFrame:
@@ -65,27 +75,56 @@ def write_participants(lake: Lake, trial: TrialConfig) -> pd.DataFrame:
     return df
 
 
+SESSIONS_JSON = {
+    "acq_time": {"Description": "acquisition time of the session's first scan, on the trial's shifted "
+                                "dates (n/a when no scan carries a time)"},
+    "days_from_baseline": {"Description": "days from the subject's baseline scan to this session",
+                           "Units": "day"},
+}
+SCANS_JSON = {
+    "acq_time": {"Description": "acquisition time of the scan, on the trial's shifted dates "
+                                "(n/a when the series carries no AcquisitionTime)"},
+}
+
+
 def write_sessions(lake: Lake, subject: str) -> None:
+    """sessions.tsv of one subject; acq_time is the first scan's (from its scans.tsv), as BIDS wants a datetime."""
     studies = read_table(lake, "studies")
     mine = studies[(studies["subject"] == subject) & (studies["status"] != "rejected")]
     df = pd.DataFrame({
         "session_id": "ses-" + mine["session"].astype(str),
-        "acq_time": pd.to_datetime(mine["acquisition_date"]).dt.strftime("%Y-%m-%d"),
         "days_from_baseline": mine["days_from_baseline"],
     }).drop_duplicates("session_id").sort_values("session_id")
+    df.insert(1, "acq_time", [_first_scan_time(lake, subject, s.removeprefix("ses-")) for s in df["session_id"]])
     _write_if_changed(lake, f"bids/sub-{subject}/sub-{subject}_sessions.tsv", _tsv(df))
 
 
+def _first_scan_time(lake: Lake, subject: str, session: str) -> str:
+    rel = f"bids/sub-{subject}/ses-{session}/sub-{subject}_ses-{session}_scans.tsv"
+    if not lake.exists(rel):
+        return "n/a"
+    times = pd.read_csv(io.BytesIO(lake.read_bytes(rel)), sep="\t", dtype=str)["acq_time"].dropna()
+    times = sorted(t for t in times if "T" in t)
+    return times[0] if times else "n/a"
+
+
 def write_scans(lake: Lake, subject: str, session: str, acq_date: str) -> None:
-    """scans.tsv of one session, from the images and sidecars present (acq_time = shifted date)."""
+    """scans.tsv of one session, from the images and sidecars present (acq_time on the shifted date)."""
     folder = f"bids/sub-{subject}/ses-{session}"
     rows = []
     for rel in lake.find(folder):
         if not rel.endswith(".nii.gz"):
             continue
         sidecar = json.loads(lake.read_text(rel[: -len(".nii.gz")] + ".json"))
-        time = str(sidecar.get("AcquisitionTime", "") or "")[:8]
-        rows.append({"filename": rel[len(folder) + 1:],
-                     "acq_time": f"{acq_date}T{time}" if time else acq_date})
+        time = _hh_mm_ss(sidecar.get("AcquisitionTime"))
+        rows.append({"filename": rel[len(folder) + 1:], "acq_time": f"{acq_date}T{time}" if time else "n/a"})
     df = pd.DataFrame(rows, columns=["filename", "acq_time"]).sort_values("filename")
     _write_if_changed(lake, f"{folder}/sub-{subject}_ses-{session}_scans.tsv", _tsv(df))
+
+
+def _hh_mm_ss(value: object) -> str | None:
+    """``hh:mm:ss`` of a sidecar's AcquisitionTime (dcm2niix writes ``hh:mm:ss.ffffff``), else None."""
+    text = str(value or "")[:8]
+    parts = text.split(":")
+    ok = len(parts) == 3 and all(len(p) == 2 and p.isdigit() for p in parts)
+    return text if ok and int(parts[0]) < 24 and int(parts[1]) < 60 and int(parts[2]) < 61 else None

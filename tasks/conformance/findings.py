@@ -75,3 +75,20 @@ def record_findings(lake: Lake, study: Study, findings: list[Finding], now: date
     queries = query_rows(study, deviations)
     if queries:
         tables.write_rows(lake, "queries", study.site, queries)
+    count_deviations(lake, study)
+
+
+def count_deviations(lake: Lake, study: Study) -> None:
+    """The studies row's ``n_deviations``: every deviation of the study, intake's and later ones."""
+    studies = tables.read_table(lake, "studies", [study.site])
+    row = studies[studies.study_key == study.study_key]
+    if row.empty:
+        return
+    devs = tables.read_table(lake, "deviations", [study.site])
+    n = int((devs.study_key == study.study_key).sum())
+    record = row.iloc[0].to_dict()
+    if record["n_deviations"] != n:
+        record["n_deviations"] = n
+        if record["status"] == "accepted":
+            record["status"] = "accepted_with_deviations"
+        tables.write_rows(lake, "studies", study.site, [record])

@@ -5,6 +5,7 @@ inventory  walk an upload (folders, .gz, zip), hash every file, parse and check 
 custody    the raw copy in the inbox, quarantine with a reason file, release once verified
 identify   the trial subject of a PatientID (roster or keyed pseudonym), the study date,
            the patient characteristics a trial retains
+derived    the scanner's computed images (ADC, trace, MPR) in an acquired series, kept apart
 placeholders  values that stand where an identifier was left out (``***``, ``ANONYMOUS``, ...)
 heap       holding Python's garbage collector while a study's headers pile up
 """

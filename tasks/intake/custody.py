@@ -31,6 +31,7 @@ class QuarantineRecord:
     reason: str        # names the file and the problem
     code: str          # short category, safe for tables and the audit log
     sha256: str
+    new: bool = True   # False: the same file was already quarantined for the same reason
 
 
 def inbox_prefix(site: str, upload: str) -> str:
@@ -59,8 +60,14 @@ def _safe_name(rel: str) -> str:
 
 def quarantine(lake: Lake, site: str, upload: str, rel: str, data: bytes, reason: str,
                code: str, sha256: str) -> QuarantineRecord:
-    """Put one file (or one archive member) in quarantine with its reason."""
+    """Put one file (or one archive member) in quarantine with its reason.
+
+    Idempotent: the same file sent again and refused for the same reason is not written again
+    (its reason file keeps the first ``quarantined_at``), and the record says it is not new.
+    """
     dest = f"quarantine/{site}/{upload}/{_safe_name(rel)}"
+    if _already(lake, dest + REASON_SUFFIX, sha256, reason, code):
+        return QuarantineRecord(dest, reason, code, sha256, new=False)
     if data:
         lake.write_bytes(dest, data)
     lake.write_text(dest + REASON_SUFFIX, json.dumps({
@@ -73,6 +80,16 @@ def quarantine(lake: Lake, site: str, upload: str, rel: str, data: bytes, reason
         "quarantined_at": datetime.now(timezone.utc).isoformat(),
     }, indent=2))
     return QuarantineRecord(dest, reason, code, sha256)
+
+
+def _already(lake: Lake, reason_path: str, sha256: str, reason: str, code: str) -> bool:
+    if not lake.exists(reason_path):
+        return False
+    try:
+        old = json.loads(lake.read_text(reason_path))
+    except ValueError:  # a reason file that does not parse is written again
+        return False
+    return (old.get("sha256"), old.get("reason"), old.get("code")) == (sha256, reason, code)
 
 
 def release_inbox(lake: Lake, site: str, upload: str, verified: set[str], all_files: list[str]) -> int:

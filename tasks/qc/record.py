@@ -117,6 +117,37 @@ def record_series(lake: Lake, trial: TrialConfig, study: Study, sq: SeriesQC, fl
 NOT_RUN = codes_in("infrastructure")
 
 
+def failures_after_intake(lake: Lake, trial: TrialConfig, study: Study) -> list[str]:
+    """What of a study failed after intake, one line per series, as the lake holds it now.
+
+    A series the protocol wants in BIDS that has no BIDS image (with the deviation that says
+    why), and every current FAIL verdict of a pipeline. Read from the tables, not from one run,
+    so sending the same upload again reports what is still failed, not "nothing new".
+    """
+    from tasks.bids.convert import existing_images, plan_session
+
+    series = tables.read_table(lake, "series", [study.site])
+    series = series[series.study_key == study.study_key]
+    converted = existing_images(lake, study.subject, study.session)
+    deviations = tables.read_table(lake, "deviations", [study.site])
+    lines = []
+    for s in plan_session(series, trial):
+        if s.series_uid in converted:
+            continue
+        why = deviations[(deviations.series_uid == s.series_uid) & (deviations.kind == "processing_failed")
+                         & (deviations.observed == "conversion")] if len(deviations) else deviations
+        reason = why.sort_values("created_at").message.iloc[-1] if len(why) else "not converted yet"
+        lines.append(f"series {s.series_number}: not in BIDS: {reason}")
+    qc = tables.read_table(lake, "qc", [study.site])
+    if len(qc):
+        failed = qc[(qc.study_key == study.study_key) & (qc.metric == "verdict") & (qc.verdict == "FAIL")]
+        number = dict(zip(series.series_uid, series.series_number))
+        for row in failed.sort_values(["pipeline_name", "pipeline_version", "series_uid"]).itertuples():
+            lines.append(f"series {number.get(row.series_uid, row.series_uid[-12:])}: "
+                         f"{row.pipeline_name} {row.pipeline_version} QC FAIL: {row.reason or row.reason_code}")
+    return lines
+
+
 def clear_retryable(lake: Lake, site: str) -> int:
     """Forget the verdicts of runs that never started, so tonight's run tries again."""
     qc = tables.read_table(lake, "qc", [site])

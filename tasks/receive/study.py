@@ -27,6 +27,7 @@ from tasks.deid.profile import DeidContext, date_shift_days, device_label
 from tasks.deid.series import PARALLEL_MIN_FILES, DeidSeries, SeriesJob, collect_series, start_series, write_series
 from tasks.deid.verify import Matcher, collect_identifiers, retained_values
 from tasks.intake.custody import QuarantineRecord, quarantine
+from tasks.intake.derived import split_derived
 from tasks.intake.heap import collector_paused
 from tasks.intake.identify import AttributionError, patient_characteristics, study_date, subject_label
 from tasks.intake.inventory import ReceivedFile, group_series, study_key
@@ -135,7 +136,12 @@ def _receive_one_study(up: Upload, files: list[ReceivedFile]) -> StudyOutcome:
                            characteristics=patient_characteristics(headers[0], opts.retain_patient_characteristics))
     scanner_findings: dict[tuple[str, str], Finding] = {}
     pooled = len(files) >= PARALLEL_MIN_FILES
-    started = [_start_series(up, ctx, matcher, members, pooled) for members in group_series(files).values()]
+    started, derived = [], []
+    for members in group_series(files).values():
+        acquired, apart = split_derived(members)   # the scanner's computed images are not volumes
+        started.append(_start_series(up, ctx, matcher, acquired, pooled))
+        if apart:
+            derived.append((started[-1].number, apart))
     # without Retain Device Identity the serial leaves intake only as a keyed label
     show = (lambda serial: serial) if opts.retain_device_identity else partial(device_label, secret)
     for pending in started:
@@ -150,6 +156,13 @@ def _receive_one_study(up: Upload, files: list[ReceivedFile]) -> StudyOutcome:
         else:
             outcome.quarantined += _quarantine_series(up, pending.job.files, deid)
     outcome.findings += list(scanner_findings.values())
+    for number, apart in derived:
+        outcome.quarantined += _keep_derived_apart(up, number, apart)
+        outcome.findings.append(Finding(
+            kind="derived_image", severity="minor", observed=f"series {number}: {len(apart)} file(s)",
+            message=f"series {number}: {len(apart)} derived image(s) ({apart[0][1]}) kept apart from the "
+                    "acquisition in quarantine/; not de-identified, counted or converted",
+            reason_code="derived_image"))
     # later stages (BIDS, derivatives) verify against this, long after the raw upload is gone
     lake.write_text(fingerprint_path(site, subject, visit.session, key),
                     Fingerprint.from_matcher(matcher, secret).to_json())
@@ -207,6 +220,12 @@ def _finish_series(up: Upload, p: _PendingSeries, show: Callable[[str | None], s
              f" as {so.series_type}" if so.series_type else "",
              "".join(f"; {f.severity} {f.kind}" + (f" {f.parameter}" if f.parameter else "") for f in so.findings))
     return so, deid
+
+
+def _keep_derived_apart(up: Upload, number: int, apart: list[tuple[ReceivedFile, str]]) -> list[QuarantineRecord]:
+    return [quarantine(up.lake, up.site, up.key, m.rel, m.raw,
+                       f"{m.rel}: a derived image in series {number} ({why}), not an acquired one: kept apart",
+                       "derived_image", m.sha256) for m, why in apart]
 
 
 def _quarantine_series(up: Upload, members: list[ReceivedFile], deid: DeidSeries) -> list[QuarantineRecord]:

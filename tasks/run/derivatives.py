@@ -111,10 +111,22 @@ def run_on_image(lake: Lake, spec: PipelineSpec, bids_image: str, subject: str, 
                     lake.put_file(str(p), f"{root}/{p.relative_to(work).as_posix()}")
     lake.write_text(f"{root}/sub-{subject}/ses-{session}/{prefix}_provenance.json",
                     json.dumps(out.record or {"error": out.error}, indent=2, default=str))
+    write_bidsignore(lake, spec)
     if out.error is None:
         out.outputs = lake_outputs(spec, subject, session, entities)
         read_measures(lake, spec, out)
     return out
+
+
+PROVENANCE_PATTERN = "*_provenance.json"   # corelab's record of each run, beside its outputs
+
+
+def write_bidsignore(lake: Lake, spec: PipelineSpec) -> None:
+    """The derivatives' ``.bidsignore``: the spec's non-BIDS outputs and corelab's provenance files."""
+    rel = f"{derivatives_root(spec)}/.bidsignore"
+    text = "\n".join(sorted({*spec.bids_ignore, PROVENANCE_PATTERN})) + "\n"
+    if not (lake.exists(rel) and lake.read_text(rel) == text):
+        lake.write_text(rel, text)
 
 
 def lake_outputs(spec: PipelineSpec, subject: str, session: str, entities: dict[str, str]) -> dict[str, str]:

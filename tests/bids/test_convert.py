@@ -22,7 +22,7 @@ from tasks.lake.tables import read_table
 from tasks.receive.record import record_study
 from tasks.receive.study import Upload, receive_one_study
 from tests.data import shared_path
-from tests.helpers import DEMO_TRIAL
+from tests.helpers import DEMO_TRIAL, bids_validator, describe
 
 REF_KEYS = ("SliceTiming", "PhaseEncodingDirection", "EffectiveEchoSpacing", "TotalReadoutTime",
             "RepetitionTime", "EchoTime", "FlipAngle", "InversionTime", "ImageOrientationPatientDICOM")
@@ -51,8 +51,8 @@ def converted(tmp_path_factory):
         fps = load_fingerprints(lake, trial, st.site, st.subject, st.session)
         for s in plan_session(series[series.study_key == st.study_key], trial):
             images[(st.site, s.series_number)] = convert_series(lake, s, st.subject, st.session, fps)
-        write_sessions(lake, st.subject)
         write_scans(lake, st.subject, st.session, str(st.acquisition_date))
+        write_sessions(lake, st.subject)
     write_participants(lake, trial)
     return lake, images
 
@@ -92,6 +92,15 @@ def test_enhanced_and_gzipped_dicom_convert(converted):
     ph = nib.load(lake.path(images[("philips-ingenia", 1301)].image))
     assert xa.shape == (96, 128, 128)
     assert ph.shape == (170, 256, 256) and np.allclose(ph.header.get_zooms(), (1, 1, 1))
+
+
+def test_the_official_validator_finds_no_error_in_the_raw_dataset(converted):
+    lake, images = converted
+    errors, warnings = bids_validator(lake.path("bids"))
+    assert errors == [], describe(errors)
+    # TaskName was missing on every bold sidecar, acq_time was a bare date
+    codes = {(w["code"], w.get("subCode")) for w in warnings}
+    assert ("SIDECAR_KEY_RECOMMENDED", "TaskName") not in codes and ("README_FILE_MISSING", None) not in codes
 
 
 def test_dataset_tables(converted):

@@ -27,8 +27,10 @@ from tasks.qc.overrides import OverrideError, override
 from tasks.qc.record import biomarker_rows, qc_rows
 from tasks.run.derivatives import PipelineRun, lake_outputs, run_on_image
 from tests.data import REPO, shared_path
+from tests.helpers import bids_validator, describe
 
 pytestmark = pytest.mark.prefect
+ANAT = get_spec("anat").version
 T1_SITES = {"siemens-xa30": ("dcm_qa_xa30", "In"), "philips-ingenia": ("dcm_qa_philips_enh", "In")}
 
 
@@ -80,9 +82,19 @@ def test_every_biomarker_row_carries_its_provenance(processed):
         assert row.input_sha256 == hashlib.sha256(lake.read_bytes(image)).hexdigest()
     provenance = [json.loads(lake.read_text(p)) for p in lake.find("derivatives") if p.endswith("_provenance.json")]
     assert len(provenance) == 2 and all(p["ok"] and p["digest"] == locked_digest() for p in provenance)
-    desc = json.loads(lake.read_text("derivatives/anat-0.1.0/dataset_description.json"))
+    desc = json.loads(lake.read_text(f"derivatives/anat-{ANAT}/dataset_description.json"))
     assert desc["GeneratedBy"][0]["Name"] == "anat"
     assert desc["GeneratedBy"][0]["Container"]["Tag"] == locked_digest()
+
+
+def test_the_official_validator_finds_no_error_in_the_raw_and_derivative_datasets(processed):
+    lake, _ = processed
+    root = f"derivatives/anat-{ANAT}"
+    assert lake.read_text(f"{root}/.bidsignore").split() == sorted(
+        {*get_spec("anat").bids_ignore, "*_provenance.json"})
+    for dataset in ("bids", root):
+        errors, _ = bids_validator(lake.path(dataset))
+        assert errors == [], (dataset, describe(errors))
 
 
 def test_duckdb_and_the_wide_export(processed, tmp_path):
@@ -167,9 +179,9 @@ def test_a_new_pipeline_version_adds_rows_and_keeps_the_old(scratch, trial, monk
     assert sp.verdict.reason_code == "stale_lock"
     qc = read_table(lake, "qc")
     versions = set(qc[qc.series_uid == sp.run.series_uid].pipeline_version)
-    assert versions == {"0.1.0", "0.2.0"}
+    assert versions == {ANAT, "0.2.0"}
     bio = read_table(lake, "biomarkers")
-    assert set(bio[bio.series_uid == sp.run.series_uid].pipeline_version) == {"0.1.0"}
+    assert set(bio[bio.series_uid == sp.run.series_uid].pipeline_version) == {ANAT}
 
 
 # -- bad and degraded inputs: the gate, without Prefect ----------------------------------------
@@ -242,9 +254,9 @@ def test_no_segmentation_output_is_a_named_fail(xa30, scratch, trial):
     rel = _stage(lake, study, np.zeros((64, 64, 1)), np.eye(4), "acq-flat")   # a 2D slice: anat refuses it
     sp = _judge(lake, trial, study, rel)
     assert sp.verdict.status == "FAIL"
-    assert sp.verdict.reasons[0].startswith("segmentation could not be computed: anat 0.1.0 failed")
+    assert sp.verdict.reasons[0].startswith(f"segmentation could not be computed: anat {ANAT} failed")
     verdict, bio = _recorded(lake, sp)
-    assert "anat 0.1.0 failed" in verdict.reason and bio.empty
+    assert f"anat {ANAT} failed" in verdict.reason and bio.empty
     assert not [p for p in lake.find("derivatives") if "acq-flat" in p and not p.endswith("_provenance.json")]
 
 
@@ -259,7 +271,7 @@ def test_nan_metric_is_a_named_fail(processed, trial, tmp_path):
                         if p.endswith(f"sub-{study.subject}_ses-{study.session}_label-WM_probseg.nii.gz")))
     img = nib.load(wm)
     nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), wm)   # no white matter at all
-    run = PipelineRun(done.run.series_uid, done.run.bids_image, done.run.input_sha256, "anat", "0.1.0")
+    run = PipelineRun(done.run.series_uid, done.run.bids_image, done.run.input_sha256, "anat", ANAT)
     run.outputs = lake_outputs(get_spec("anat"), study.subject, study.session, {})
     sq = measure_quality(copy, get_spec("anat"), run)
     gate(trial, study.site, sq, {})

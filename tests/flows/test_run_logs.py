@@ -11,8 +11,11 @@ import pytest
 
 from flows.process_study import process_study
 from flows.receive_study import receive_study
+from pipelines.registry import get_spec
 from tests.data import REPO, shared_path
 from tests.helpers import DEMO_TRIAL, GE_SERIES, copy_upload
+
+ANAT = get_spec("anat").version
 
 pytestmark = pytest.mark.prefect
 
@@ -40,12 +43,12 @@ def test_pairing_skip_command_and_verdict_lines_are_in_the_flow_run_log(prefect_
     image = f"bids/sub-{o.study.subject}/ses-baseline/anat/sub-{o.study.subject}_ses-baseline_T1w.nii.gz"
     assert any(line.startswith("corelab.bids: run: ") and "dcm2niix -b y -ba y -z y" in line for line in log), log
     assert f"corelab.bids: {image} <- {o.series[0].deid_path}" in log
-    command = [line for line in log if line.startswith("corelab.run: running anat 0.1.0 on local: ")]
+    command = [line for line in log if line.startswith(f"corelab.run: running anat {ANAT} on local: ")]
     assert len(command) == 1 and "-m pipelines.anat --input " in command[0] and image in command[0]
-    assert any(line.startswith("corelab.qc: anat 0.1.0 on series ") and line.endswith(": PASS") for line in log)
+    assert any(line.startswith(f"corelab.qc: anat {ANAT} on series ") and line.endswith(": PASS") for line in log)
     skipped = run_log(again.state_details.flow_run_id)
     assert f"corelab.bids: found {image}, skipping conversion of series 5" in skipped
-    assert any(line.startswith("corelab.qc: found a anat 0.1.0 verdict for series ") and line.endswith("skipping")
+    assert any(line.startswith(f"corelab.qc: found a anat {ANAT} verdict for series ") and line.endswith("skipping")
                for line in skipped), skipped
 
 

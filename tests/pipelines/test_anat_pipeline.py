@@ -130,7 +130,7 @@ def test_outputs_form_a_bids_derivative(runs, t1_paths, deriv_root):
             assert meta["InputSHA256"] == sha, key
             assert meta["Parameters"]["registration_seed"] == result.parameters["registration_seed"]
             assert meta["GeneratedBy"][0]["Container"]["Tag"] == DIGEST
-            assert meta["SoftwareVersions"]["SimpleITK"]
+            assert f"SimpleITK {result.versions['SimpleITK']}" in meta["SoftwareVersions"]
         assert result.outputs["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         table = _tsv(result.outputs["measures"])
         assert {k: v for k, (v, _) in table.items()} == result.measures
