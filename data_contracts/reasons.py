@@ -74,6 +74,8 @@ REASONS: dict[str, Reason] = {r.code: r for r in (
     # pipeline
     Reason("conversion_failed", "pipeline", False, "dcm2niix could not convert a series"),
     Reason("conversion_ambiguous", "pipeline", False, "dcm2niix made more than one image from one series"),
+    Reason("geometry_mismatch", "pipeline", False,
+           "the converted image's matrix, slices or volumes differ from the DICOM headers'"),
     Reason("bids_name_invalid", "pipeline", False, "an output name is not valid BIDS"),
     Reason("input_unsupported", "pipeline", False, "the pipeline does not take an entity of the input's name"),
     Reason("pipeline_failed", "pipeline", False, "the pipeline exited with an error"),

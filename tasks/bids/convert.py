@@ -80,6 +80,33 @@ class SeriesToConvert:
     series_type: SeriesType
     scanner_epoch: str
     run: int | None = None
+    # what intake read from the headers: columns, rows, slices, volumes (None where unknown)
+    geometry: tuple[int | None, int | None, int | None, int | None] = (None, None, None, None)
+
+
+class GeometryError(ConversionError):
+    """The converted image does not have the size the DICOM headers say."""
+
+    code = "geometry_mismatch"
+
+
+def check_geometry(shape: tuple[int, ...], expected: tuple[int | None, ...], label: str) -> None:
+    """Refuse an image whose matrix, slices or volumes differ from the headers'.
+
+    The in-plane matrix and the slice count are compared as a set (a converter may write the
+    axes in another order for a 3D acquisition); volumes as they are.
+    """
+    columns, rows, slices, volumes = expected
+    dims = list(shape[:3]) + [1] * (3 - len(shape[:3]))
+    n_vol = int(shape[3]) if len(shape) > 3 else 1
+    want = [d for d in (columns, rows, slices) if d]
+    if len(want) == 3 and sorted(dims) != sorted(want):
+        raise GeometryError(f"{label}: the converted image is {'x'.join(map(str, shape))}, the DICOM headers say "
+                            f"{columns}x{rows} in plane, {slices} slices; not written (a vendor layout the "
+                            "converter did not unpack?)")
+    if volumes and n_vol != volumes:
+        raise GeometryError(f"{label}: the converted image has {n_vol} volume(s), the DICOM headers "
+                            f"{volumes}; not written")
 
 
 def assign_runs(series: list[SeriesToConvert]) -> list[SeriesToConvert]:
@@ -141,6 +168,7 @@ def convert_series(lake: Lake, s: SeriesToConvert, subject: str, session: str,
         out.mkdir()
         produced = run_dcm2niix(Path(lake.local_folder(s.deid_path, tmp_path)), out, "img")
         image = next(p for p in produced if p.name.endswith(".nii.gz"))
+        check_geometry(nib.load(image).shape, s.geometry, f"series {s.series_number}")
         sidecar = json.loads(image.with_name("img.json").read_text())
         if st.datatype == "fmap" and st.suffix == "epi" and "dir" not in entities:
             label = direction_label(nib.load(image), sidecar.get("PhaseEncodingDirection"))
@@ -195,8 +223,17 @@ def plan_session(series_rows: Any, trial: Any) -> list[SeriesToConvert]:
             log.info("No pairing <- series %s (%s)", row.series_number, row.verdict)
             continue
         out.append(SeriesToConvert(row.series_uid, int(row.series_number), row.deid_path,
-                                   types[row.series_type], row.scanner_epoch))
+                                   types[row.series_type], row.scanner_epoch,
+                                   geometry=tuple(_count(getattr(row, k, None))
+                                                  for k in ("columns", "rows", "n_slices", "n_volumes"))))
     return assign_runs(out)
+
+
+def _count(v: Any) -> int | None:
+    try:
+        return int(v) if v is not None and int(v) > 0 else None
+    except (TypeError, ValueError):  # NaN or NA from a table
+        return None
 
 
 def existing_images(lake: Lake, subject: str, session: str) -> dict[str, str]:

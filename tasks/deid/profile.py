@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from pydicom._uid_dict import UID_dictionary
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
@@ -76,6 +77,13 @@ PROVIDER_KEYWORDS = (
     "RequestingPhysician", "AccessionNumber", "StudyID", "StationName", "DeviceSerialNumber",
 )
 DEVICE_KEYWORDS = {"StationName", "DeviceSerialNumber"}
+# What kind of device made the images and how: never cleaned (Table E.1-1 does not list them),
+# because converters need them to read the data (dcm2niix unpacks a vendor's mosaic only when it
+# knows the Manufacturer). When an identifying value equals one of them (InstitutionName "UIH",
+# Manufacturer "UIH"), its echoes cannot be told apart from the device's name: they are kept.
+DEVICE_CLASS_KEYWORDS = ("Manufacturer", "ManufacturerModelName", "SoftwareVersions", "SequenceName",
+                         "PulseSequenceName", "TransmitCoilName", "ReceiveCoilName")
+DEVICE_CLASS_TAGS = frozenset(int(tag_for_keyword(k)) for k in DEVICE_CLASS_KEYWORDS)
 
 
 class DeidError(CorelabError, ValueError):
@@ -100,9 +108,13 @@ class DeidContext:
     same_length: "SameLength | None" = None
     text_probe: "re.Pattern[bytes] | None" = None
     original_dates: frozenset[str] = frozenset()
+    # an upload another tool de-identified before us: its record, kept before ours (PS3.15 E.1)
+    upstream_methods: tuple[str, ...] = ()
+    upstream_codes: tuple[tuple[str, str, str], ...] = ()
 
     def prepare(self, headers: list[Dataset]) -> "DeidContext":
         """Learn the study's identifying values once, from all of its headers."""
+        self.upstream_methods, self.upstream_codes = upstream_record(headers)
         needles: set[str] = set()
         dates: set[str] = set()
         uids: set[str] = set()
@@ -112,7 +124,9 @@ class DeidContext:
             dates |= h_dates
             uids |= h_uids
         self.original_dates = frozenset(dates)
-        self.needles = sorted(needles, key=lambda v: (-len(v), v))
+        device = {str(v).strip().lower() for h in headers for k in DEVICE_CLASS_KEYWORDS
+                  for v in _as_list(h.get(k)) if str(v).strip()}
+        self.needles = sorted((n for n in needles if n.lower() not in device), key=lambda v: (-len(v), v))
         keep_dates = self.options.retain_longitudinal_modified_dates
         self.same_length = SameLength(
             uids={u.encode(): self._same_length_uid(u).encode() for u in uids},
@@ -129,12 +143,17 @@ class DeidContext:
         ds.PatientName = self.subject
         ds.PatientID = self.subject
         ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = self.method_text
+        ds.DeidentificationMethod = [m for m in self.upstream_methods if m not in self.method_text] + self.method_text
+        ours = [(METHOD_CODES[name][0], "DCM", METHOD_CODES[name][1])
+                for name in ["basic"] + [n for n in OPTION_COLUMNS if getattr(self.options, n)]]
         codes = Sequence()
-        for name in ["basic"] + [n for n in OPTION_COLUMNS if getattr(self.options, n)]:
-            value, meaning = METHOD_CODES[name]
+        seen: set[tuple[str, str]] = set()
+        for value, scheme, meaning in [*self.upstream_codes, *ours]:
+            if (value, scheme) in seen:
+                continue
+            seen.add((value, scheme))
             item = Dataset()
-            item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+            item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
             codes.append(item)
         ds.DeidentificationMethodCodeSequence = codes
         if self.options.retain_longitudinal_modified_dates:
@@ -253,6 +272,30 @@ def identifying_values(ds: Dataset, options: Deidentification) -> list[str]:
             elif kw.endswith("Address"):
                 vals.update(p.strip(" -") for p in text.split(",") if len(p.strip(" -")) >= 5)
     return sorted((v for v in vals if len(v) >= 3 and not is_placeholder(v)), key=lambda v: (-len(v), v))
+
+
+def _as_list(v: object) -> list:
+    if v is None:
+        return []
+    return list(v) if isinstance(v, (list, tuple, MultiValue)) else [v]
+
+
+def upstream_record(headers: list[Dataset]) -> tuple[tuple[str, ...], tuple[tuple[str, str, str], ...]]:
+    """The de-identification another tool recorded in the received headers (methods, codes).
+
+    PS3.15 E.1: a further de-identification adds its method to those already there. Only a
+    header that says PatientIdentityRemoved YES counts; code items need a value and a scheme.
+    """
+    for h in headers:
+        if str(h.get("PatientIdentityRemoved", "")).strip().upper() != "YES":
+            continue
+        methods = tuple(str(m).strip() for m in _as_list(h.get("DeidentificationMethod")) if str(m).strip())
+        codes = tuple((str(i.get("CodeValue", "")).strip(), str(i.get("CodingSchemeDesignator", "")).strip(),
+                       str(i.get("CodeMeaning", "")).strip())
+                      for i in (h.get("DeidentificationMethodCodeSequence") or [])
+                      if i.get("CodeValue") and i.get("CodingSchemeDesignator"))
+        return methods, codes
+    return (), ()
 
 
 def _original_dates_and_uids(ds: Dataset) -> tuple[set[str], set[str]]:
@@ -431,7 +474,7 @@ def _walk(ds: Dataset, ctx: DeidContext, safe: frozenset[tuple[str, int, int]]) 
             _clean_private(ds, tag, raw, ctx, safe)
             continue
         vr = raw_vr(tag, raw)
-        action = action_for(tag, ctx.options) or _default_action(vr)
+        action = action_for(tag, ctx.options) or ("K" if int(tag) in DEVICE_CLASS_TAGS else _default_action(vr))
         if action == "X":
             del ds[tag]
             continue

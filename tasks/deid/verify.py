@@ -47,6 +47,10 @@ IDENTIFYING_KEYWORDS = (
     "RequestingPhysician", "AccessionNumber", "StudyID", "AdmissionID", "IssuerOfPatientID",
 )
 DEVICE_KEYWORDS = ("DeviceSerialNumber", "StationName")
+# Kept by every profile (what kind of device, which sequence): collected here by this module's
+# own list, as the profile keeps them by its own (tasks.deid.profile.DEVICE_CLASS_KEYWORDS).
+DEVICE_CLASS_KEYWORDS = ("Manufacturer", "ManufacturerModelName", "SoftwareVersions", "SequenceName",
+                         "PulseSequenceName", "TransmitCoilName", "ReceiveCoilName")
 PERSON_KEYWORDS = {"PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
                    "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
                    "NameOfPhysiciansReadingStudy", "RequestingPhysician"}
@@ -109,10 +113,9 @@ def _pieces(kw: str, value: str) -> set[Identifier]:
 
 
 def retained_values(headers: Iterable[Dataset], retain_device_identity: bool) -> list[str]:
-    """The values of identifying attributes the trial keeps on purpose (the device identity)."""
-    if not retain_device_identity:
-        return []
-    return sorted({v.strip() for ds in headers for kw in DEVICE_KEYWORDS for v in _values(ds.get(kw)) if v.strip()})
+    """Values every output keeps on purpose: the device class, and the device identity when retained."""
+    keywords = DEVICE_CLASS_KEYWORDS + (DEVICE_KEYWORDS if retain_device_identity else ())
+    return sorted({v.strip() for ds in headers for kw in keywords for v in _values(ds.get(kw)) if v.strip()})
 
 
 def collect_identifiers(headers: Iterable[Dataset], retain_device_identity: bool = True) -> list[Identifier]:
