@@ -133,8 +133,8 @@ class DeidContext:
             dates={d.encode(): (self.shift(d) if keep_dates else "") .encode() or b"0" * len(d)
                    for d in dates},
             text=SameLength.text_pattern([n for n in self.needles if not n.isdigit() or len(n) >= 5]))
-        # free text that holds none of the values need not even be decoded
-        self.text_probe = SameLength.text_pattern(self.needles)
+        # free text that holds none of the values (nor a date of the study) need not even be decoded
+        self.text_probe = SameLength.text_pattern(self.needles + sorted(dates))
         return self
 
     @functools.cached_property
@@ -349,6 +349,19 @@ def _scrub_text(text: str, needles: list[str]) -> str:
     return re.sub(r"\s{2,}", " ", text).strip()
 
 
+def _shift_dates_in_text(text: str, ctx: DeidContext) -> str:
+    """The study's dates in a descriptor, shifted like the date elements (a PACS writes
+    "20200630 Weekly QC" into StudyDescription); as YYYYMMDD and YYYY-MM-DD."""
+    for d in ctx.original_dates:
+        if d not in text and f"{d[:4]}-{d[4:6]}-{d[6:]}" not in text:
+            continue
+        new = ctx.shift(d) if ctx.options.retain_longitudinal_modified_dates else ""
+        text = re.sub(rf"(?<!\d){d}(?!\d)", new, text)
+        dashed = f"{new[:4]}-{new[4:6]}-{new[6:8]}" if new else ""
+        text = re.sub(rf"(?<!\d){d[:4]}-{d[4:6]}-{d[6:]}(?!\d)", dashed, text)
+    return re.sub(r"\s{2,}", " ", text).strip()
+
+
 UID_TOKEN = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
 DIGIT_RUN = re.compile(rb"[0-9]{8,}")
 
@@ -434,7 +447,7 @@ def _apply(ds: Dataset, elem: DataElement, action: str, ctx: DeidContext, needle
     elif action == "D":
         elem.value = ctx.subject if vr == "PN" else "REMOVED"
     elif action == "C" and vr in TEXT_VRS and isinstance(elem.value, str):
-        elem.value = _scrub_text(elem.value, needles)
+        elem.value = _shift_dates_in_text(_scrub_text(elem.value, needles), ctx)
 
 
 def _replace_uids(elem: DataElement, ctx: DeidContext) -> None:
