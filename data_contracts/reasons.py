@@ -54,6 +54,8 @@ REASONS: dict[str, Reason] = {r.code: r for r in (
     Reason("corrupt_gzip", "input", False, "a gzip-compressed file cannot be decompressed"),
     Reason("not_dicom", "input", False, "a file is not DICOM"),
     Reason("unreadable", "input", False, "a DICOM file cannot be parsed (truncated?)"),
+    Reason("bad_value", "input", False, "an element corelab reads holds a value that cannot be decoded"),
+    Reason("symlink", "input", False, "a symbolic link in an upload (never followed)"),
     Reason("missing_uid", "input", False, "a DICOM file lacks a required UID"),
     Reason("no_pixel_data", "input", False, "a DICOM file holds no pixel data"),
     Reason("incomplete_header", "input", False, "an image header lacks its size elements"),

@@ -11,6 +11,7 @@ the problem. Nothing is deleted from the inbox that has not been verified in
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import TRANSIENT_RETRIES
-from tasks.intake.inventory import Inventory, ReceivedFile
+from tasks.intake.inventory import Inventory, ReceivedFile, upload_paths
 from tasks.lake.storage import Lake
 
 REASON_SUFFIX = ".reason.json"
@@ -41,7 +42,8 @@ def inbox_prefix(site: str, upload: str) -> str:
 def stage_inbox(lake: Lake, site: str, upload: str, root: Path) -> list[str]:
     """Copy the upload, as received, into the inbox (idempotent)."""
     root = Path(root)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    # links are not followed (the inventory refuses them): nothing from outside the upload is copied
+    files = [p for p in upload_paths(root) if p == root or not p.is_symlink()]
     todo: dict[str, bytes] = {}
     for p in files:
         rel = p.name if root.is_file() else p.relative_to(root).as_posix()
@@ -54,8 +56,14 @@ def stage_inbox(lake: Lake, site: str, upload: str, root: Path) -> list[str]:
 
 
 def _safe_name(rel: str) -> str:
-    # Archive members are named 'a.zip!b/c.dcm'; keep them distinct but path-safe.
-    return rel.replace("!", "__")
+    """A path inside the upload's quarantine folder for a file or archive member name.
+
+    Archive members are named ``a.zip!b/c.dcm``; a member name may hold ``..``, an absolute
+    path, a drive letter or backslashes (zip traversal): each such part becomes ``_``, so the
+    copy stays in its upload's folder. The reason file keeps the name as it came.
+    """
+    parts = re.split(r"[/\\]+", rel.replace("!", "__"))
+    return "/".join("_" if p in ("", ".", "..") or p.endswith(":") else p for p in parts)
 
 
 def quarantine(lake: Lake, site: str, upload: str, rel: str, data: bytes, reason: str,

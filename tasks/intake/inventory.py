@@ -15,6 +15,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
+import os
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -34,6 +36,21 @@ REQUIRED_UIDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOP
 # Transfer syntaxes whose pixel data length follows from the header.
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 IGNORED_NAMES = {".DS_Store", "Thumbs.db"}
+# The top-level values corelab reads (attribution, grouping, protocol parameters, scanner): each is
+# decoded at inventory, so a value that cannot be (a DS "abc", an IS 1.5e400, an IPP with a bit
+# flipped) refuses its file with a reason naming the element, instead of failing a later stage.
+VALUES_READ = (
+    "PatientID", "PatientAge", "PatientSex", "PatientSize", "PatientWeight", "StudyDate", "SeriesDate",
+    "AcquisitionDate", "ContentDate", "AcquisitionDateTime", "InstanceCreationDate", "SeriesNumber",
+    "InstanceNumber", "SeriesDescription", "ProtocolName", "ImageType", "Manufacturer", "ManufacturerModelName",
+    "DeviceSerialNumber", "SoftwareVersions", "MagneticFieldStrength", "EchoTime", "RepetitionTime",
+    "InversionTime", "FlipAngle", "SliceThickness", "SpacingBetweenSlices", "PixelSpacing",
+    "ImagePositionPatient", "ImageOrientationPatient", "MRAcquisitionType", "Rows", "Columns",
+    "BitsAllocated", "SamplesPerPixel", "NumberOfFrames", "BurnedInAnnotation", "PatientIdentityRemoved",
+)
+#: Zip members: larger than this, or expanding more than MAX_RATIO times past 64 MiB, are refused unread.
+MAX_MEMBER_BYTES = 4 << 30
+MAX_RATIO = 200
 
 
 @dataclass
@@ -100,11 +117,13 @@ def walk_upload(root: Path) -> Iterator[tuple[str, bytes | Exception]]:
     root = Path(root)
     if not root.exists():
         raise UploadNotFoundError(f"upload {root} does not exist")
-    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    for path in paths:
+    for path in upload_paths(root):
         if path.name in IGNORED_NAMES:
             continue
         rel = path.name if root.is_file() else path.relative_to(root).as_posix()
+        if path != root and path.is_symlink():  # never followed: it may point anywhere on this machine
+            yield rel, SymlinkRefused("a symbolic link, not followed (an upload holds files, not links)")
+            continue
         raw = path.read_bytes()
         if path.suffix.lower() == ".zip":
             if zipfile.is_zipfile(io.BytesIO(raw)):
@@ -115,6 +134,23 @@ def walk_upload(root: Path) -> Iterator[tuple[str, bytes | Exception]]:
             yield rel, raw
 
 
+class SymlinkRefused(Exception):
+    """A symbolic link in an upload: refused, never followed."""
+
+
+def upload_paths(root: Path) -> list[Path]:
+    """Every file of an upload, and every symbolic link in it (listed, not followed), sorted."""
+    root = Path(root)
+    if root.is_file():  # the upload named itself: a link given as the upload is followed
+        return [root]
+    out = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        here = Path(folder)
+        out += [here / d for d in dirs if (here / d).is_symlink()]
+        out += [here / f for f in files]
+    return sorted(out)
+
+
 def _zip_members(rel: str, raw: bytes) -> Iterator[tuple[str, bytes | Exception]]:
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
@@ -122,11 +158,21 @@ def _zip_members(rel: str, raw: bytes) -> Iterator[tuple[str, bytes | Exception]
                 if info.is_dir():
                     continue
                 name = f"{rel}!{info.filename}"
+                if info.file_size > MAX_MEMBER_BYTES or (
+                        info.file_size > 64 << 20 and info.file_size > MAX_RATIO * max(info.compress_size, 1)):
+                    yield name, zipfile.BadZipFile(
+                        f"member expands to {info.file_size} bytes from {info.compress_size} (a zip bomb?); not read")
+                    continue
                 try:
-                    yield name, zf.read(info)
-                except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                    with zf.open(info) as member:
+                        data = member.read(info.file_size + 1)
+                    if len(data) > info.file_size:
+                        raise zipfile.BadZipFile("member longer than its header says; not read")
+                    yield name, data
+                except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError,
+                        ValueError, OSError) as exc:  # RuntimeError: encrypted; NotImplementedError: method
                     yield name, exc
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as exc:
         yield rel, exc
 
 
@@ -152,15 +198,42 @@ def parse_dicom(data: bytes) -> Dataset:
         ds = pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError as exc:
         raise InventoryError("not_dicom", "not a DICOM file (no DICM prefix and no readable data set)") from exc
-    except (EOFError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise InventoryError("unreadable", f"unreadable DICOM ({type(exc).__name__}: {exc}); truncated?") from exc
+    except RecursionError as exc:
+        raise InventoryError("unreadable", "unreadable DICOM: sequences nested too deep to read") from exc
+    except Exception as exc:  # pydicom on damaged bytes: any error is this file's, named
+        raise InventoryError("unreadable", f"unreadable DICOM ({type(exc).__name__}: {_short(exc)}); "
+                             "truncated or damaged?") from exc
     for kw in REQUIRED_UIDS:
         if not str(ds.get(kw, "") or "").strip():
             tag = pydicom.datadict.tag_for_keyword(kw)
             raise InventoryError("missing_uid", f"missing required {kw} ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+    _check_values(ds)
     _check_pixel_size(ds)
     return ds
 
+
+def _short(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text[:160]
+
+
+def _check_values(ds: Dataset) -> None:
+    """Decode every value of :data:`VALUES_READ`; a number must be finite."""
+    for kw in VALUES_READ:
+        if kw not in ds:
+            continue
+        tag = pydicom.datadict.tag_for_keyword(kw)
+        where = f"{kw} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+        try:
+            elem = ds[kw]
+            value = elem.value
+            if elem.VR in ("DS", "IS", "US", "UL", "SS", "SL", "FD", "FL") and value not in (None, ""):
+                for v in (value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]):
+                    if not math.isfinite(float(v)):
+                        raise ValueError(f"{v!r} is not a finite number")
+        except Exception as exc:  # a bad value is this file's, named with its element
+            raise InventoryError("bad_value", f"{where} holds a value that cannot be read "
+                                 f"({type(exc).__name__}: {_short(exc)})") from exc
 
 def _check_pixel_size(ds: Dataset) -> None:
     if "PixelData" not in ds:
@@ -208,8 +281,12 @@ def _inventory(root: Path, keep_data: bool) -> Inventory:
     duplicates: list[str] = []
     seen: dict[str, ReceivedFile] = {}
     for rel, raw in walk_upload(root):
+        if isinstance(raw, SymlinkRefused):
+            rejected.append(RejectedFile(rel, "", 0, f"{rel}: {raw}", "symlink"))
+            continue
         if isinstance(raw, Exception):
-            rejected.append(RejectedFile(rel, "", 0, f"{rel}: unreadable archive ({raw})", "bad_archive"))
+            rejected.append(RejectedFile(rel, "", 0, f"{rel}: unreadable archive member ({type(raw).__name__}: "
+                                                     f"{_short(raw)})", "bad_archive"))
             continue
         digest = hashlib.sha256(raw).hexdigest()
         try:
