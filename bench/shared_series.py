@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import nibabel as nib  # noqa: E402
 import numpy as np
 from _flowbench import DATA  # noqa: E402  (paths, bench keys)
 
-import nibabel as nib  # noqa: E402
 from data_contracts import example_path  # noqa: E402
 from data_contracts.trial import load_trial  # noqa: E402
 from tasks.bids.convert import ConversionError, convert_study, run_dcm2niix  # noqa: E402
