@@ -12,7 +12,7 @@ import hashlib
 import json
 
 from data_contracts.trial import TrialConfig
-from tasks.deid.verify import DIGIT_RUN, UID_TOKEN, Leak, Matcher, decoded, token_bounded
+from tasks.deid.verify import DIGIT_RUN, LONG, UID_TOKEN, Leak, Matcher, decoded, excused, masked_spans
 from tasks.lake.storage import Lake
 
 
@@ -25,12 +25,13 @@ class Fingerprint:
     (the trial's de-identification key), so it holds no PHI and can live in
     ``deid/``. Searching hashes every candidate of the right shape and length:
     dotted-number tokens, digit runs and their windows, and text windows of
-    each identifier's length, with the same token and number boundaries as
-    :class:`Matcher`. That is slow for megabytes, fine for sidecars and tables.
+    each identifier's length, with the same word and number boundaries as
+    :class:`Matcher`, and the same spans excused (our own words, kept values). That is
+    slow for megabytes, fine for sidecars and tables.
 
-    The values the trial retains (the device identity) are kept as keyed hashes too: an
-    identifier found inside one of them is that value, not a leak (as in :class:`Matcher`).
-    Version 1 fingerprints (without them) still read.
+    The values the trial retains (the device identity and class) are kept as keyed hashes
+    too: an identifier that is not the patient's found inside one of them is that value, not
+    a leak (as in :class:`Matcher`). Version 1 fingerprints (without them) still read.
     """
 
     VERSION = 2
@@ -77,7 +78,7 @@ class Fingerprint:
     def _hit(self, value: bytes) -> str | None:
         return self.hashes.get(self._h(value))
 
-    def in_content(self, data: bytes) -> list[tuple[str, int]]:
+    def in_content(self, data: bytes, keep_retained: bool = True) -> list[tuple[str, int]]:
         low = data.lower()
         hits: list[tuple[str, int, int]] = []      # source, start, length
         for m in UID_TOKEN.finditer(low):
@@ -100,10 +101,12 @@ class Fingerprint:
         for w in self.text_lengths:
             for k in range(len(low) - w + 1):
                 src = self._hit(low[k:k + w])
-                if src and token_bounded(low, k, w):
+                if src and (w >= LONG or _word_bounded(low, k, w)):
                     hits.append((src, k, w))
-        kept = self._retained_spans(low) if hits else []
-        return [(src, pos) for src, pos, n in hits if not any(a <= pos and pos + n <= b for a, b in kept)]
+        if not hits:
+            return []
+        own, kept = masked_spans(low), (self._retained_spans(low) if keep_retained else [])
+        return [(src, pos) for src, pos, n in hits if not excused(src, pos, n, own, kept)]
 
     def _retained_spans(self, low: bytes) -> list[tuple[int, int]]:
         """Where a value the trial retains stands in ``low``."""
@@ -112,8 +115,14 @@ class Fingerprint:
 
     def find_leaks(self, name: str, data: bytes) -> list[Leak]:
         content, _ = decoded(name, data)
-        leaks = [Leak(name, src, "file name") for src, _ in self.in_content(name.encode())]
+        leaks = [Leak(name, src, "file name") for src, _ in self.in_content(name.encode(), keep_retained=False)]
         return leaks + [Leak(name, src, f"content at byte {pos}") for src, pos in self.in_content(content)]
+
+
+def _word_bounded(low: bytes, k: int, w: int) -> bool:
+    before = low[k - 1:k] if k else b""
+    after = low[k + w:k + w + 1]
+    return not (before.isalnum() or after.isalnum())
 
 
 def fingerprint_path(site: str, subject: str, session: str, study_key: str) -> str:

@@ -116,17 +116,21 @@ class DeidContext:
         """Learn the study's identifying values once, from all of its headers."""
         self.upstream_methods, self.upstream_codes = upstream_record(headers)
         needles: set[str] = set()
+        patient: set[str] = set()
         dates: set[str] = set()
         uids: set[str] = set()
         for h in headers:
             needles.update(identifying_values(h, self.options))
+            patient.update(v.lower() for v in identifying_values(h, self.options, PATIENT_KEYWORDS))
             h_dates, h_uids = _original_dates_and_uids(h)
             dates |= h_dates
             uids |= h_uids
         self.original_dates = frozenset(dates)
         device = {str(v).strip().lower() for h in headers for k in DEVICE_CLASS_KEYWORDS
                   for v in _as_list(h.get(k)) if str(v).strip()}
-        self.needles = sorted((n for n in needles if n.lower() not in device), key=lambda v: (-len(v), v))
+        # a patient's value is cut out even where it equals a device's (patient "PHILIPS^ANNA")
+        self.needles = sorted((n for n in needles if n.lower() not in device or n.lower() in patient),
+                              key=lambda v: (-len(v), v))
         keep_dates = self.options.retain_longitudinal_modified_dates
         self.same_length = SameLength(
             uids={u.encode(): self._same_length_uid(u).encode() for u in uids},
@@ -134,7 +138,8 @@ class DeidContext:
                    for d in dates},
             text=SameLength.text_pattern([n for n in self.needles if not n.isdigit() or len(n) >= 5]))
         # free text that holds none of the values (nor a date of the study) need not even be decoded
-        self.text_probe = SameLength.text_pattern(self.needles + sorted(dates))
+        self.text_probe = SameLength.text_pattern(
+            self.needles + sorted(dates) + sorted(f"{d[:4]}-{d[4:6]}-{d[6:]}" for d in dates))
         return self
 
     @functools.cached_property
@@ -248,7 +253,11 @@ PERSON_NAME_KEYWORDS = {"PatientName", "OtherPatientNames", "PatientBirthName", 
                         "NameOfPhysiciansReadingStudy", "RequestingPhysician"}
 
 
-def identifying_values(ds: Dataset, options: Deidentification) -> list[str]:
+PATIENT_KEYWORDS = tuple(k for k in PROVIDER_KEYWORDS if k.startswith(("Patient", "OtherPatient")))
+
+
+def identifying_values(ds: Dataset, options: Deidentification,
+                       keywords: tuple[str, ...] = PROVIDER_KEYWORDS) -> list[str]:
     """Values to cut out of descriptors and overwrite in kept private elements.
 
     Whole values, plus the components of person names and the comma-separated
@@ -256,7 +265,7 @@ def identifying_values(ds: Dataset, options: Deidentification) -> list[str]:
     maim ordinary header text ("Center" in "Isocentered").
     """
     vals: set[str] = set()
-    for kw in PROVIDER_KEYWORDS:
+    for kw in keywords:
         if kw in DEVICE_KEYWORDS and options.retain_device_identity:
             continue
         v = ds.get(kw)
@@ -298,6 +307,15 @@ def upstream_record(headers: list[Dataset]) -> tuple[tuple[str, ...], tuple[tupl
     return (), ()
 
 
+def _real_date(value: str) -> bool:
+    """A DA/DT value that is a date (not ``00000000`` or ``99999999``, placeholders of none)."""
+    try:
+        datetime.strptime(value[:8], "%Y%m%d")
+        return len(value) >= 8
+    except ValueError:
+        return False
+
+
 def _original_dates_and_uids(ds: Dataset) -> tuple[set[str], set[str]]:
     """Every date (YYYYMMDD) and every non-standard UID of a data set, in one walk."""
     dates: set[str] = set()
@@ -308,7 +326,7 @@ def _original_dates_and_uids(ds: Dataset) -> tuple[set[str], set[str]]:
                 uids.add(elem.value)
             continue
         vals = [elem.value] if isinstance(elem.value, str) else list(elem.value or [])
-        dates.update(str(v)[:8] for v in vals if len(str(v)) >= 8 and str(v)[:8].isdigit())
+        dates.update(str(v)[:8] for v in vals if _real_date(str(v)))
     return dates, uids
 
 

@@ -7,15 +7,20 @@ gzip decoded first, since compression would hide a value from a byte search),
 plus every output's file name. A hit fails closed: the caller quarantines
 the series instead of writing it to ``deid/``.
 
-Values are searched case-insensitively as whole tokens: a value that starts (ends) with a
-letter must not have a letter before (after) it, one that starts (ends) with a digit no digit,
-so ``smith`` is found in ``SMITH^JOHN``, ``smith_01`` and ``Dr Smith,`` but the name ``dicom``
-is not in ``pydicom``. Short values cannot be searched blindly in binary data ("DEV" occurs by
-chance in pixel noise). So values of five or more characters are searched everywhere; values
-of three or four characters outside pixel data; shorter ones ("1", "M") cannot identify anyone
-by content and are reported as not verifiable by content. So is a value equal to a word our
-own software writes (``dcm2niix``, ``pydicom``, see :data:`OWN_WORDS`): it stands in every
-sidecar and table, and cannot be told apart from a name there.
+Short values cannot be searched blindly in binary data ("DEV" occurs by chance in pixel
+noise). So values of five or more characters are searched everywhere, case-insensitively and
+inside any text (``smith`` in ``JohnSmith_T1``); values of three or four characters are searched
+as whole words outside pixel data; shorter ones ("1", "M") cannot identify anyone by content
+and are reported as not verifiable by content.
+
+Three kinds of span are not searched inside: the words our own software writes
+(:data:`OWN_WORDS`: the name ``dicom`` is not "found" in ``pydicom``, nor a name component
+``dcm2niix`` in a sidecar's ConversionSoftware), JSON object keys
+(``"ImageOrientationPatientDICOM":``), and the values the trial keeps on purpose (the device
+identity and class), for identifiers that are not the patient's (an InstitutionName ``orange``
+inside the serial ``0000000000orange``). A patient's name, ID or date found inside a kept value
+is still a leak.
+An identifier equal to one of our words is also listed as not verifiable by content.
 """
 
 from __future__ import annotations
@@ -56,15 +61,32 @@ PERSON_KEYWORDS = {"PatientName", "OtherPatientNames", "PatientBirthName", "Pati
                    "NameOfPhysiciansReadingStudy", "RequestingPhysician"}
 ADDRESS_KEYWORDS = {"PatientAddress", "InstitutionAddress", "ReferringPhysicianAddress"}
 LONG, SHORT = 5, 3
-# Words our own outputs carry in keys and values: the software that wrote them (sidecars'
-# ConversionSoftware, Parquet's "created_by" and pandas metadata, GeneratedBy, the
-# DeidentificationMethod text) and the formats they name.
+# Words our own outputs carry in keys and values, as whole tokens: the software that wrote them
+# (sidecars' ConversionSoftware, Parquet's "created_by" and pandas metadata, GeneratedBy, the
+# DeidentificationMethod text) and the formats they name. Only software names: a word that is
+# also a surname would stop that surname being searched where it stands.
 OWN_WORDS = frozenset({
-    "corelab", "dcm2niix", "pydicom", "dicom", "nifti", "nibabel", "numpy", "pandas", "pyarrow", "arrow",
-    "parquet", "prefect", "simpleitk", "antspyx", "ants", "dipy", "nilearn", "nipype", "bids", "combat",
-    "neuroharmonize", "neurocombat", "python", "podman", "docker", "json", "annex", "retain", "clean",
-    "basic", "profile", "deidentified", "option", "options", "method", "software", "version",
+    "corelab", "dcm2niix", "pydicom", "dicom", "nifti", "nibabel", "numpy", "pandas", "pyarrow",
+    "parquet-cpp-arrow", "parquet", "prefect", "simpleitk", "antspyx", "dipy", "nilearn", "nipype",
+    "neuroharmonize", "neurocombat", "bids",
 })
+_OWN = re.compile(rb"(?<![a-z0-9])(?:" + b"|".join(re.escape(w.encode()) for w in
+                                                   sorted(OWN_WORDS, key=len, reverse=True)) + rb")(?![a-z0-9])")
+# A JSON object key: the keys of every sidecar and table row are names our software (or
+# dcm2niix) chose, such as "ImageOrientationPatientDICOM"; values are what is searched.
+_JSON_KEY = re.compile(rb'"[a-z0-9_]{1,64}"(?=\s*:)')
+PATIENT_SOURCES = ("Patient", "OtherPatient")   # identifiers a kept device value never excuses
+
+
+def masked_spans(low: bytes) -> list[tuple[int, int]]:
+    """Where our own words, and JSON keys, stand in ``low`` (lower-cased bytes)."""
+    return [m.span() for m in _OWN.finditer(low)] + [m.span() for m in _JSON_KEY.finditer(low)]
+
+
+def excused(source: str, pos: int, n: int, own: list[tuple[int, int]], kept: list[tuple[int, int]]) -> bool:
+    """A hit inside one of our words, or (not for a patient's identifier) inside a kept value."""
+    inside = lambda spans: any(a <= pos and pos + n <= b for a, b in spans)  # noqa: E731
+    return inside(own) or (not source.startswith(PATIENT_SOURCES) and inside(kept))
 PIXEL_TAG_LE = b"\xe0\x7f\x10\x00"
 
 
@@ -137,10 +159,19 @@ def collect_identifiers(headers: Iterable[Dataset], retain_device_identity: bool
                 if elem.VR == "UI":
                     if v and v not in UID_dictionary:
                         found.add(Identifier(f"{elem.keyword or 'UID'} (original)", v))
-                elif len(v) >= 8 and v[:8].isdigit():
+                elif len(v) >= 8 and _is_date(v[:8]):
                     d, src = v[:8], f"{elem.keyword or 'date'} (unshifted)"
                     found |= {Identifier(src, d), Identifier(src, f"{d[:4]}-{d[4:6]}-{d[6:8]}")}
     return sorted(found, key=lambda i: (i.source, i.value))
+
+
+def _is_date(text: str) -> bool:
+    """Eight digits that are a calendar date (``00000000`` stands where a date was left out)."""
+    try:
+        datetime.strptime(text, "%Y%m%d")
+        return True
+    except ValueError:
+        return False
 
 
 UID_TOKEN = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
@@ -170,10 +201,11 @@ class Matcher:
     def __init__(self, identifiers: Iterable[Identifier], own_labels: Iterable[str] = (),
                  retained: Iterable[str] = ()):
         identifiers = list(identifiers)
-        own = {t for label in own_labels for t in re.split(r"[^a-z0-9]+", label.lower()) if t} | OWN_WORDS
+        own = {t for label in own_labels for t in re.split(r"[^a-z0-9]+", label.lower()) if t}
         clash = {i.source for i in identifiers if i.value.lower() in own}
+        software = {i.source for i in identifiers if i.value.lower() in OWN_WORDS}  # searched, but not in our words
         ids = [i for i in identifiers if i.value.lower() not in own and len(i.value) >= SHORT]
-        self.not_verifiable = sorted(clash | {i.source for i in identifiers if len(i.value) < SHORT})
+        self.not_verifiable = sorted(clash | software | {i.source for i in identifiers if len(i.value) < SHORT})
         self.source: dict[bytes, str] = {}
         for i in ids:
             self.source.setdefault(i.value.lower().encode("utf-8", "replace"), i.source)
@@ -182,19 +214,20 @@ class Matcher:
         self.numbers = {v for v in values if v.isdigit()}
         self.windows = sorted({len(v) for v in self.numbers if len(v) >= 8})
         text = [v for v in values if v not in self.uids and v not in self.numbers]
-        self._long = _alternation([v for v in text if len(v) >= LONG])
-        self._short = _alternation([v for v in text if len(v) < LONG])
-        self._any = _alternation(text)
+        self._long = _alternation([v for v in text if len(v) >= LONG], word=False)
+        self._short = _alternation([v for v in text if len(v) < LONG], word=True)
+        self._any_word = _alternation(text, word=True)
         self.retained = sorted({r.strip().lower().encode("utf-8", "replace") for r in retained
                                 if len(r.strip()) >= SHORT and not is_placeholder(r)})
-        self._retained = _alternation(self.retained)
+        self._retained = _alternation(self.retained, word=False)
 
-    def _outside_retained(self, low: bytes, hits: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
-        """The hits that do not lie within an occurrence of a retained value."""
-        if self._retained is None or not hits:
+    def _not_excused(self, low: bytes, hits: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
+        """The hits that are not inside our own words or (for non-patient identifiers) a kept value."""
+        if not hits:
             return hits
-        spans = [m.span() for m in self._retained.finditer(low)]
-        return [(v, pos) for v, pos in hits if not any(a <= pos and pos + len(v) <= b for a, b in spans)]
+        own = masked_spans(low)
+        kept = [m.span() for m in self._retained.finditer(low)] if self._retained is not None else []
+        return [(v, pos) for v, pos in hits if not excused(self.source[v], pos, len(v), own, kept)]
 
     def _numbers_in(self, low: bytes) -> list[tuple[bytes, int]]:
         # Each distinct token and digit run is looked up once: pixel data and
@@ -224,11 +257,11 @@ class Matcher:
         low = data.lower()
         hits = self._numbers_in(low)
         if self._long:
-            hits += [(m.group(1), m.start(1)) for m in self._long.finditer(low)]
+            hits += [(m.group(0), m.start()) for m in self._long.finditer(low)]
         if self._short:
             region = low if header_end is None else low[:header_end]
             hits += [(m.group(1), m.start(1)) for m in self._short.finditer(region)]
-        return [(self.source[v], pos) for v, pos in self._outside_retained(low, hits)]
+        return [(self.source[v], pos) for v, pos in self._not_excused(low, hits)]
 
     def find_leaks(self, name: str, data: bytes) -> list[Leak]:
         """Every identifying value in an output's content or name (see :func:`find_leaks`)."""
@@ -236,42 +269,25 @@ class Matcher:
 
     def in_name(self, name: str) -> list[str]:
         low = name.lower().encode("utf-8", "replace")
-        # file names are short: a value of any length anywhere in one is a leak
-        hits = [v for v, _ in self._numbers_in(low)]
-        if self._any:
-            hits += [m.group(1) for m in self._any.finditer(low)]
+        # file names are short: a value anywhere in one is a leak, word or not (our own words
+        # excused, kept values not: no output is named after a serial)
+        hits = [(v, pos) for v, pos in self._numbers_in(low)]
+        if self._any_word:
+            hits += [(m.group(1), m.start(1)) for m in self._any_word.finditer(low)]
+        if self._long:
+            hits += [(m.group(0), m.start()) for m in self._long.finditer(low)]
+        own = masked_spans(low)
+        hits = [v for v, pos in hits if not excused(self.source[v], pos, len(v), own, [])]
         return sorted({self.source[v] for v in hits})
 
 
-_LETTER, _DIGIT = rb"[a-z]", rb"[0-9]"
-
-
-def _edge(c: int) -> bytes | None:
-    """The class of byte a token must not touch on the side of its character ``c``."""
-    ch = bytes([c])
-    return _LETTER if ch.isalpha() else _DIGIT if ch.isdigit() else None
-
-
-def _token(v: bytes) -> bytes:
-    before, after = _edge(v[0]), _edge(v[-1])
-    return ((rb"(?<!" + before + rb")" if before else b"") + re.escape(v)
-            + (rb"(?!" + after + rb")" if after else b""))
-
-
-def _alternation(values: list[bytes]) -> re.Pattern[bytes] | None:
-    """One pattern for values as whole tokens (group 1 is the value found; see the module doc)."""
+def _alternation(values: list[bytes], word: bool) -> re.Pattern[bytes] | None:
     if not values:
         return None
-    body = b"|".join(_token(v) for v in sorted(set(values), key=lambda v: (-len(v), v)))
-    return re.compile(rb"(" + body + rb")")
-
-
-def token_bounded(low: bytes, k: int, w: int) -> bool:
-    """Whether ``low[k:k+w]`` stands as a whole token (the rule of :func:`_alternation`)."""
-    v = low[k:k + w]
-    before, after = low[k - 1:k], low[k + w:k + w + 1]
-    return not ((before and (before.isalpha() and v[:1].isalpha() or before.isdigit() and v[:1].isdigit()))
-                or (after and (after.isalpha() and v[-1:].isalpha() or after.isdigit() and v[-1:].isdigit())))
+    body = b"|".join(re.escape(v) for v in sorted(set(values), key=lambda v: (-len(v), v)))
+    if word:
+        return re.compile(rb"(?<![a-z0-9])(" + body + rb")(?![a-z0-9])")
+    return re.compile(body)
 
 
 def decoded(name: str, data: bytes) -> tuple[bytes, int | None]:

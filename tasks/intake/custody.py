@@ -10,6 +10,7 @@ the problem. Nothing is deleted from the inbox that has not been verified in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ def stage_inbox(lake: Lake, site: str, upload: str, root: Path) -> list[str]:
     """Copy the upload, as received, into the inbox (idempotent)."""
     root = Path(root)
     # links are not followed (the inventory refuses them): nothing from outside the upload is copied
-    files = [p for p in upload_paths(root) if p == root or not p.is_symlink()]
+    files = [p for p in upload_paths(root) if p == root or (p.is_file() and not p.is_symlink())]
     todo: dict[str, bytes] = {}
     for p in files:
         rel = p.name if root.is_file() else p.relative_to(root).as_posix()
@@ -58,12 +59,19 @@ def stage_inbox(lake: Lake, site: str, upload: str, root: Path) -> list[str]:
 def _safe_name(rel: str) -> str:
     """A path inside the upload's quarantine folder for a file or archive member name.
 
-    Archive members are named ``a.zip!b/c.dcm``; a member name may hold ``..``, an absolute
-    path, a drive letter or backslashes (zip traversal): each such part becomes ``_``, so the
-    copy stays in its upload's folder. The reason file keeps the name as it came.
+    A file of a folder upload keeps its path (a file system cannot hold ``..`` or a name twice).
+    An archive member (``a.zip!b/c.dcm``) may be named anything: ``..``, an absolute path, a
+    drive letter, backslashes (zip traversal), ``x`` beside ``x/y``, a name too long for a file
+    system. It becomes one flat name in the archive's folder, made of safe characters, cut to 120
+    and ended with a hash of the name as it came, so no two members share one and none leaves its
+    upload's folder. The reason file keeps the name as it came.
     """
-    parts = re.split(r"[/\\]+", rel.replace("!", "__"))
-    return "/".join("_" if p in ("", ".", "..") or p.endswith(":") else p for p in parts)
+    if "!" not in rel:
+        return rel
+    archive, member = rel.split("!", 1)
+    flat = re.sub(r"[^A-Za-z0-9._^-]+", "_", member).strip("._") or "member"
+    digest = hashlib.sha256(member.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return f"{archive}__/{flat[:120]}-{digest}"
 
 
 def quarantine(lake: Lake, site: str, upload: str, rel: str, data: bytes, reason: str,

@@ -12,7 +12,6 @@ the upload.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import math
@@ -51,6 +50,8 @@ VALUES_READ = (
 #: Zip members: larger than this, or expanding more than MAX_RATIO times past 64 MiB, are refused unread.
 MAX_MEMBER_BYTES = 4 << 30
 MAX_RATIO = 200
+MAX_ARCHIVE_BYTES = 8 << 30          # every member of one archive, expanded
+MAX_GUNZIP_BYTES = 4 << 30           # one .gz file, expanded
 
 
 @dataclass
@@ -124,6 +125,9 @@ def walk_upload(root: Path) -> Iterator[tuple[str, bytes | Exception]]:
         if path != root and path.is_symlink():  # never followed: it may point anywhere on this machine
             yield rel, SymlinkRefused("a symbolic link, not followed (an upload holds files, not links)")
             continue
+        if not path.is_file():  # a FIFO, socket or device: reading it could block or never end
+            yield rel, SymlinkRefused("not a regular file (a pipe, socket or device), not read")
+            continue
         raw = path.read_bytes()
         if path.suffix.lower() == ".zip":
             if zipfile.is_zipfile(io.BytesIO(raw)):
@@ -152,12 +156,18 @@ def upload_paths(root: Path) -> list[Path]:
 
 
 def _zip_members(rel: str, raw: bytes) -> Iterator[tuple[str, bytes | Exception]]:
+    budget = MAX_ARCHIVE_BYTES  # all members of one archive together, as they are held in memory
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
             for info in zf.infolist():
                 if info.is_dir():
                     continue
                 name = f"{rel}!{info.filename}"
+                if info.file_size > budget:
+                    yield name, zipfile.BadZipFile(
+                        f"the archive's members expand past {MAX_ARCHIVE_BYTES} bytes together; not read "
+                        "(send it in parts)")
+                    continue
                 if info.file_size > MAX_MEMBER_BYTES or (
                         info.file_size > 64 << 20 and info.file_size > MAX_RATIO * max(info.compress_size, 1)):
                     yield name, zipfile.BadZipFile(
@@ -168,6 +178,7 @@ def _zip_members(rel: str, raw: bytes) -> Iterator[tuple[str, bytes | Exception]
                         data = member.read(info.file_size + 1)
                     if len(data) > info.file_size:
                         raise zipfile.BadZipFile("member longer than its header says; not read")
+                    budget -= len(data)
                     yield name, data
                 except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError,
                         ValueError, OSError) as exc:  # RuntimeError: encrypted; NotImplementedError: method
@@ -179,10 +190,27 @@ def _zip_members(rel: str, raw: bytes) -> Iterator[tuple[str, bytes | Exception]
 def _decompress(rel: str, raw: bytes) -> bytes:
     if rel.lower().endswith(".gz") or raw[:2] == b"\x1f\x8b":
         try:
-            return gzip.decompress(raw)
+            return _gunzip(raw)
         except (OSError, EOFError, zlib.error) as exc:
             raise InventoryError("corrupt_gzip", f"corrupt gzip ({exc})") from exc
     return raw
+
+
+def _gunzip(raw: bytes) -> bytes:
+    """gzip.decompress, bounded: a gzip bomb stops at MAX_GUNZIP_BYTES (every member of the stream)."""
+    out, rest = [], raw
+    while rest:
+        room = MAX_GUNZIP_BYTES - sum(map(len, out))
+        if room <= 0:  # (a max_length of 0 would mean no limit)
+            raise InventoryError("corrupt_gzip", f"gzip expands past {MAX_GUNZIP_BYTES} bytes; not read")
+        d = zlib.decompressobj(wbits=47)   # a gzip (or zlib) header
+        out.append(d.decompress(rest, room))
+        if d.unconsumed_tail:
+            raise InventoryError("corrupt_gzip", f"gzip expands past {MAX_GUNZIP_BYTES} bytes; not read")
+        if not d.eof:
+            raise EOFError("compressed data ended before the end-of-stream marker")
+        rest = d.unused_data.lstrip(b"\x00")   # gzip allows zero padding after a member
+    return b"".join(out)
 
 
 class InventoryError(CorelabError, ValueError):

@@ -16,6 +16,8 @@ from prefect.cache_policies import NO_CACHE
 
 from data_contracts.reasons import codes_in
 from data_contracts.trial import TrialConfig
+from pipelines.registry import get_spec
+from pipelines.registry import names as pipeline_names
 from pipelines.spec import PipelineSpec
 from tasks.conformance.findings import Finding, record_findings
 from tasks.deid.fingerprint import load_fingerprints
@@ -140,7 +142,10 @@ def failures_after_intake(lake: Lake, trial: TrialConfig, study: Study) -> list[
         lines.append(f"series {s.series_number}: not in BIDS: {reason}")
     qc = tables.read_table(lake, "qc", [study.site])
     if len(qc):
-        failed = qc[(qc.study_key == study.study_key) & (qc.metric == "verdict") & (qc.verdict == "FAIL")]
+        # only the pipeline versions this installation runs: a FAIL of an older version is history
+        current = {(n, get_spec(n).version) for n in pipeline_names()}
+        failed = qc[(qc.study_key == study.study_key) & (qc.metric == "verdict") & (qc.verdict == "FAIL")
+                    & [(p, v) in current for p, v in zip(qc.pipeline_name, qc.pipeline_version)]]
         number = dict(zip(series.series_uid, series.series_number))
         for row in failed.sort_values(["pipeline_name", "pipeline_version", "series_uid"]).itertuples():
             lines.append(f"series {number.get(row.series_uid, row.series_uid[-12:])}: "

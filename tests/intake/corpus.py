@@ -12,7 +12,9 @@ on the bytes where pydicom would refuse to write it (lengths, truncation, flips)
 
 from __future__ import annotations
 
+import gzip
 import io
+import os
 import random
 import struct
 import zipfile
@@ -217,6 +219,18 @@ def _zip_bomb() -> bytes:
     return buf.getvalue()
 
 
+GZIP_BOMB_BYTES = 96 << 20
+
+
+def _gzip_zeros(n: int) -> bytes:
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=1, mtime=0) as f:
+        chunk = b"\x00" * (1 << 20)
+        for _ in range(n >> 20):
+            f.write(chunk)
+    return buf.getvalue()
+
+
 def build_corpus(root: Path, seed: int = 0) -> list[Upload]:
     """Write the corpus under ``root``: one folder per upload; returns what each holds."""
     rng = random.Random(seed)
@@ -260,6 +274,17 @@ def build_corpus(root: Path, seed: int = 0) -> list[Upload]:
     u = upload("zip_bomb")
     (u.path / "bomb.zip").write_bytes(_zip_bomb())
     u.bad.append("bomb.zip!bomb.dcm")
+    u = upload("zip_odd_names")           # a member beside a folder of its name, a very long name
+    (u.path / "upload.zip").write_bytes(_zip([("good.dcm", good_member), ("a", b"junk"), ("a/b", b"junk"),
+                                              ("n" * 300 + ".dcm", b"junk")]))
+    u.good.append("upload.zip!good.dcm")
+    u.bad += ["upload.zip!a", "upload.zip!a/b", "upload.zip!" + "n" * 300 + ".dcm"]
+    u = upload("gzip_bomb")               # expands past inventory.MAX_GUNZIP_BYTES (the test lowers it)
+    (u.path / "bomb.dcm.gz").write_bytes(_gzip_zeros(GZIP_BOMB_BYTES))
+    u.bad.append("bomb.dcm.gz")
+    u = upload("special_files")
+    os.mkfifo(u.path / "pipe.dcm")
+    u.bad.append("pipe.dcm")
     u = upload("zip_corrupt")
     (u.path / "cut.zip").write_bytes(_zip([("x.dcm", good_member)])[:-40])
     u.bad.append("cut.zip")

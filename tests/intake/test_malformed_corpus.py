@@ -19,7 +19,7 @@ import pytest
 from data_contracts.reasons import CODES
 from flows.receive_study import receive_study
 from tasks.lake.storage import Lake
-from tests.intake.corpus import build_corpus
+from tests.intake.corpus import GZIP_BOMB_BYTES, build_corpus
 
 pytestmark = pytest.mark.prefect
 
@@ -30,6 +30,14 @@ def corpus(tmp_path_factory):
     return root, build_corpus(root / "uploads", seed=0)
 
 
+@pytest.fixture
+def small_limits(monkeypatch):
+    """The gzip limit lowered below the corpus's gzip bomb (the real one is 4 GiB)."""
+    import tasks.intake.inventory as inventory
+
+    monkeypatch.setattr(inventory, "MAX_GUNZIP_BYTES", GZIP_BOMB_BYTES // 2)
+
+
 def _tree(root):
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_symlink())
 
@@ -37,11 +45,12 @@ def _tree(root):
 def test_the_corpus_is_the_classes_of_the_issue(corpus):
     _, uploads = corpus
     assert {u.kind for u in uploads} >= {"truncated", "header_flips", "odd_vrs", "bad_values", "deep_nesting",
-                                         "zip_traversal", "zip_backslash", "zip_encrypted", "zip_bomb", "symlinks"}
+                                         "zip_traversal", "zip_backslash", "zip_encrypted", "zip_bomb", "symlinks",
+                                         "zip_odd_names", "gzip_bomb", "special_files"}
     assert sum(len(u.bad) for u in uploads) >= 100
 
 
-def test_every_malformed_upload_is_received_without_a_traceback(prefect_harness, corpus, trial):
+def test_every_malformed_upload_is_received_without_a_traceback(prefect_harness, corpus, trial, small_limits):
     root, uploads = corpus
     before = _tree(root)
     secret = (root / "uploads" / "outside-secret.dcm").read_bytes()

@@ -85,3 +85,23 @@ def test_12_bit_pixels_are_kept_bit_exact(name, tmp_path, trial):
     received, kept = pydicom.dcmread(src), pydicom.dcmread(lake.path(deid))
     assert (kept.BitsStored, kept.PixelRepresentation) == (received.BitsStored, received.PixelRepresentation)
     assert kept.PixelData == received.PixelData
+
+
+def test_dates_in_descriptors_are_shifted_and_a_zero_date_is_no_date(tmp_path, trial):
+    """A PACS writes the study date, dashed, into StudyDescription; a scanner writes 00000000 for none."""
+    from tests.helpers import GE_SERIES, copy_upload, rewrite
+
+    up = copy_upload(tmp_path / "up", *GE_SERIES, limit=3)
+    study_date = pydicom.dcmread(next(up.iterdir())).StudyDate
+    dashed = f"{study_date[:4]}-{study_date[4:6]}-{study_date[6:]}"
+    for p in up.iterdir():
+        rewrite(p, StudyDescription=f"{dashed} weekly QC", PatientBirthDate="00000000",
+                ImageComments="gain 100000000")
+    lake = Lake(str(tmp_path / "lake")).init()
+    o = receive_one_study(Upload(trial, "ge-nih", "u1", lake), inventory_upload(up).accepted)
+    (series,) = o.series
+    assert series.verdict != "rejected", [f.message for f in series.findings]
+    for p in _deid_files(lake):
+        ds = pydicom.dcmread(lake.path(p))
+        assert dashed not in ds.StudyDescription and ds.StudyDescription.endswith("weekly QC")
+        assert ds.ImageComments == "gain 100000000"
