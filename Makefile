@@ -31,7 +31,7 @@ lint: setup
 test: lint
 	$(PY) -m pytest -q
 
-# Unit tests only: no Prefect server, no pipeline runs (under 2 minutes).
+# Unit tests only: no Prefect server, no pipeline runs (under 3 minutes).
 test-fast: lint
 	$(PY) -m pytest -q -m "$(FAST)"
 
