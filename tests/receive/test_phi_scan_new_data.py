@@ -52,7 +52,9 @@ def _original_values(folder: Path) -> set[str]:
                                  stop_before_pixels=True)
         except Exception:  # the folders' README and PDF files
             continue
-        value = lambda kw: str(ds.get(kw, "") or "").strip()  # noqa: E731
+        def value(kw: str, ds=ds) -> str:
+            return str(ds.get(kw, "") or "").strip()
+
         for kw in PEOPLE:   # names whole and by part (family, given); institutions only whole
             out |= {v for v in [value(kw), *value(kw).replace("^", " ").split()] if len(v) >= 5}
         out |= {value(kw) for kw in WHOLE if len(value(kw)) >= 5}
