@@ -78,25 +78,13 @@ def record_findings(lake: Lake, study: Study, findings: list[Finding], now: date
     count_deviations(lake, study)
 
 
-def _missing(v: Any) -> bool:
-    """None, NaN, NaT or pd.NA (a scalar the table wrote as null)."""
-    import pandas as pd
-
-    return bool(pd.api.types.is_scalar(v) and pd.isna(v))
-
-
 def count_deviations(lake: Lake, study: Study) -> None:
     """The studies row's ``n_deviations``: every deviation of the study, intake's and later ones."""
-    studies = tables.read_table(lake, "studies", [study.site])
-    row = studies[studies.study_key == study.study_key]
-    if row.empty:
-        return
     devs = tables.read_table(lake, "deviations", [study.site])
-    n = int((devs.study_key == study.study_key).sum())
-    # the row as stored: pandas would turn a null float into NaN and a date into a Timestamp
-    record = {k: (None if _missing(v) else v) for k, v in row.iloc[0].to_dict().items()}
-    if record["n_deviations"] != n:
-        record["n_deviations"] = n
-        if record["status"] == "accepted":
-            record["status"] = "accepted_with_deviations"
-        tables.write_rows(lake, "studies", study.site, [record])
+    n = int((devs.study_key == study.study_key).sum()) if len(devs) else 0
+
+    def recount(row: dict[str, Any]) -> dict[str, Any]:
+        status = "accepted_with_deviations" if n and row["status"] == "accepted" else row["status"]
+        return {**row, "n_deviations": n, "status": status}
+
+    tables.update_rows(lake, "studies", study.site, {"study_key": study.study_key}, recount)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pandas as pd
@@ -142,11 +142,34 @@ def write_rows(lake: Lake, table: str, site: str, rows: Iterable[Mapping[str, An
         merged = _merge(old, new, spec)
         if old is not None and _same_rows(old, merged, spec):
             return old.num_rows
-        merged = merged.replace_schema_metadata(_file_metadata(spec))
-        buf = io.BytesIO()
-        pq.write_table(merged, buf, compression="zstd")
-        lake.write_bytes(partition_path(table, site), buf.getvalue())
+        _write_partition(lake, table, site, merged, spec)
     return merged.num_rows
+
+
+def update_rows(lake: Lake, table: str, site: str, where: Mapping[str, Any],
+                change: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    """Change, under the partition's lock, the rows whose columns equal ``where``; returns how many changed.
+
+    ``change`` gets each row as stored (nulls as None) and returns it changed; a read-modify-write
+    of a row (a count recomputed after the fact) cannot lose a write made meanwhile.
+    """
+    spec = TABLES[table]
+    with lake.lock(f"table-{table}-{site}"):
+        old = read_partition(lake, table, site)
+        if old is None or old.num_rows == 0:
+            return 0
+        hit = [r for r in old.to_pylist() if all(r.get(k) == v for k, v in where.items())]
+        new = [change(dict(r)) for r in hit]
+        changed = [n for n, r in zip(new, hit) if n != r]
+        if changed:
+            _write_partition(lake, table, site, _merge(old, to_arrow(changed, spec), spec), spec)
+    return len(changed)
+
+
+def _write_partition(lake: Lake, table: str, site: str, data: pa.Table, spec: TableSchema) -> None:
+    buf = io.BytesIO()
+    pq.write_table(data.replace_schema_metadata(_file_metadata(spec)), buf, compression="zstd")
+    lake.write_bytes(partition_path(table, site), buf.getvalue())
 
 
 def delete_rows(lake: Lake, table: str, site: str, where: Mapping[str, Any]) -> int:
@@ -167,10 +190,7 @@ def delete_rows(lake: Lake, table: str, site: str, where: Mapping[str, Any]) -> 
         keep = [not all(cols[k][i] == v for k, v in where.items()) for i in range(old.num_rows)]
         removed = keep.count(False)
         if removed:
-            kept = old.filter(pa.array(keep, pa.bool_())).replace_schema_metadata(_file_metadata(spec))
-            buf = io.BytesIO()
-            pq.write_table(kept, buf, compression="zstd")
-            lake.write_bytes(partition_path(table, site), buf.getvalue())
+            _write_partition(lake, table, site, old.filter(pa.array(keep, pa.bool_())), spec)
     return removed
 
 

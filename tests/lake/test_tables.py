@@ -9,7 +9,15 @@ import pandas as pd
 import pytest
 
 from tasks.lake.storage import Lake
-from tasks.lake.tables import SchemaViolation, delete_rows, partition_path, read_table, table_metadata, write_rows
+from tasks.lake.tables import (
+    SchemaViolation,
+    delete_rows,
+    partition_path,
+    read_table,
+    table_metadata,
+    update_rows,
+    write_rows,
+)
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
@@ -134,3 +142,19 @@ def test_a_stored_partition_without_a_required_column_is_refused(lake):
 def test_an_unknown_reason_code_is_refused(lake):
     with pytest.raises(SchemaViolation, match="reason_code='no_such' is not one of"):
         write_rows(lake, "deviations", "site-a", [_deviation("d1", reason_code="no_such")])
+
+
+def test_update_rows_changes_only_the_matched_row_and_keeps_nulls(lake):
+    write_rows(lake, "studies", "site-a", [_study("k1", n_deviations=0), _study("k2", age_years=31.0)])
+    path = lake.path(partition_path("studies", "site-a"))
+    recount = lambda row: {**row, "n_deviations": 2, "status": "accepted_with_deviations"}  # noqa: E731
+    assert update_rows(lake, "studies", "site-a", {"study_key": "k1"}, recount) == 1
+    import pyarrow.parquet as pq
+
+    stored = {r["study_key"]: r for r in pq.read_table(path).to_pylist()}
+    assert (stored["k1"]["n_deviations"], stored["k1"]["status"]) == (2, "accepted_with_deviations")
+    assert stored["k1"]["age_years"] is None and stored["k2"]["age_years"] == 31.0   # null stays null
+    before = open(path, "rb").read()
+    assert update_rows(lake, "studies", "site-a", {"study_key": "k1"}, recount) == 0  # unchanged: not rewritten
+    assert open(path, "rb").read() == before
+    assert update_rows(lake, "studies", "site-a", {"study_key": "nope"}, recount) == 0
