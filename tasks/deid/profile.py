@@ -47,6 +47,7 @@ from tasks.deid._annex_e import ACTIONS, WILDCARDS
 from tasks.deid._safe_private import SAFE_PRIVATE
 from tasks.deid.walk import maybe_sequence, raw_vr, walk
 from tasks.errors import CorelabError
+from tasks.intake.identify import parse_date
 from tasks.intake.placeholders import is_placeholder
 from tasks.lake.versions import corelab_version
 
@@ -139,7 +140,7 @@ class DeidContext:
             text=SameLength.text_pattern([n for n in self.needles if not n.isdigit() or len(n) >= 5]))
         # free text that holds none of the values (nor a date of the study) need not even be decoded
         self.text_probe = SameLength.text_pattern(
-            self.needles + sorted(dates) + sorted(f"{d[:4]}-{d[4:6]}-{d[6:]}" for d in dates))
+            self.needles + sorted(dates) + sorted(_dashed(d) for d in dates))
         return self
 
     @functools.cached_property
@@ -268,12 +269,7 @@ def identifying_values(ds: Dataset, options: Deidentification,
     for kw in keywords:
         if kw in DEVICE_KEYWORDS and options.retain_device_identity:
             continue
-        v = ds.get(kw)
-        if v is None:
-            continue
-        # only true multi-values are lists: a PersonName iterates over its characters
-        items = list(v) if isinstance(v, (list, tuple, MultiValue)) else [v]
-        for item in items:
+        for item in _as_list(ds.get(kw)):
             text = str(item).strip()
             vals.add(text)
             if kw in PERSON_NAME_KEYWORDS:
@@ -284,6 +280,7 @@ def identifying_values(ds: Dataset, options: Deidentification,
 
 
 def _as_list(v: object) -> list:
+    """A value's items: only true multi-values are lists (a PersonName iterates over its characters)."""
     if v is None:
         return []
     return list(v) if isinstance(v, (list, tuple, MultiValue)) else [v]
@@ -307,15 +304,6 @@ def upstream_record(headers: list[Dataset]) -> tuple[tuple[str, ...], tuple[tupl
     return (), ()
 
 
-def _real_date(value: str) -> bool:
-    """A DA/DT value that is a date (not ``00000000`` or ``99999999``, placeholders of none)."""
-    try:
-        datetime.strptime(value[:8], "%Y%m%d")
-        return len(value) >= 8
-    except ValueError:
-        return False
-
-
 def _original_dates_and_uids(ds: Dataset) -> tuple[set[str], set[str]]:
     """Every date (YYYYMMDD) and every non-standard UID of a data set, in one walk."""
     dates: set[str] = set()
@@ -326,7 +314,7 @@ def _original_dates_and_uids(ds: Dataset) -> tuple[set[str], set[str]]:
                 uids.add(elem.value)
             continue
         vals = [elem.value] if isinstance(elem.value, str) else list(elem.value or [])
-        dates.update(str(v)[:8] for v in vals if _real_date(str(v)))
+        dates.update(str(v)[:8] for v in vals if parse_date(v) is not None)  # not 00000000
     return dates, uids
 
 
@@ -371,13 +359,16 @@ def _shift_dates_in_text(text: str, ctx: DeidContext) -> str:
     """The study's dates in a descriptor, shifted like the date elements (a PACS writes
     "20200630 Weekly QC" into StudyDescription); as YYYYMMDD and YYYY-MM-DD."""
     for d in ctx.original_dates:
-        if d not in text and f"{d[:4]}-{d[4:6]}-{d[6:]}" not in text:
+        if d not in text and _dashed(d) not in text:
             continue
         new = ctx.shift(d) if ctx.options.retain_longitudinal_modified_dates else ""
         text = re.sub(rf"(?<!\d){d}(?!\d)", new, text)
-        dashed = f"{new[:4]}-{new[4:6]}-{new[6:8]}" if new else ""
-        text = re.sub(rf"(?<!\d){d[:4]}-{d[4:6]}-{d[6:]}(?!\d)", dashed, text)
+        text = re.sub(rf"(?<!\d){_dashed(d)}(?!\d)", _dashed(new) if new else "", text)
     return re.sub(r"\s{2,}", " ", text).strip()
+
+
+def _dashed(yyyymmdd: str) -> str:
+    return f"{yyyymmdd[:4]}-{yyyymmdd[4:6]}-{yyyymmdd[6:8]}"
 
 
 UID_TOKEN = re.compile(rb"[0-9]+(?:\.[0-9]+)+")

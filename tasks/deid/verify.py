@@ -61,6 +61,7 @@ PERSON_KEYWORDS = {"PatientName", "OtherPatientNames", "PatientBirthName", "Pati
                    "NameOfPhysiciansReadingStudy", "RequestingPhysician"}
 ADDRESS_KEYWORDS = {"PatientAddress", "InstitutionAddress", "ReferringPhysicianAddress"}
 LONG, SHORT = 5, 3
+PIXEL_TAG_LE = b"\xe0\x7f\x10\x00"
 # Words our own outputs carry in keys and values, as whole tokens: the software that wrote them
 # (sidecars' ConversionSoftware, Parquet's "created_by" and pandas metadata, GeneratedBy, the
 # DeidentificationMethod text) and the formats they name. Only software names: a word that is
@@ -87,7 +88,6 @@ def excused(source: str, pos: int, n: int, own: list[tuple[int, int]], kept: lis
     """A hit inside one of our words, or (not for a patient's identifier) inside a kept value."""
     inside = lambda spans: any(a <= pos and pos + n <= b for a, b in spans)  # noqa: E731
     return inside(own) or (not source.startswith(PATIENT_SOURCES) and inside(kept))
-PIXEL_TAG_LE = b"\xe0\x7f\x10\x00"
 
 
 @dataclass(frozen=True)
@@ -271,7 +271,7 @@ class Matcher:
         low = name.lower().encode("utf-8", "replace")
         # file names are short: a value anywhere in one is a leak, word or not (our own words
         # excused, kept values not: no output is named after a serial)
-        hits = [(v, pos) for v, pos in self._numbers_in(low)]
+        hits = self._numbers_in(low)
         if self._any_word:
             hits += [(m.group(1), m.start(1)) for m in self._any_word.finditer(low)]
         if self._long:

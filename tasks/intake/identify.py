@@ -79,7 +79,8 @@ class StudyDate:
     source: str
 
 
-def _date(value: object) -> date | None:
+def parse_date(value: object) -> date | None:
+    """The date of a DA value (or the date part of a DT), or None when it holds no date."""
     text = str(value or "").strip()
     try:
         return datetime.strptime(text[:8], "%Y%m%d").date() if len(text) >= 8 else None
@@ -100,7 +101,7 @@ def study_date(headers: Sequence[Dataset], received: date | None = None) -> Stud
     """
     for kw in DATE_SOURCES:
         for h in headers:
-            found = _date(h.get(kw))
+            found = parse_date(h.get(kw))
             if found is not None:
                 return StudyDate(found, kw)
     if received is not None:

@@ -47,6 +47,7 @@ VALUES_READ = (
     "ImagePositionPatient", "ImageOrientationPatient", "MRAcquisitionType", "Rows", "Columns",
     "BitsAllocated", "SamplesPerPixel", "NumberOfFrames", "BurnedInAnnotation", "PatientIdentityRemoved",
 )
+_VALUES_READ_TAGS = tuple((kw, pydicom.datadict.tag_for_keyword(kw)) for kw in VALUES_READ)
 #: Zip members: larger than this, or expanding more than MAX_RATIO times past 64 MiB, are refused unread.
 MAX_MEMBER_BYTES = 4 << 30
 MAX_RATIO = 200
@@ -123,10 +124,10 @@ def walk_upload(root: Path) -> Iterator[tuple[str, bytes | Exception]]:
             continue
         rel = path.name if root.is_file() else path.relative_to(root).as_posix()
         if path != root and path.is_symlink():  # never followed: it may point anywhere on this machine
-            yield rel, SymlinkRefused("a symbolic link, not followed (an upload holds files, not links)")
+            yield rel, NotReadRefused("a symbolic link, not followed (an upload holds files, not links)")
             continue
         if not path.is_file():  # a FIFO, socket or device: reading it could block or never end
-            yield rel, SymlinkRefused("not a regular file (a pipe, socket or device), not read")
+            yield rel, NotReadRefused("not a regular file (a pipe, socket or device), not read")
             continue
         raw = path.read_bytes()
         if path.suffix.lower() == ".zip":
@@ -138,8 +139,8 @@ def walk_upload(root: Path) -> Iterator[tuple[str, bytes | Exception]]:
             yield rel, raw
 
 
-class SymlinkRefused(Exception):
-    """A symbolic link in an upload: refused, never followed."""
+class NotReadRefused(Exception):
+    """A symbolic link or a special file (pipe, socket, device) in an upload: refused, never read."""
 
 
 def upload_paths(root: Path) -> list[Path]:
@@ -247,19 +248,18 @@ def _short(exc: Exception) -> str:
 
 def _check_values(ds: Dataset) -> None:
     """Decode every value of :data:`VALUES_READ`; a number must be finite."""
-    for kw in VALUES_READ:
-        if kw not in ds:
+    for kw, tag in _VALUES_READ_TAGS:
+        if tag not in ds:
             continue
-        tag = pydicom.datadict.tag_for_keyword(kw)
-        where = f"{kw} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
         try:
-            elem = ds[kw]
+            elem = ds[tag]
             value = elem.value
             if elem.VR in ("DS", "IS", "US", "UL", "SS", "SL", "FD", "FL") and value not in (None, ""):
                 for v in (value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]):
                     if not math.isfinite(float(v)):
                         raise ValueError(f"{v!r} is not a finite number")
         except Exception as exc:  # a bad value is this file's, named with its element
+            where = f"{kw} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
             raise InventoryError("bad_value", f"{where} holds a value that cannot be read "
                                  f"({type(exc).__name__}: {_short(exc)})") from exc
 
@@ -309,7 +309,7 @@ def _inventory(root: Path, keep_data: bool) -> Inventory:
     duplicates: list[str] = []
     seen: dict[str, ReceivedFile] = {}
     for rel, raw in walk_upload(root):
-        if isinstance(raw, SymlinkRefused):
+        if isinstance(raw, NotReadRefused):
             rejected.append(RejectedFile(rel, "", 0, f"{rel}: {raw}", "symlink"))
             continue
         if isinstance(raw, Exception):

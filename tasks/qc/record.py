@@ -19,6 +19,7 @@ from data_contracts.trial import TrialConfig
 from pipelines.registry import get_spec
 from pipelines.registry import names as pipeline_names
 from pipelines.spec import PipelineSpec
+from tasks.bids.convert import existing_images, plan_session
 from tasks.conformance.findings import Finding, record_findings
 from tasks.deid.fingerprint import load_fingerprints
 from tasks.deid.verify import check_no_phi
@@ -126,8 +127,6 @@ def failures_after_intake(lake: Lake, trial: TrialConfig, study: Study) -> list[
     why), and every current FAIL verdict of a pipeline. Read from the tables, not from one run,
     so sending the same upload again reports what is still failed, not "nothing new".
     """
-    from tasks.bids.convert import existing_images, plan_session
-
     series = tables.read_table(lake, "series", [study.site])
     series = series[series.study_key == study.study_key]
     converted = existing_images(lake, study.subject, study.session)

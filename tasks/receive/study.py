@@ -129,9 +129,9 @@ def _receive_one_study(up: Upload, files: list[ReceivedFile]) -> StudyOutcome:
                       retained=retained_values(headers, opts.retain_device_identity))
     study = Study(trial.trial_id, site, key, subject, visit.session, new_study_uid, acq,
                   visit.days_from_baseline, visit.in_window)
-    dating = [f for f in (date_finding(dated.source),) if f is not None]
+    dating = date_finding(dated.source)   # None when StudyDate itself held the date
     outcome = StudyOutcome(study, len(files), "; ".join(ctx.method_text), received_at=received_at,
-                           findings=dating + list(visit.findings),
+                           findings=([dating] if dating else []) + list(visit.findings),
                            matcher=matcher,
                            characteristics=patient_characteristics(headers[0], opts.retain_patient_characteristics))
     scanner_findings: dict[tuple[str, str], Finding] = {}
