@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -93,10 +94,36 @@ def scanner_identity(ds: Dataset) -> dict[str, str | None]:
     }
 
 
-def _mosaic_slices(ds: Dataset) -> int | None:
-    """Slices packed in a Siemens mosaic (CSA image header, read by nibabel)."""
-    if "MOSAIC" not in [str(v).upper() for v in ds.get("ImageType", [])]:
+@dataclass(frozen=True)
+class Mosaic:
+    """Slices packed as tiles in one frame, and the tile grid they fill."""
+
+    slices: int
+    tiles_across: int   # tiles in one row of the frame (divides Columns)
+    tiles_down: int     # rows of tiles (divides Rows)
+
+
+#: Private elements that count a mosaic's slices, found by their block's creator (a PACS may move
+#: the block): Siemens' NumberOfImagesInMosaic (US) and United Imaging's number of images in the
+#: grid (DS), the two dcm2niix reads (console/nii_dicom.cpp).
+SIEMENS_MOSAIC_COUNT = ("SIEMENS MR HEADER", 0x0019, 0x0A)
+UIH_MOSAIC_COUNT = ("Image Private Header", 0x0065, 0x50)
+
+
+def _private_value(ds: Dataset, creator: str, group: int, offset: int) -> Any:
+    try:
+        return ds.private_block(group, creator)[offset].value
+    except (KeyError, ValueError):
         return None
+
+
+def _is_uih(ds: Dataset) -> bool:
+    """United Imaging, as dcm2niix tells it: a Manufacturer beginning with UI."""
+    return str(ds.get("Manufacturer", "") or "").strip().upper().startswith("UI")
+
+
+def _csa_mosaic(ds: Dataset) -> int | None:
+    """Slices of a Siemens mosaic from the CSA image header (read by nibabel)."""
     try:
         with warnings.catch_warnings():  # nibabel calls its DICOM readers experimental
             warnings.simplefilter("ignore")
@@ -104,9 +131,53 @@ def _mosaic_slices(ds: Dataset) -> int | None:
 
         csa = csareader.get_csa_header(ds, "image")
         n = csareader.get_n_mosaic(csa) if csa else None
-    except Exception:  # a malformed CSA header only costs us the slice count
+    except Exception:  # a malformed CSA header only costs us this source of the count
         return None
     return int(n) if n else None
+
+
+def _matrix_tiles(ds: Dataset) -> int | None:
+    """Tiles of a MOSAIC frame from AcquisitionMatrix, when nothing counts its slices.
+
+    dcm2niix's fallback for a mosaic of unknown count: (Columns / frequency rows) x (Rows /
+    phase lines), each an exact ratio above 2.
+    """
+    try:
+        am = [int(v) for v in (ds.get("AcquisitionMatrix") or [])]
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if len(am) != 4:
+        return None
+    freq, phase = max(am[0], am[1]), max(am[2], am[3])
+    if not freq or not phase or columns % freq or rows % phase:
+        return None
+    across, down = columns // freq, rows // phase
+    return down * across if down > 2 and across > 2 else None
+
+
+def mosaic(ds: Dataset) -> Mosaic | None:
+    """The mosaic layout of a classic MR frame, from any vendor that writes one; None if it is not.
+
+    The slice count comes from the vendor's own element (Siemens CSA header or private
+    NumberOfImagesInMosaic; United Imaging's grid count, which it writes without a MOSAIC
+    ImageType), else from AcquisitionMatrix for an ImageType MOSAIC frame. Siemens fills a
+    square grid (ceil(sqrt(n)) tiles each way); United Imaging ceil(sqrt(n)) across and only
+    as many rows as the slices need (dcm2niix's nii_demosaic, its issue 225).
+    """
+    if is_enhanced(ds) or int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        return None
+    typed = "MOSAIC" in [str(v).upper() for v in ds.get("ImageType", [])]
+    uih = _is_uih(ds)
+    n = _num(_private_value(ds, *UIH_MOSAIC_COUNT)) if uih else None
+    if not n and typed:
+        n = _csa_mosaic(ds) or _num(_private_value(ds, *SIEMENS_MOSAIC_COUNT)) or _matrix_tiles(ds)
+    if not n or n < 2:
+        return None
+    n = int(n)
+    across = math.ceil(math.sqrt(n))
+    down = math.ceil(n / across) if uih else across
+    return Mosaic(n, across, down)
 
 
 def _positions(ds: Dataset) -> list[tuple[float, ...]]:
@@ -132,13 +203,11 @@ def series_parameters(headers: Sequence[Dataset]) -> dict[str, Any]:
         raise ValueError("a series needs at least one file")
     first = headers[0]
     params = acquisition_parameters(first)
-    mosaic = _mosaic_slices(first)
-    if mosaic:
-        n_slices, n_volumes = mosaic, len(headers)
-        # A mosaic packs ceil(sqrt(n)) x ceil(sqrt(n)) tiles; the matrix is one tile.
-        tiles = math.ceil(math.sqrt(mosaic))
-        params["rows"] = params["rows"] // tiles if params["rows"] else None
-        params["columns"] = params["columns"] // tiles if params["columns"] else None
+    tiles = mosaic(first)
+    if tiles:
+        n_slices, n_volumes = tiles.slices, len(headers)   # one file per volume; the matrix is one tile
+        params["rows"] = params["rows"] // tiles.tiles_down if params["rows"] else None
+        params["columns"] = params["columns"] // tiles.tiles_across if params["columns"] else None
     else:
         positions = [p for ds in headers for p in _positions(ds)]
         n_images = sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in headers)
