@@ -106,15 +106,22 @@ class Mosaic:
 #: Private elements that count a mosaic's slices, found by their block's creator (a PACS may move
 #: the block): Siemens' NumberOfImagesInMosaic (US) and United Imaging's number of images in the
 #: grid (DS), the two dcm2niix reads (console/nii_dicom.cpp).
-SIEMENS_MOSAIC_COUNT = ("SIEMENS MR HEADER", 0x0019, 0x0A)
-UIH_MOSAIC_COUNT = ("Image Private Header", 0x0065, 0x50)
+SIEMENS_MOSAIC_COUNT = ("SIEMENS MR HEADER", 0x0019, 0x0A, "US")
+UIH_MOSAIC_COUNT = ("Image Private Header", 0x0065, 0x50, "DS")
+#: More tiles than this in one frame is a damaged count, not a mosaic.
+MAX_MOSAIC_SLICES = 1024
 
 
-def _private_value(ds: Dataset, creator: str, group: int, offset: int) -> Any:
+def _private_count(ds: Dataset, creator: str, group: int, offset: int, vr: str) -> float | None:
+    """A private count of its vendor's VR (US or DS), also when a PACS left it as UN bytes."""
     try:
-        return ds.private_block(group, creator)[offset].value
+        value = ds.private_block(group, creator)[offset].value
     except (KeyError, ValueError):
         return None
+    if isinstance(value, bytes):   # UN, in the vendor's VR
+        value = (int.from_bytes(value, "little") if len(value) == 2 else None) if vr == "US" \
+            else value.decode("ascii", "replace")
+    return _num(value)
 
 
 def _is_uih(ds: Dataset) -> bool:
@@ -149,10 +156,12 @@ def _matrix_tiles(ds: Dataset) -> int | None:
         return None
     if len(am) != 4:
         return None
-    freq, phase = max(am[0], am[1]), max(am[2], am[3])
-    if not freq or not phase or columns % freq or rows % phase:
+    # frequency rows\frequency columns\phase rows\phase columns: two are 0, the others the
+    # tile's size along the frame's columns and rows (whichever way the phase runs)
+    tile_cols, tile_rows = am[0] or am[2], am[1] or am[3]
+    if tile_cols <= 0 or tile_rows <= 0 or columns % tile_cols or rows % tile_rows:
         return None
-    across, down = columns // freq, rows // phase
+    across, down = columns // tile_cols, rows // tile_rows
     return down * across if down > 2 and across > 2 else None
 
 
@@ -165,18 +174,24 @@ def mosaic(ds: Dataset) -> Mosaic | None:
     square grid (ceil(sqrt(n)) tiles each way); United Imaging ceil(sqrt(n)) across and only
     as many rows as the slices need (dcm2niix's nii_demosaic, its issue 225).
     """
-    if is_enhanced(ds) or int(ds.get("NumberOfFrames", 1) or 1) > 1:
+    try:
+        if is_enhanced(ds) or int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            return None
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
         return None
     typed = "MOSAIC" in [str(v).upper() for v in ds.get("ImageType", [])]
     uih = _is_uih(ds)
-    n = _num(_private_value(ds, *UIH_MOSAIC_COUNT)) if uih else None
+    n = _private_count(ds, *UIH_MOSAIC_COUNT) if uih else None
     if not n and typed:
-        n = _csa_mosaic(ds) or _num(_private_value(ds, *SIEMENS_MOSAIC_COUNT)) or _matrix_tiles(ds)
-    if not n or n < 2:
+        n = _csa_mosaic(ds) or _private_count(ds, *SIEMENS_MOSAIC_COUNT) or _matrix_tiles(ds)
+    if not n or not 2 <= n <= MAX_MOSAIC_SLICES or n != int(n):
         return None
     n = int(n)
     across = math.ceil(math.sqrt(n))
     down = math.ceil(n / across) if uih else across
+    if columns % across or rows % down:   # a count the frame cannot hold as whole tiles
+        return None
     return Mosaic(n, across, down)
 
 

@@ -47,9 +47,14 @@ def _tiles(ds: Dataset, n: int) -> list[np.ndarray]:
             for k in range(n)]
 
 
-def as_uih(ds: Dataset, n: int, block: int = 0x10) -> Dataset:
-    """A Siemens mosaic rewritten in United Imaging's layout, its count in private block ``block``."""
-    tiles = _tiles(ds, n)
+def as_uih(ds: Dataset, n: int, block: int = 0x10, keep: int | None = None, count: str | None = None) -> Dataset:
+    """A Siemens mosaic of ``n`` slices in United Imaging's layout, its count in private block ``block``.
+
+    ``keep`` keeps only the first slices (a grid UIH fills differently from Siemens); ``count``
+    writes another value in the count element.
+    """
+    tiles = _tiles(ds, n)[:keep]
+    n = len(tiles)
     across = math.ceil(math.sqrt(n))
     down = math.ceil(n / across)
     t_rows, t_cols = tiles[0].shape
@@ -62,7 +67,10 @@ def as_uih(ds: Dataset, n: int, block: int = 0x10) -> Dataset:
     ds.Manufacturer = "UIH"
     ds.ImageType = [v for v in ds.ImageType if str(v).upper() != "MOSAIC"]
     ds.add_new((0x0065, block), "LO", "Image Private Header")
-    ds.add_new((0x0065, (block << 8) | 0x50), "DS", str(n))
+    try:
+        ds.add_new((0x0065, (block << 8) | 0x50), "DS", str(n) if count is None else count)
+    except ValueError:   # not a DS pydicom would write: the raw bytes, as a PACS may leave them
+        ds.add_new((0x0065, (block << 8) | 0x50), "UN", count.encode())
     ds.Rows, ds.Columns = frame.shape
     ds.PixelData = frame.tobytes()
     return ds
@@ -84,16 +92,64 @@ def _no_count(ds: Dataset) -> Dataset:
     return ds
 
 
+def _no_csa_un_count(ds: Dataset) -> Dataset:
+    """Siemens' private count left as UN bytes (a little-endian US) by a PACS."""
+    _no_csa(ds)
+    ds[0x0019, 0x100A].VR, ds[0x0019, 0x100A].value = "UN", (35).to_bytes(2, "little")
+    return ds
+
+
+def _row_phase(ds: Dataset) -> Dataset:
+    """The Trio mosaic without any count, its tiles cut to 48 columns, phase encoded along rows."""
+    tiles = [t[:, :48] for t in _tiles(ds, 35)] + [np.zeros((64, 48), ds.pixel_array.dtype)]
+    frame = np.block([[tiles[r * 6 + c] for c in range(6)] for r in range(6)])
+    _no_count(ds)
+    ds.Rows, ds.Columns = frame.shape
+    ds.PixelData = frame.tobytes()
+    ds.AcquisitionMatrix = [0, 64, 48, 0]
+    ds.InPlanePhaseEncodingDirection = "ROW"
+    return ds
+
+
+def _uih_typed(ds: Dataset) -> Dataset:
+    as_uih(ds, 5)
+    ds.ImageType = list(ds.ImageType) + ["MOSAIC"]
+    return ds
+
+
 @pytest.mark.parametrize("parts,change,expected", [
     (SIEMENS_NIH, lambda ds: as_uih(ds, 5), (72, 72, 5, 2)),
     (SIEMENS_NIH, lambda ds: as_uih(ds, 5, block=0x13), (72, 72, 5, 2)),   # a PACS moved the block
-    (TRIO, lambda ds: as_uih(ds, 35), (64, 64, 35, 2)),
+    (SIEMENS_NIH, _uih_typed, (72, 72, 5, 2)),         # UIH with a MOSAIC ImageType: still its own grid
+    (TRIO, lambda ds: as_uih(ds, 35, keep=20), (64, 64, 20, 2)),   # UIH 5 across, 4 down; Siemens 5x5
     (TRIO, _no_csa, (64, 64, 35, 2)),                  # Siemens' private count without the CSA header
+    (TRIO, _no_csa_un_count, (64, 64, 35, 2)),
     (TRIO, _no_count, (64, 64, 36, 2)),                # no count at all: 6x6 tiles, as dcm2niix counts
-], ids=["uih-5", "uih-5-moved-block", "uih-35", "siemens-no-csa", "siemens-no-count"])
+    (TRIO, _row_phase, (48, 64, 36, 2)),               # the same, non-square tiles, phase along rows
+], ids=["uih-5", "uih-5-moved-block", "uih-5-typed", "uih-20", "siemens-no-csa", "siemens-un-count", "siemens-no-count",
+        "siemens-no-count-row-phase"])
 def test_a_mosaic_is_tabled_as_its_tiles(parts, change, expected):
     p = series_parameters(_headers(parts, change))
     assert (p["columns"], p["rows"], p["n_slices"], p["n_volumes"]) == expected
+
+
+@pytest.mark.parametrize("count", ["inf", "1e400", "1e9", "abc", "-5", "1", "2.5", "17"])
+def test_a_damaged_uih_count_is_no_mosaic_and_no_crash(count):
+    """Not a number, infinite, absurd, fractional, or a grid the frame cannot hold as whole tiles
+    (17 slices: 5 across, but the frame is 216 columns wide)."""
+    headers = _headers(SIEMENS_NIH, lambda ds: as_uih(ds, 5, count=count))
+    assert mosaic(headers[0]) is None
+    p = series_parameters(headers)
+    assert (p["columns"], p["rows"], p["n_slices"]) == (216, 144, 1)   # tabled as the flat frame it is
+
+
+def test_a_count_left_as_un_bytes_is_read():
+    def un(ds):
+        as_uih(ds, 5)
+        ds[0x0065, 0x1050].VR = "UN"
+        ds[0x0065, 0x1050].value = b"5 "
+        return ds
+    assert mosaic(_headers(SIEMENS_NIH, un)[0]).slices == 5
 
 
 def test_the_original_siemens_mosaics_are_unchanged():
@@ -113,8 +169,11 @@ def test_a_uih_count_on_another_vendor_or_a_plain_image_is_no_mosaic():
     ds.Manufacturer = "GE MEDICAL SYSTEMS"           # the element means something else elsewhere
     assert mosaic(ds) is None
     ge = pydicom.dcmread(dicom_files("dcm_qa_nih", "In", "20180918GE", "mr_0004")[0])
-    ge.Manufacturer = "UIH"                          # a UIH image without the count is a plain image
-    assert mosaic(ge) is None
+    ge.Manufacturer = "UIH"
+    assert mosaic(ge) is None                        # a UIH image without the count is a plain image
+    ge.add_new((0x0065, 0x0010), "LO", "Image Private Header")
+    ge.add_new((0x0065, 0x1050), "DS", "1")
+    assert mosaic(ge) is None                        # nor with a count of one
 
 
 def test_a_uih_mosaic_is_received_and_converted_to_the_siemens_voxels(tmp_path, trial):
@@ -127,7 +186,7 @@ def test_a_uih_mosaic_is_received_and_converted_to_the_siemens_voxels(tmp_path, 
     row = read_table(lake, "series").iloc[0]
     assert (row.columns, row.rows, row.n_slices, row.n_volumes) == (72, 72, 5, 2)
     deid = [pydicom.dcmread(lake.path(p)) for p in lake.find("deid") if p.endswith(".dcm")]
-    assert all(mosaic(ds).slices == 5 for ds in deid)   # the count survives de-identification
+    assert len(deid) == 2 and all(mosaic(ds).slices == 5 for ds in deid)   # the count survives de-identification
     images, findings = convert_study(lake, trial, o.study)
     assert [f.reason_code for f in findings] == []
     (image,) = images.values()
