@@ -143,7 +143,7 @@ def _csa_mosaic(ds: Dataset) -> int | None:
     return int(n) if n else None
 
 
-def _matrix_tiles(ds: Dataset) -> int | None:
+def _matrix_tiles(ds: Dataset, rows: int, columns: int) -> int | None:
     """Tiles of a MOSAIC frame from AcquisitionMatrix, when nothing counts its slices.
 
     dcm2niix's fallback for a mosaic of unknown count: (Columns / frequency rows) x (Rows /
@@ -151,8 +151,7 @@ def _matrix_tiles(ds: Dataset) -> int | None:
     """
     try:
         am = [int(v) for v in (ds.get("AcquisitionMatrix") or [])]
-        rows, columns = int(ds.Rows), int(ds.Columns)
-    except (AttributeError, TypeError, ValueError):
+    except (TypeError, ValueError):
         return None
     if len(am) != 4:
         return None
@@ -184,7 +183,7 @@ def mosaic(ds: Dataset) -> Mosaic | None:
     uih = _is_uih(ds)
     n = _private_count(ds, *UIH_MOSAIC_COUNT) if uih else None
     if not n and typed:
-        n = _csa_mosaic(ds) or _private_count(ds, *SIEMENS_MOSAIC_COUNT) or _matrix_tiles(ds)
+        n = _csa_mosaic(ds) or _private_count(ds, *SIEMENS_MOSAIC_COUNT) or _matrix_tiles(ds, rows, columns)
     if not n or not 2 <= n <= MAX_MOSAIC_SLICES or n != int(n):
         return None
     n = int(n)

@@ -61,9 +61,7 @@ def as_uih(ds: Dataset, n: int, block: int = 0x10, keep: int | None = None, coun
     frame = np.zeros((down * t_rows, across * t_cols), tiles[0].dtype)
     for k, tile in enumerate(tiles):
         frame[(k // across) * t_rows:(k // across + 1) * t_rows, (k % across) * t_cols:(k % across + 1) * t_cols] = tile
-    for elem in list(ds):
-        if elem.tag.is_private:
-            del ds[elem.tag]
+    _no_private(ds)   # the Siemens private blocks go
     ds.Manufacturer = "UIH"
     ds.ImageType = [v for v in ds.ImageType if str(v).upper() != "MOSAIC"]
     ds.add_new((0x0065, block), "LO", "Image Private Header")
@@ -85,7 +83,7 @@ def _no_csa(ds: Dataset) -> Dataset:
     return ds
 
 
-def _no_count(ds: Dataset) -> Dataset:
+def _no_private(ds: Dataset) -> Dataset:
     for elem in list(ds):
         if elem.tag.is_private:
             del ds[elem.tag]
@@ -103,7 +101,7 @@ def _row_phase(ds: Dataset) -> Dataset:
     """The Trio mosaic without any count, its tiles cut to 48 columns, phase encoded along rows."""
     tiles = [t[:, :48] for t in _tiles(ds, 35)] + [np.zeros((64, 48), ds.pixel_array.dtype)]
     frame = np.block([[tiles[r * 6 + c] for c in range(6)] for r in range(6)])
-    _no_count(ds)
+    _no_private(ds)
     ds.Rows, ds.Columns = frame.shape
     ds.PixelData = frame.tobytes()
     ds.AcquisitionMatrix = [0, 64, 48, 0]
@@ -124,7 +122,7 @@ def _uih_typed(ds: Dataset) -> Dataset:
     (TRIO, lambda ds: as_uih(ds, 35, keep=20), (64, 64, 20, 2)),   # UIH 5 across, 4 down; Siemens 5x5
     (TRIO, _no_csa, (64, 64, 35, 2)),                  # Siemens' private count without the CSA header
     (TRIO, _no_csa_un_count, (64, 64, 35, 2)),
-    (TRIO, _no_count, (64, 64, 36, 2)),                # no count at all: 6x6 tiles, as dcm2niix counts
+    (TRIO, _no_private, (64, 64, 36, 2)),                # no count at all: 6x6 tiles, as dcm2niix counts
     (TRIO, _row_phase, (48, 64, 36, 2)),               # the same, non-square tiles, phase along rows
 ], ids=["uih-5", "uih-5-moved-block", "uih-5-typed", "uih-20", "siemens-no-csa", "siemens-un-count", "siemens-no-count",
         "siemens-no-count-row-phase"])
