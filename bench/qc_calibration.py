@@ -2,7 +2,8 @@
 rules in data_contracts/qc_settings.py were set.
 
 For each T1 (Philips MPRAGE 1 mm, Siemens XA30 2 mm, chris_t1 0.88 mm) and each
-degradation (none; heavy Rician-like noise; top 30 % of slices removed) it runs
+degradation (none; heavy Rician-like noise; top 30 % of slices removed; a simulated scanner
+change; the non-heads of tests/pipelines/nonheads.py, and a bottle phantom) it runs
 the anat pipeline, computes the QC metrics and prints them with the verdict
 the default rules give. Run: .venv/bin/python bench/qc_calibration.py
 """
@@ -22,12 +23,14 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("CORELAB_SHARED_DATA", REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(REPO))
 
-from data_contracts.qc_settings import QCSettings  # noqa: E402
+from data_contracts.qc_settings import HEAD_CHECK, QCSettings  # noqa: E402
 from pipelines.anat import run_anat  # noqa: E402
 from pipelines.registry import get_spec  # noqa: E402
 from tasks.qc.gate import judge  # noqa: E402
 from tasks.qc.measure import image_metrics, needed_outputs  # noqa: E402
 from tasks.qc.metrics import NotComputed  # noqa: E402
+from tests.pipelines.nonheads import NON_HEADS, bottle_phantom  # noqa: E402
+from tests.pipelines.test_anat_pipeline import simulated_scanner_change  # noqa: E402
 
 
 def philips_t1(tmp: Path) -> Path:
@@ -45,7 +48,9 @@ def philips_t1(tmp: Path) -> Path:
 
 
 def degrade(path: Path, how: str, out: Path) -> Path:
-    """``noise``: Rician noise at 25 % of the 99th percentile; ``cut``: top 30 % of slices gone."""
+    """``noise``: Rician noise at 25 % of the 99th percentile; ``cut``: top 30 % of slices gone;
+    ``scanner``: tests/pipelines' simulated scanner change; a name of tests/pipelines/nonheads.py:
+    that non-head made from the T1 (the head check must fail it)."""
     img = nib.as_closest_canonical(nib.load(str(path)))
     data = np.asanyarray(img.dataobj, dtype=np.float32)
     if how == "noise":
@@ -54,6 +59,12 @@ def degrade(path: Path, how: str, out: Path) -> Path:
         data = np.sqrt((data + rng.normal(0, sigma, data.shape)) ** 2 + rng.normal(0, sigma, data.shape) ** 2)
     elif how == "cut":
         data = data[:, :, : int(round(data.shape[2] * 0.7))]  # RAS: the third axis runs inferior->superior
+    elif how == "scanner":
+        nib.save(simulated_scanner_change(img), str(out))
+        return out
+    elif how in NON_HEADS:
+        nib.save(NON_HEADS[how](img), str(out))
+        return out
     nib.save(nib.Nifti1Image(data, img.affine), str(out))
     return out
 
@@ -70,6 +81,7 @@ def metrics_of(t1: Path, work: Path) -> dict[str, float | None]:
     m = {k: (None if isinstance(v, NotComputed) else v) for k, v in m.items()}
     m["coverage"] = res.qc["template_brain_in_fov"]
     m["inu_range"] = res.qc["bias_field"]["p95"] - res.qc["bias_field"]["p05"]
+    m |= res.qc["head_check"]
     return m
 
 
@@ -80,7 +92,7 @@ def main() -> None:
     rules = QCSettings().rules_for("any")
     names = None
     for name, path in t1s.items():
-        for how in ("none", "noise", "cut"):
+        for how in ("none", "noise", "cut", "scanner", *NON_HEADS):
             src = path if how == "none" else degrade(path, how, tmp / f"{name}_{how}.nii.gz")
             try:
                 m = metrics_of(src, tmp / f"d_{name}_{how}")
@@ -89,9 +101,19 @@ def main() -> None:
                 continue
             v = judge(m, rules, {}, QCSettings().robust_z)
             names = names or sorted(m)
-            print(f"{name:8} {how:6} {v.status:5} " + " ".join(f"{k}={m[k]:.3g}" for k in names))
+            print(f"{name:8} {how:11} {v.status:5} "
+                  + " ".join(f"{k}={m[k]:.3g}" if m[k] is not None else f"{k}=None" for k in names))
             for r in v.reasons:
-                print(f"{'':22}{r}")
+                print(f"{'':27}{r}")
+    phantom = tmp / "phantom.nii.gz"
+    nib.save(bottle_phantom(DATA / "dcm_qa_xa60" / "Ref" /
+                            "phantom_check_MBfactor_CimaX_XA61_2_PRODUCT_ep2d_bold_p2_sms1.nii"), str(phantom))
+    try:
+        m = metrics_of(phantom, tmp / "d_phantom")
+        v = judge(m, rules, {}, QCSettings().robust_z)
+        print(f"{'xa61':8} {'phantom':11} {v.status:5} " + " ".join(f"{k}={m[k]}" for k in HEAD_CHECK))
+    except Exception as exc:
+        print(f"xa61     phantom     pipeline failed: {exc}")
 
 
 if __name__ == "__main__":

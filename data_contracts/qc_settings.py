@@ -54,11 +54,27 @@ DEFAULT_RULES: dict[str, Rule] = {
     "fber": Rule(warn_below=20.0, fail_below=5.0, better="higher"),
     "wm2max": Rule(warn_below=0.15, fail_below=0.05, warn_above=1.0, better="range"),
     "inu_range": Rule(warn_above=0.6, fail_above=1.0, better="lower"),
+    # Is it a head (pipelines/anat/headcheck.py): the real heads give 0.36-0.57, 0.21-0.28 and
+    # 13.4-21 mm (13.4 under a simulated scanner change); each non-head made from them
+    # (tests/pipelines/nonheads.py) fails one at least, the gated ones' margins 2.6-8 mm.
+    "template_correlation": Rule(warn_below=0.30, fail_below=0.20, better="higher"),
+    "tissue_order": Rule(warn_below=0.10, fail_below=0.05, better="higher"),
+    "scalp_margin_mm": Rule(warn_below=11.0, fail_below=9.0, better="higher"),
     "tiv_cm3": Rule(warn_below=1100, fail_below=800, warn_above=2000, fail_above=2500),
     "gm_fraction": Rule(warn_below=0.30, fail_below=0.20, warn_above=0.65, fail_above=0.75),
     "wm_fraction": Rule(warn_below=0.20, fail_below=0.10, warn_above=0.55, fail_above=0.65),
     "csf_fraction": Rule(warn_below=0.05, fail_below=0.02, warn_above=0.45, fail_above=0.60),
 }
+
+
+#: The metrics that say whether the object is a head. A limit of theirs is reason ``not_a_head``
+#: (not ``qc_limit``), and a reviewer who passes a series failed on one must say so.
+HEAD_CHECK: tuple[str, ...] = ("template_correlation", "tissue_order", "scalp_margin_mm")
+
+
+def limit_code(metric: str) -> str:
+    """The reason code of a metric beyond a limit of the trial's rules."""
+    return "not_a_head" if metric in HEAD_CHECK else "qc_limit"
 
 
 class RobustZ(BaseModel):

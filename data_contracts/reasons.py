@@ -88,6 +88,9 @@ REASONS: dict[str, Reason] = {r.code: r for r in (
     Reason("metric_missing", "qc", False, "a QC metric could not be computed"),
     Reason("qc_limit", "qc", False, "a QC metric is beyond the trial's limit"),
     Reason("qc_site_outlier", "qc", False, "a QC metric is far from the site's own distribution"),
+    Reason("not_a_head", "qc", False,
+           "the image does not look like a T1-weighted head (template agreement, tissue contrast order, "
+           "scalp around the brain): a phantom, another object, another contrast or a misoriented image"),
     # contract
     Reason("schema_violation", "contract", False, "rows do not meet their table's schema"),
     Reason("lake_path_invalid", "contract", False, "a lake path is absolute or leaves the lake"),

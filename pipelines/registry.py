@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from data_contracts.qc_settings import HEAD_CHECK
 from pipelines.spec import BidsQuery, Measure, PipelineSpec, SidecarMetric
 
 
@@ -59,7 +60,8 @@ def anat_spec() -> PipelineSpec:
         image_qc=("head", "tissue", "volumes"),
         qc_sidecar="measures",
         qc_metrics=(SidecarMetric("coverage", "template_brain_in_fov"),
-                    SidecarMetric("inu_range", "bias_field.p95", minus="bias_field.p05")),
+                    SidecarMetric("inu_range", "bias_field.p95", minus="bias_field.p05"),
+                    *(SidecarMetric(name, f"head_check.{name}") for name in HEAD_CHECK)),
         bids_ignore=("sub-*/figures", "*_measures.tsv", "*_measures.json"),
         sources=("pipelines/anat",),
     )

@@ -20,6 +20,9 @@ def qc_override(
     verdict: str = typer.Option(..., "--verdict", help="pass or fail"),
     reason: str = typer.Option(..., "--reason", help="why (kept with the decision)"),
     by: str = typer.Option(..., "--by", help="the reviewer's name"),
+    confirm_head: bool = typer.Option(
+        False, "--confirm-head",
+        help="passing a series the gate failed as not a head: you looked, and the object is a head"),
     lake: Optional[str] = LakeOpt,
 ) -> None:
     """Record a reviewer's verdict; the biomarkers table follows it."""
@@ -27,12 +30,15 @@ def qc_override(
     from tasks.qc.overrides import OverrideError, override
 
     try:
-        event = override(open_lake(lake_url(lake)), series, verdict, reason, by)
+        event = override(open_lake(lake_url(lake)), series, verdict, reason, by, confirm_head=confirm_head)
     except OverrideError as exc:
         fail(str(exc))
     console.print(f"series {event['series_uid'][-12:]}: {event['automatic_verdict']} -> {event['verdict']} "
                   f"by {by}; biomarkers added {event['biomarkers_added']}, "
                   f"withdrawn {event['biomarkers_withdrawn']}", highlight=False)
+    if event["overrides_not_a_head"]:
+        console.print("this overrides the head check (not_a_head): " + "; ".join(event["overrides_not_a_head"]),
+                      highlight=False)
 
 
 @export_app.command("biomarkers")

@@ -22,7 +22,9 @@ from pipelines.anat.errors import (
 NAME = "anat"
 # 0.1.1: sidecars the official BIDS validator accepts (SoftwareVersions a string, SkullStripped on
 # every T1w, BIDS 1.10.0, a README); the images and measures are those of 0.1.0.
-VERSION = "0.1.1"
+# 0.1.2: the head check (QC.head_check: template correlation, tissue order, scalp margin) in the
+# measures sidecar; the images and measures are those of 0.1.1.
+VERSION = "0.1.2"
 
 _LAZY = {
     "run_anat": "pipelines.anat.run",

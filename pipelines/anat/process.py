@@ -28,6 +28,7 @@ from scipy import ndimage
 
 from pipelines.anat.bias import field_spread, n4_correct
 from pipelines.anat.errors import AnatProcessingError
+from pipelines.anat.headcheck import head_check
 from pipelines.anat.io import from_sitk, to_sitk
 from pipelines.anat.parameters import AnatParameters
 from pipelines.anat.register import Registration, register
@@ -90,12 +91,12 @@ def _bbox(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
 
 def warp_to_subject(
     template: Template, reg: Registration, reference: sitk.Image
-) -> tuple[np.ndarray, np.ndarray]:
-    """Template mask and priors resampled onto the subject grid (linear interpolation)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Template mask, priors and T1 resampled onto the subject grid (linear interpolation)."""
     def pull(image: sitk.Image) -> np.ndarray:
         return from_sitk(sitk.Resample(image, reference, reg.to_template, sitk.sitkLinear, 0.0,
                                        sitk.sitkFloat32))
-    return pull(template.mask), np.stack([pull(p) for p in template.priors])
+    return pull(template.mask), np.stack([pull(p) for p in template.priors]), pull(template.t1)
 
 
 def refine_mask(warped_mask: np.ndarray, head: np.ndarray, threshold: float) -> np.ndarray:
@@ -161,8 +162,9 @@ def compute(img: nib.Nifti1Image, params: AnatParameters) -> AnatMaps:
         log.info("stage 2 registration done (%.1f s, volume scale %.3f)", time.perf_counter() - clock,
                  float(np.linalg.det(np.array(reg.affine.GetMatrix()).reshape(3, 3))))
     with sitk_threads(params.threads):
-        warped_mask, priors = warp_to_subject(template, reg, bias.corrected)
-        mask = refine_mask(warped_mask, from_sitk(bias.head_mask) > 0, params.mask_threshold)
+        warped_mask, priors, warped_t1 = warp_to_subject(template, reg, bias.corrected)
+        head = from_sitk(bias.head_mask) > 0
+        mask = refine_mask(warped_mask, head, params.mask_threshold)
         voxel_mm3 = float(abs(np.linalg.det(img.affine[:3, :3])))
         if mask.sum() * voxel_mm3 < MIN_TIV_MM3:
             raise AnatProcessingError(
@@ -181,6 +183,8 @@ def compute(img: nib.Nifti1Image, params: AnatParameters) -> AnatMaps:
             "tissue_means": dict(zip(TISSUES, seg.means)),
             "tissue_sds": dict(zip(TISSUES, seg.sds)),
             "em_iterations": seg.iterations,
+            "head_check": head_check(preproc, warped_t1, dict(zip(TISSUES, priors)), mask, head,
+                                     bias.corrected.GetSpacing()),
         }
     dseg = np.where(mask, 1 + np.argmax(posteriors, axis=0), 0).astype(np.uint8)
     return AnatMaps(preproc=preproc, bias_field=from_sitk(bias.field), brain_mask=mask,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from data_contracts.qc_settings import RobustZ, Rule
+from data_contracts.qc_settings import RobustZ, Rule, limit_code
 
 ORDER = {"PASS": 0, "WARN": 1, "FAIL": 2}
 MAD_TO_SIGMA = 1.4826
@@ -123,7 +123,9 @@ def judge(metrics: Mapping[str, float | None], rules: Mapping[str, Rule],
             results.append(MetricResult(name, value, "PASS"))
             continue
         status, reason = check_rule(name, value, rule)
-        code = "qc_limit" if reason else None
+        code = limit_code(name) if reason else None
+        if code == "not_a_head":
+            reason = f"{reason}: the object may not be a T1-weighted head (or registration to the template failed)"
         z_status, z_reason, z = check_site(name, value, rule, history.get(name, ()), cfg)
         if ORDER[z_status] > ORDER[status]:
             status, reason, code = z_status, z_reason, "qc_site_outlier"

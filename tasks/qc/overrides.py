@@ -44,8 +44,14 @@ def _find_series(lake: Lake, series: str) -> pd.DataFrame:
     return rows
 
 
-def override(lake: Lake, series: str, verdict: str, reason: str, by: str) -> dict[str, Any]:
-    """Record a reviewer's verdict for a series and make the biomarkers follow it."""
+def override(lake: Lake, series: str, verdict: str, reason: str, by: str, *,
+             confirm_head: bool = False) -> dict[str, Any]:
+    """Record a reviewer's verdict for a series and make the biomarkers follow it.
+
+    Passing a series the gate failed as not a head (reason ``not_a_head``) needs
+    ``confirm_head``: the reviewer says they looked and the object is a head. The override's
+    recorded reason and its audit event then say which head-check failures it overrides.
+    """
     verdict = verdict.upper()
     if verdict not in ("PASS", "FAIL"):
         raise OverrideError(f"verdict must be pass or fail, not {verdict.lower()!r}")
@@ -58,6 +64,14 @@ def override(lake: Lake, series: str, verdict: str, reason: str, by: str) -> dic
     qc = tables.read_table(lake, "qc", [site])
     mine = qc[(qc.series_uid == uid) & (qc.pipeline_name == row.pipeline_name)
               & (qc.pipeline_version == row.pipeline_version)].drop(columns=["site"])
+    not_a_head = not_a_head_failures(mine) if verdict == "PASS" else []
+    if not_a_head and not confirm_head:
+        raise OverrideError(
+            f"series {uid} failed the head check ({'; '.join(not_a_head)}): the object may not be a head, "
+            "and passing it would put its volumes in the biomarkers table. Look at the image; if it is a "
+            "T1-weighted head, repeat with --confirm-head. Nothing was changed")
+    if not_a_head:
+        reason = f"{reason} [overrides not_a_head: {'; '.join(not_a_head)}]"
     updated = [{**r, "verdict": verdict, "override_by": by, "override_reason": reason, "override_at": now}
                for r in mine.to_dict("records")]
     tables.write_rows(lake, "qc", site, [_clean(r) for r in updated])
@@ -69,9 +83,16 @@ def override(lake: Lake, series: str, verdict: str, reason: str, by: str) -> dic
         added = _restore_biomarkers(lake, site, row, spec, now)
     event = {"series_uid": uid, "pipeline": row.pipeline_name, "version": row.pipeline_version,
              "verdict": verdict, "automatic_verdict": row.automatic_verdict, "reason": reason,
-             "biomarkers_withdrawn": withdrawn, "biomarkers_added": added}
+             "biomarkers_withdrawn": withdrawn, "biomarkers_added": added,
+             "overrides_not_a_head": not_a_head}
     append_event(lake, "qc_override", actor=by, **event)
     return event
+
+
+def not_a_head_failures(rows: pd.DataFrame) -> list[str]:
+    """The gate's own not-a-head FAIL reasons among a series' ``qc`` rows (metric rows only)."""
+    hit = rows[(rows.metric != "verdict") & (rows.status == "FAIL") & (rows.reason_code == "not_a_head")]
+    return [str(r) for r in hit.sort_values("metric").reason]
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:

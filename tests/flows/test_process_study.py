@@ -18,10 +18,11 @@ import pytest
 from flows.process_study import process_study
 from flows.receive_study import receive_study
 from pipelines.registry import get_spec
+from tasks.lake.audit import read_events
 from tasks.lake.export import export_biomarkers
 from tasks.lake.storage import Lake
 from tasks.lake.studies import read_study
-from tasks.lake.tables import read_table, write_rows
+from tasks.lake.tables import delete_rows, read_table, write_rows
 from tasks.qc.measure import gate, measure_quality
 from tasks.qc.overrides import OverrideError, override
 from tasks.qc.record import biomarker_rows, qc_rows
@@ -142,6 +143,55 @@ def test_override_moves_biomarkers_both_ways(scratch):
         override(lake, "9.9.9", "pass", "x", "y")
     with pytest.raises(OverrideError, match="pass or fail"):
         override(lake, sp.run.series_uid, "maybe", "x", "y")
+
+
+def _failed_as_not_a_head(lake: Lake, series_uid: str) -> str:
+    """The real series' qc rows as the gate writes them for an object that is not a head (its
+    template correlation below the limit), and its biomarkers withdrawn as a FAIL has none."""
+    qc = read_table(lake, "qc")
+    mine = qc[qc.series_uid == series_uid]
+    site = mine.site.iloc[0]
+    reason = "template_correlation 0.04 is below the fail limit 0.2: the object may not be a T1-weighted head"
+    rows = []
+    for r in mine.drop(columns=["site"]).to_dict("records"):
+        r |= {"verdict": "FAIL", "automatic_verdict": "FAIL"}
+        if r["metric"] == "template_correlation":
+            r |= {"value": 0.04, "status": "FAIL", "reason": reason, "reason_code": "not_a_head"}
+        elif r["metric"] == "verdict":
+            r |= {"status": "FAIL", "reason": reason, "reason_code": "not_a_head"}
+        rows.append({k: (None if v is pd.NaT or (isinstance(v, float) and np.isnan(v)) else v) for k, v in r.items()})
+    write_rows(lake, "qc", site, rows)
+    delete_rows(lake, "biomarkers", site, {"series_uid": series_uid})
+    return reason
+
+
+def test_passing_a_series_failed_as_not_a_head_needs_the_reviewer_to_confirm_it(scratch):
+    """Class 12: an override of the head check says so (the fruit became biomarkers by one override)."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    lake, results = scratch
+    _, (sp,) = results["siemens-xa30"]
+    uid = sp.run.series_uid
+    reason = _failed_as_not_a_head(lake, uid)
+    before = {p: lake.read_bytes(p) for p in lake.find("tables")}
+    with pytest.raises(OverrideError, match="failed the head check .*--confirm-head"):
+        override(lake, uid, "pass", "looks fine", "Dr Reviewer")
+    res = CliRunner().invoke(app, ["qc", "override", uid, "--verdict", "pass", "--reason", "looks fine",
+                                   "--by", "Dr R", "--lake", lake.url])
+    assert res.exit_code == 2 and "--confirm-head" in res.output and "Traceback" not in res.output
+    assert {p: lake.read_bytes(p) for p in lake.find("tables")} == before       # nothing was changed
+    # Failing it again needs no confirmation.
+    assert override(lake, uid, "fail", "agree: not a head", "Dr Reviewer")["overrides_not_a_head"] == []
+    res = CliRunner().invoke(app, ["qc", "override", uid, "--verdict", "pass", "--reason", "a head, on review",
+                                   "--by", "Dr R", "--confirm-head", "--lake", lake.url])
+    assert res.exit_code == 0, res.output
+    assert "biomarkers added 5" in res.output and "this overrides the head check (not_a_head)" in res.output
+    qc = read_table(lake, "qc")
+    assert set(qc[qc.series_uid == uid].override_reason) == {f"a head, on review [overrides not_a_head: {reason}]"}
+    last = read_events(lake)[-1]
+    assert last["action"] == "qc_override" and last["details"]["overrides_not_a_head"] == [reason]
 
 
 def test_override_from_the_cli_and_for_a_pipeline_not_registered_here(scratch, monkeypatch):

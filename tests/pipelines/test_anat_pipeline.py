@@ -22,7 +22,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from data_contracts.qc_settings import HEAD_CHECK, QCSettings
 from pipelines.anat import NAME, VERSION, run_anat
+from tasks.qc.gate import judge
 from tests.data import shared_path
 
 DIGEST = "sha256:" + "ab" * 32
@@ -176,6 +178,26 @@ def test_simulated_scanner_change_keeps_volumes_within_2_percent(runs, t1_paths,
     assert all(abs(d) < 0.02 for d in deltas.values()), deltas
     # The change was real: the field N4 found is much wider than the original's.
     assert other.qc["bias_field"]["p95_over_p05"] > runs["chris"].qc["bias_field"]["p95_over_p05"] + 0.1
+    # It is still a head, and the head check says so by nearly the same values (the head mask, and so
+    # the scalp margin, shrinks by 2-3 mm where the 1.5-fold field darkens the scalp).
+    assert _head_check_verdict(other.qc["head_check"]) == "PASS"
+    for k, v in other.qc["head_check"].items():
+        assert v == pytest.approx(runs["chris"].qc["head_check"][k], abs=0.05 if k != "scalp_margin_mm" else 3.0)
+
+
+def _head_check_verdict(values: dict) -> str:
+    settings = QCSettings()
+    return judge({k: values[k] for k in HEAD_CHECK}, settings.rules_for("any"), {}, settings.robust_z).status
+
+
+@pytest.mark.pipeline
+@pytest.mark.parametrize("name", ["philips", "xa30", "chris"])
+def test_real_heads_pass_the_head_check_as_written_in_the_sidecar(runs, name):
+    """Class 12: the head check (tests/pipelines/test_head_check.py fails the non-heads) passes heads."""
+    meta = json.loads(runs[name].outputs["measures"].with_suffix(".json").read_text())
+    values = meta["QC"]["head_check"]
+    assert values == runs[name].qc["head_check"] and set(values) == set(HEAD_CHECK)
+    assert _head_check_verdict(values) == "PASS", values
 
 
 @pytest.mark.pipeline
