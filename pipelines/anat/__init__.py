@@ -23,7 +23,8 @@ NAME = "anat"
 # 0.1.1: sidecars the official BIDS validator accepts (SoftwareVersions a string, SkullStripped on
 # every T1w, BIDS 1.10.0, a README); the images and measures are those of 0.1.0.
 # 0.1.2: the head check (QC.head_check: template correlation, tissue order, scalp margin) in the
-# measures sidecar; the images and measures are those of 0.1.1.
+# measures sidecar, and a figure without the face (only voxels within 4 mm of the brain mask); the
+# images and measures are those of 0.1.1.
 VERSION = "0.1.2"
 
 _LAZY = {

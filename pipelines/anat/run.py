@@ -137,7 +137,8 @@ def _write_outputs(
     """Stage every output and sidecar, then move them into ``root`` (measures TSV last)."""
     with Staging(root, prefix) as stage:
         _write_images(stage, names, maps, img)
-        overlay_png(stage.path(names["figure"]), maps.preproc, maps.dseg, maps.brain_mask, prefix)
+        overlay_png(stage.path(names["figure"]), maps.preproc, maps.dseg, maps.brain_mask, prefix,
+                    tuple(float(z) for z in img.header.get_zooms()[:3]))
         units = {k: u for k, (u, _) in MEASURES.items()}
         stage.path(names["measures"]).write_text(measures_tsv(maps.measures, units))
         for key, content in _sidecars(names, maps, common).items():

@@ -24,6 +24,7 @@ import pytest
 
 from data_contracts.qc_settings import HEAD_CHECK, QCSettings
 from pipelines.anat import NAME, VERSION, run_anat
+from pipelines.anat.report import near_brain, overlay_png
 from tasks.qc.gate import judge
 from tests.data import shared_path
 
@@ -165,6 +166,40 @@ def test_maps_agree_with_measures_and_input_grid(runs, t1_paths, name):
                                rtol=1e-3, atol=1e-3 * src.get_fdata().max())
     spread = runs[name].qc["bias_field"]
     assert spread["p05"] <= spread["median"] <= spread["p95"]
+
+
+@pytest.mark.pipeline
+def test_the_figure_shows_no_face(runs, tmp_path):
+    """Class 14 (figures): nothing beyond 4 mm of the brain mask, where the face is, reaches the figure.
+
+    chris_t1 is a whole head with its face. The figure is drawn twice, once from the T1 and once
+    from the T1 with every voxel away from the brain replaced by noise: the PNGs are identical.
+    """
+    out = runs["chris"].outputs
+    preproc_img = nib.load(str(out["preproc"]))
+    t1 = preproc_img.get_fdata(dtype=np.float32)
+    dseg = np.asanyarray(nib.load(str(out["dseg"])).dataobj)
+    mask = np.asanyarray(nib.load(str(out["brain_mask"])).dataobj) > 0
+    zooms = tuple(float(z) for z in preproc_img.header.get_zooms()[:3])
+    shown = near_brain(mask, zooms)
+    far = distance_from(mask, zooms) > 20.0
+    head = t1 > 0.1 * np.percentile(t1, 98)
+    # The input has a face: head voxels 2 cm or more in front of the brain, below its middle.
+    front = np.zeros(mask.shape, bool)
+    ys, zs = np.nonzero(mask.any(axis=0))
+    front[:, ys.max() + 1:, : int(np.median(zs))] = True
+    assert (head & far & front).sum() * np.prod(zooms) > 20_000, "chris_t1 should show a face"  # 33 cm3
+    assert not (shown & far).any()
+    noise = np.random.default_rng(0).uniform(0, t1.max(), t1.shape).astype(np.float32)
+    overlay_png(tmp_path / "a.png", t1, dseg, mask, "x", zooms)
+    overlay_png(tmp_path / "b.png", np.where(shown, t1, noise), dseg, mask, "x", zooms)
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def distance_from(mask: np.ndarray, zooms: tuple[float, ...]) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(~mask, sampling=zooms)
 
 
 @pytest.mark.pipeline
