@@ -105,15 +105,21 @@ def main() -> None:
                   + " ".join(f"{k}={m[k]:.3g}" if m[k] is not None else f"{k}=None" for k in names))
             for r in v.reasons:
                 print(f"{'':27}{r}")
-    phantom = tmp / "phantom.nii.gz"
+    from pipelines.anat.template import template_dir
+
+    extra = {"phantom": tmp / "phantom.nii.gz",
+             "skull_stripped": template_dir() / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"}
+    phantom = extra["phantom"]
     nib.save(bottle_phantom(DATA / "dcm_qa_xa60" / "Ref" /
                             "phantom_check_MBfactor_CimaX_XA61_2_PRODUCT_ep2d_bold_p2_sms1.nii"), str(phantom))
-    try:
-        m = metrics_of(phantom, tmp / "d_phantom")
-        v = judge(m, rules, {}, QCSettings().robust_z)
-        print(f"{'xa61':8} {'phantom':11} {v.status:5} " + " ".join(f"{k}={m[k]}" for k in HEAD_CHECK))
-    except Exception as exc:
-        print(f"xa61     phantom     pipeline failed: {exc}")
+    for how, path in extra.items():
+        try:
+            m = metrics_of(path, tmp / f"d_{how}")
+            v = judge(m, rules, {}, QCSettings().robust_z)
+            print(f"{'xa61' if how == 'phantom' else 'mni152':8} {how:14} {v.status:5} "
+                  + " ".join(f"{k}={m[k]:.3g}" for k in HEAD_CHECK))
+        except Exception as exc:  # a pipeline failure is itself a QC outcome here
+            print(f"{how} pipeline failed: {exc}")
 
 
 if __name__ == "__main__":

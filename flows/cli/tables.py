@@ -39,6 +39,9 @@ def qc_override(
     if event["overrides_not_a_head"]:
         console.print("this overrides the head check (not_a_head): " + "; ".join(event["overrides_not_a_head"]),
                       highlight=False)
+    elif confirm_head:
+        console.print("--confirm-head had nothing to confirm: the head check did not fail this series "
+                      "(the override is recorded as given)", highlight=False)
 
 
 @export_app.command("biomarkers")

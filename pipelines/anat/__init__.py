@@ -24,7 +24,7 @@ NAME = "anat"
 # every T1w, BIDS 1.10.0, a README); the images and measures are those of 0.1.0.
 # 0.1.2: the head check (QC.head_check: template correlation, tissue order, scalp margin) in the
 # measures sidecar, and a figure without the face (only voxels within 4 mm of the brain mask); the
-# images and measures are those of 0.1.1.
+# NIfTI images and the measures are those of 0.1.1.
 VERSION = "0.1.2"
 
 _LAZY = {

@@ -9,8 +9,9 @@ No face: only the voxels within :data:`FIGURE_MARGIN_MM` of the brain mask are
 drawn (the rest is black) and each panel is cropped to them. A head T1 shows the
 face in its sagittal and low axial slices, and a figure leaves the restricted
 stores with the QC pages (HIPAA Safe Harbor counts "full face photographic
-images and any comparable images"); the skin of the face lies 2 cm or more from
-the brain, while 4 mm still shows whether the mask cuts brain or takes in scalp.
+images and any comparable images"); the nearest skin, the forehead's, lies 13-21 mm
+from the brain mask in the T1s here (the head check's scalp margin), while 4 mm
+still shows whether the mask cuts brain or takes in scalp.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ class AnatResult:
         sha256 of the input NIfTI file's bytes.
     qc : dict
         Values for QC: N4 bias-field spread in the brain, registration metric,
-        affine volume scale, template brain in field of view, tissue means/SDs.
+        affine volume scale, template brain in field of view, tissue means/SDs, and the head
+        check (template correlation, tissue order, scalp margin; see ``headcheck``).
     seconds : float
         Wall time of the run.
     """
@@ -100,7 +101,8 @@ def _sidecars(names: dict[str, str], maps: AnatMaps, common: dict[str, Any]) -> 
                        "Type": "Brain", "Sources": [preproc]},
         "dseg": {"Description": "most probable tissue in the brain mask (labels in dseg.tsv)",
                  "Sources": [preproc, f"bids::{names['brain_mask']}"]},
-        "figure": {"Description": "reviewer overlay: dseg and brain mask on desc-preproc",
+        "figure": {"Description": "reviewer overlay: dseg and brain mask on desc-preproc, "
+                                  "only within 4 mm of the brain mask (no face)",
                    "Sources": [preproc, f"bids::{names['dseg']}"]},
         "measures": {"Description": "volumes from the tissue posteriors in the brain mask",
                      "Sources": [f"bids::{names[f'probseg_{t}']}" for t in TISSUES],

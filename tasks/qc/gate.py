@@ -51,8 +51,10 @@ class Verdict:
 
     @property
     def reason_code(self) -> str | None:
-        """The code of the first reason with the verdict's own status (None for a PASS)."""
-        return next((m.code for m in self.metrics if m.status == self.status and m.code), None)
+        """The code of the first reason with the verdict's own status (None for a PASS); a
+        ``not_a_head`` first of all, so the deviation and the site query say what matters most."""
+        codes = [m.code for m in self.metrics if m.status == self.status and m.code]
+        return "not_a_head" if "not_a_head" in codes else next(iter(codes), None)
 
 
 def _fmt(x: float) -> str:

@@ -134,7 +134,9 @@ def measure_quality(lake: Lake, spec: PipelineSpec, run: PipelineRun) -> SeriesQ
     for sm in spec.qc_metrics:
         sq.metrics[sm.metric] = _sidecar_value(reported, sm)
         if sq.metrics[sm.metric] is None:
-            sq.missing[sm.metric] = Unmeasured(f"{run.pipeline} did not report it")
+            said = _reported_key(reported, sm.path)
+            sq.missing[sm.metric] = Unmeasured(f"{run.pipeline} could not measure it" if said
+                                               else f"{run.pipeline} did not report it")
     return sq
 
 
@@ -144,6 +146,15 @@ def _reported_qc(lake: Lake, spec: PipelineSpec, run: PipelineRun) -> dict[str, 
         return {}
     rel = sidecar_of(run.outputs[spec.qc_sidecar])
     return json.loads(lake.read_text(rel)).get("QC", {}) if lake.exists(rel) else {}
+
+
+def _reported_key(qc: Mapping[str, Any], path: str) -> bool:
+    """Whether the sidecar has the dotted key at all (a null there: measured and not measurable)."""
+    parent, _, key = path.rpartition(".")
+    node: Any = qc
+    for part in parent.split(".") if parent else ():
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return isinstance(node, Mapping) and key in node
 
 
 def _sidecar_value(qc: Mapping[str, Any], sm: SidecarMetric) -> float | None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from data_contracts.qc_settings import HEAD_CHECK
 from pipelines.registry import UnknownPipeline, get_spec
 from pipelines.spec import PipelineSpec
 from tasks.errors import CorelabError
@@ -64,12 +65,14 @@ def override(lake: Lake, series: str, verdict: str, reason: str, by: str, *,
     qc = tables.read_table(lake, "qc", [site])
     mine = qc[(qc.series_uid == uid) & (qc.pipeline_name == row.pipeline_name)
               & (qc.pipeline_version == row.pipeline_version)].drop(columns=["site"])
-    not_a_head = not_a_head_failures(mine) if verdict == "PASS" else []
-    if not_a_head and not confirm_head:
+    failed, warned = head_check_findings(mine) if verdict == "PASS" else ([], [])
+    if failed and not confirm_head:
         raise OverrideError(
-            f"series {uid} failed the head check ({'; '.join(not_a_head)}): the object may not be a head, "
-            "and passing it would put its volumes in the biomarkers table. Look at the image; if it is a "
-            "T1-weighted head, repeat with --confirm-head. Nothing was changed")
+            f"series {uid} failed the head check: {'; '.join(failed)}. The object may not be a head, or "
+            "its registration to the template failed, and passing it would put its volumes in the "
+            "biomarkers table. Look at the image and at its segmentation figure; if it is a T1-weighted "
+            "head segmented as one, repeat with --confirm-head. Nothing was changed")
+    not_a_head = failed + warned
     if not_a_head:
         reason = f"{reason} [overrides not_a_head: {'; '.join(not_a_head)}]"
     updated = [{**r, "verdict": verdict, "override_by": by, "override_reason": reason, "override_at": now}
@@ -84,15 +87,21 @@ def override(lake: Lake, series: str, verdict: str, reason: str, by: str, *,
     event = {"series_uid": uid, "pipeline": row.pipeline_name, "version": row.pipeline_version,
              "verdict": verdict, "automatic_verdict": row.automatic_verdict, "reason": reason,
              "biomarkers_withdrawn": withdrawn, "biomarkers_added": added,
-             "overrides_not_a_head": not_a_head}
+             "overrides_not_a_head": not_a_head, "confirm_head": confirm_head}
     append_event(lake, "qc_override", actor=by, **event)
     return event
 
 
-def not_a_head_failures(rows: pd.DataFrame) -> list[str]:
-    """The gate's own not-a-head FAIL reasons among a series' ``qc`` rows (metric rows only)."""
-    hit = rows[(rows.metric != "verdict") & (rows.status == "FAIL") & (rows.reason_code == "not_a_head")]
-    return [str(r) for r in hit.sort_values("metric").reason]
+def head_check_findings(rows: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """The gate's FAIL and WARN reasons on the head-check metrics among a series' ``qc`` rows.
+
+    Whatever their code: beyond a limit (``not_a_head``), far from the site's own scans, or not
+    measurable at all (``metric_missing``) are all a head check that did not pass.
+    """
+    mine = rows[rows.metric.isin(HEAD_CHECK)].sort_values("metric")
+    def reasons(status: str) -> list[str]:
+        return [str(r) for r in mine[mine.status == status].reason]
+    return reasons("FAIL"), reasons("WARN")
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from data_contracts.qc_settings import QCSettings
 from flows.process_study import process_study
 from flows.receive_study import receive_study
 from pipelines.registry import get_spec
@@ -23,6 +24,7 @@ from tasks.lake.export import export_biomarkers
 from tasks.lake.storage import Lake
 from tasks.lake.studies import read_study
 from tasks.lake.tables import delete_rows, read_table, write_rows
+from tasks.qc.gate import judge
 from tasks.qc.measure import gate, measure_quality
 from tasks.qc.overrides import OverrideError, override
 from tasks.qc.record import biomarker_rows, qc_rows
@@ -151,7 +153,8 @@ def _failed_as_not_a_head(lake: Lake, series_uid: str) -> str:
     qc = read_table(lake, "qc")
     mine = qc[qc.series_uid == series_uid]
     site = mine.site.iloc[0]
-    reason = "template_correlation 0.04 is below the fail limit 0.2: the object may not be a T1-weighted head"
+    settings = QCSettings()
+    (reason,) = judge({"template_correlation": 0.04}, settings.rules_for(site), {}, settings.robust_z).reasons
     rows = []
     for r in mine.drop(columns=["site"]).to_dict("records"):
         r |= {"verdict": "FAIL", "automatic_verdict": "FAIL"}
@@ -176,7 +179,7 @@ def test_passing_a_series_failed_as_not_a_head_needs_the_reviewer_to_confirm_it(
     uid = sp.run.series_uid
     reason = _failed_as_not_a_head(lake, uid)
     before = {p: lake.read_bytes(p) for p in lake.find("tables")}
-    with pytest.raises(OverrideError, match="failed the head check .*--confirm-head"):
+    with pytest.raises(OverrideError, match="failed the head check: .*--confirm-head"):
         override(lake, uid, "pass", "looks fine", "Dr Reviewer")
     res = CliRunner().invoke(app, ["qc", "override", uid, "--verdict", "pass", "--reason", "looks fine",
                                    "--by", "Dr R", "--lake", lake.url])
@@ -192,6 +195,7 @@ def test_passing_a_series_failed_as_not_a_head_needs_the_reviewer_to_confirm_it(
     assert set(qc[qc.series_uid == uid].override_reason) == {f"a head, on review [overrides not_a_head: {reason}]"}
     last = read_events(lake)[-1]
     assert last["action"] == "qc_override" and last["details"]["overrides_not_a_head"] == [reason]
+    assert last["details"]["confirm_head"] is True
 
 
 def test_override_from_the_cli_and_for_a_pipeline_not_registered_here(scratch, monkeypatch):

@@ -231,8 +231,15 @@ def _gzip_zeros(n: int) -> bytes:
     return buf.getvalue()
 
 
-def build_corpus(root: Path, seed: int = 0) -> list[Upload]:
-    """Write the corpus under ``root``: one folder per upload; returns what each holds."""
+def build_corpus(root: Path, seed: int = 0, scale: int = 1) -> list[Upload]:
+    """Write the corpus under ``root``: one folder per upload; returns what each holds.
+
+    ``scale`` runs each damage generator that many times: 95 damaged files a pass plus 15 in the
+    archives and links, so 110 at 1 and 1,060 at 11 (the issue's corpus had 990). The random
+    damage (truncations, bit flips, random VRs) goes on with the seeded generator and hits other
+    bytes each pass; the fixed damage (bad values, lengths, sequences, nesting, most junk) repeats
+    with a new UID.
+    """
     rng = random.Random(seed)
     files = dicom_files(*GE_SERIES)
     base = pydicom.dcmread(files[0])
@@ -249,10 +256,11 @@ def build_corpus(root: Path, seed: int = 0) -> list[Upload]:
 
     for kind, make in GENERATORS.items():
         u = upload(kind)
-        for i, data in enumerate(make(base, rng)):
-            name = f"bad_{i:03d}.dcm"
-            (u.path / name).write_bytes(data)
-            u.bad.append(name)
+        for rep in range(scale):
+            for i, data in enumerate(make(base, rng)):
+                name = f"bad_{i:03d}.dcm" if rep == 0 else f"bad_{rep:02d}_{i:03d}.dcm"
+                (u.path / name).write_bytes(data)
+                u.bad.append(name)
     good_member = files[GOOD_PER_UPLOAD].read_bytes()
     zips = {
         "zip_traversal": [("../../escape.dcm", _bytes(_fresh(base))), ("a/../../../etc/escape2.dcm", b"junk")],

@@ -74,3 +74,51 @@ def test_downsample_handles_anisotropic_voxels():
     # Same physical extent: the grids share their outer corner.
     corner = np.array(image.TransformContinuousIndexToPhysicalPoint((-0.5, -0.5, -0.5)))
     np.testing.assert_allclose(out.TransformContinuousIndexToPhysicalPoint((-0.5, -0.5, -0.5)), corner)
+
+
+def _ball(shape: tuple[int, int, int], centre: tuple[float, ...], radius: float) -> np.ndarray:
+    grid = np.indices(shape).astype(float)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2
+
+
+def test_scalp_margin_is_the_distance_to_air_and_ignores_the_field_of_view_faces():
+    """A 10-voxel shell of head around a brain gives a 10 mm margin (1 mm voxels), also when the
+    head touches a face of the field of view, where the head mask's closing strips two voxels."""
+    from pipelines.anat.headcheck import EDGE_VOXELS, scalp_margin_mm
+
+    brain = _ball((80, 80, 80), (40, 40, 40), 20)
+    head = _ball((80, 80, 80), (40, 40, 40), 30)
+    assert scalp_margin_mm(brain, head, (1.0, 1.0, 1.0)) == pytest.approx(10.0, abs=1.0)
+    # Head and brain cut by the top of the field of view through the brain, the head as
+    # bias.head_mask leaves it (two voxels gone at the face): measured to that band, it was 5 mm.
+    cut_brain = _ball((80, 80, 50), (40, 40, 45), 20)
+    cut_head = _ball((80, 80, 50), (40, 40, 45), 30)
+    cut_head[:, :, -EDGE_VOXELS:] = False
+    assert scalp_margin_mm(cut_brain, cut_head, (1.0, 1.0, 1.0)) == pytest.approx(10.0, abs=1.0)
+    # Half-size voxels: the same shell is 5 mm.
+    assert scalp_margin_mm(brain, head, (0.5, 0.5, 0.5)) == pytest.approx(5.0, abs=0.5)
+
+
+def test_head_check_values_that_cannot_be_measured_are_none_and_json_has_no_nan():
+    import json
+
+    from pipelines.anat.headcheck import head_check
+
+    brain = _ball((40, 40, 40), (20, 20, 20), 8)
+    priors = {t: np.zeros(brain.shape) for t in ("GM", "WM", "CSF")}   # no sure voxel of any tissue
+    flat = np.ones(brain.shape, np.float32)                            # no contrast to correlate
+    values = head_check(flat, np.random.default_rng(0).random(brain.shape), priors, brain,
+                        np.ones(brain.shape, bool), (1.0, 1.0, 1.0))    # head fills the field of view
+    assert values == {"template_correlation": None, "tissue_order": None, "scalp_margin_mm": None}
+    json.dumps(values, allow_nan=False)
+
+
+def test_tissue_order_is_negative_when_the_contrast_is_inverted():
+    from pipelines.anat.headcheck import tissue_order
+
+    brain = np.ones((30, 30, 30), bool)
+    labels = np.indices(brain.shape)[0] // 10                          # three slabs: CSF, GM, WM
+    priors = {t: (labels == i).astype(float) for i, t in enumerate(("CSF", "GM", "WM"))}
+    t1 = np.choose(labels, [30.0, 60.0, 100.0])
+    assert tissue_order(t1, priors, brain) == pytest.approx(min(100 - 60, 60 - 30) / 100)
+    assert tissue_order(130.0 - t1, priors, brain) < 0
