@@ -233,8 +233,13 @@ def parse_dicom(data: bytes) -> Dataset:
         raise InventoryError("unreadable", f"unreadable DICOM ({type(exc).__name__}: {_short(exc)}); "
                              "truncated or damaged?") from exc
     for kw in REQUIRED_UIDS:
-        if not str(ds.get(kw, "") or "").strip():
-            tag = pydicom.datadict.tag_for_keyword(kw)
+        tag = pydicom.datadict.tag_for_keyword(kw)
+        try:  # values are decoded on first access: a damaged VR or value raises here
+            value = str(ds.get(kw, "") or "").strip()
+        except Exception as exc:  # any error decoding it is this file's, named with its element
+            raise InventoryError("bad_value", f"{kw} ({tag >> 16:04X},{tag & 0xFFFF:04X}) holds a value that "
+                                 f"cannot be read ({type(exc).__name__}: {_short(exc)})") from exc
+        if not value:
             raise InventoryError("missing_uid", f"missing required {kw} ({tag >> 16:04X},{tag & 0xFFFF:04X})")
     _check_values(ds)
     _check_pixel_size(ds)

@@ -108,3 +108,15 @@ def test_missing_upload_is_named(tmp_path):
 
 def test_study_key_ignores_order():
     assert study_key(["1.2", "1.3"]) == study_key(["1.3", "1.2"]) != study_key(["1.2"])
+
+
+@pytest.mark.parametrize("vr", [b"\x55\xc9", b"U\x80"])
+def test_a_required_uid_with_a_damaged_vr_is_a_named_bad_value(vr):
+    """Found by the class-15 corpus at scale 11: a bit flip in SOPClassUID's VR made pydicom raise
+    NotImplementedError on first access to the value, a traceback out of the inventory."""
+    data = bytearray(dicom_files(*GE_SERIES)[0].read_bytes())
+    at = data.index(b"\x08\x00\x16\x00UI")             # (0008,0016) SOPClassUID, explicit VR
+    data[at + 4:at + 6] = vr
+    with pytest.raises(InventoryError, match=r"SOPClassUID \(0008,0016\) holds a value that cannot be read") as exc:
+        parse_dicom(bytes(data))
+    assert exc.value.code == "bad_value"
