@@ -232,18 +232,31 @@ def parse_dicom(data: bytes) -> Dataset:
     except Exception as exc:  # pydicom on damaged bytes: any error is this file's, named
         raise InventoryError("unreadable", f"unreadable DICOM ({type(exc).__name__}: {_short(exc)}); "
                              "truncated or damaged?") from exc
+    _decode_all(ds)
     for kw in REQUIRED_UIDS:
         tag = pydicom.datadict.tag_for_keyword(kw)
-        try:  # values are decoded on first access: a damaged VR or value raises here
-            value = str(ds.get(kw, "") or "").strip()
-        except Exception as exc:  # any error decoding it is this file's, named with its element
-            raise InventoryError("bad_value", f"{kw} ({tag >> 16:04X},{tag & 0xFFFF:04X}) holds a value that "
-                                 f"cannot be read ({type(exc).__name__}: {_short(exc)})") from exc
-        if not value:
+        if not str(ds.get(kw, "") or "").strip():
             raise InventoryError("missing_uid", f"missing required {kw} ({tag >> 16:04X},{tag & 0xFFFF:04X})")
     _check_values(ds)
     _check_pixel_size(ds)
     return ds
+
+
+def _decode_all(ds: Dataset) -> None:
+    """Decode every element, nested sequences included, so that a damaged one is refused here.
+
+    pydicom decodes values (and reads sequence items) on first access; an element damaged past
+    its tag would otherwise raise later, in the de-identification walk, out of the whole study's
+    receive (found by the class-15 corpus at scale 11: "No tag to read at file position 3A8").
+    """
+    try:
+        for _ in ds.iterall():
+            pass
+    except RecursionError as exc:
+        raise InventoryError("unreadable", "unreadable DICOM: sequences nested too deep to read") from exc
+    except Exception as exc:  # any error decoding an element is this file's, named
+        raise InventoryError("unreadable", f"unreadable DICOM: an element cannot be decoded "
+                             f"({type(exc).__name__}: {_short(exc)}); damaged?") from exc
 
 
 def _short(exc: Exception) -> str:

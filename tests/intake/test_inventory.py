@@ -111,12 +111,25 @@ def test_study_key_ignores_order():
 
 
 @pytest.mark.parametrize("vr", [b"\x55\xc9", b"U\x80"])
-def test_a_required_uid_with_a_damaged_vr_is_a_named_bad_value(vr):
+def test_a_required_uid_with_a_damaged_vr_is_refused_naming_its_tag(vr):
     """Found by the class-15 corpus at scale 11: a bit flip in SOPClassUID's VR made pydicom raise
     NotImplementedError on first access to the value, a traceback out of the inventory."""
     data = bytearray(dicom_files(*GE_SERIES)[0].read_bytes())
     at = data.index(b"\x08\x00\x16\x00UI")             # (0008,0016) SOPClassUID, explicit VR
     data[at + 4:at + 6] = vr
-    with pytest.raises(InventoryError, match=r"SOPClassUID \(0008,0016\) holds a value that cannot be read") as exc:
+    with pytest.raises(InventoryError, match=r"cannot be decoded .*Unknown Value .* \(0008,0016\)") as exc:
         parse_dicom(bytes(data))
-    assert exc.value.code == "bad_value"
+    assert exc.value.code == "unreadable"
+
+
+def test_an_element_damaged_past_its_tag_is_refused_at_inventory(tmp_path):
+    """Found by the class-15 corpus at scale 11: a header flip that dcmread parses, but whose
+    sequence item cannot be read when a later stage touches it ("No tag to read at file position
+    3A8"), raised out of the de-identification walk and failed the whole study's receive. Every
+    element is decoded at inventory now, so the file is refused there, named."""
+    from tests.intake.corpus import build_corpus
+
+    (flips,) = [u for u in build_corpus(tmp_path, seed=0, scale=11) if u.kind == "header_flips"]
+    with pytest.raises(InventoryError, match="an element cannot be decoded .*No tag to read") as exc:
+        parse_dicom((flips.path / "bad_06_012.dcm").read_bytes())
+    assert exc.value.code == "unreadable"
