@@ -243,20 +243,34 @@ def parse_dicom(data: bytes) -> Dataset:
 
 
 def _decode_all(ds: Dataset) -> None:
-    """Decode every element, nested sequences included, so that a damaged one is refused here.
+    """Decode every public element and every sequence, items included, so that a damaged one is
+    refused here.
 
     pydicom decodes values (and reads sequence items) on first access; an element damaged past
     its tag would otherwise raise later, in the de-identification walk, out of the whole study's
     receive (found by the class-15 corpus at scale 11: "No tag to read at file position 3A8").
     """
     try:
-        for _ in ds.iterall():
-            pass
+        _decode(ds)
     except RecursionError as exc:
         raise InventoryError("unreadable", "unreadable DICOM: sequences nested too deep to read") from exc
     except Exception as exc:  # any error decoding an element is this file's, named
         raise InventoryError("unreadable", f"unreadable DICOM: an element cannot be decoded "
                              f"({type(exc).__name__}: {_short(exc)}); damaged?") from exc
+
+
+def _decode(ds: Dataset) -> None:
+    # Private values are left raw: de-identification removes them without reading them, and a
+    # GE slice holds about a thousand (decoding them too made intake of the 150-file GE series
+    # 3.3 -> 5.2 s; public elements and every sequence: 3.2 -> 3.6 s).
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if tag.is_private and raw.VR != "SQ":
+            continue
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _decode(item)
 
 
 def _short(exc: Exception) -> str:
