@@ -234,8 +234,8 @@ def parse_dicom(data: bytes) -> Dataset:
                              "truncated or damaged?") from exc
     _decode_all(ds)
     for kw in REQUIRED_UIDS:
-        tag = pydicom.datadict.tag_for_keyword(kw)
         if not str(ds.get(kw, "") or "").strip():
+            tag = pydicom.datadict.tag_for_keyword(kw)
             raise InventoryError("missing_uid", f"missing required {kw} ({tag >> 16:04X},{tag & 0xFFFF:04X})")
     _check_values(ds)
     _check_pixel_size(ds)

@@ -134,7 +134,7 @@ def measure_quality(lake: Lake, spec: PipelineSpec, run: PipelineRun) -> SeriesQ
     for sm in spec.qc_metrics:
         sq.metrics[sm.metric] = _sidecar_value(reported, sm)
         if sq.metrics[sm.metric] is None:
-            said = _reported_key(reported, sm.path)
+            said = _at(reported, sm.path) is not _ABSENT  # a null: measured, not measurable
             sq.missing[sm.metric] = Unmeasured(f"{run.pipeline} could not measure it" if said
                                                else f"{run.pipeline} did not report it")
     return sq
@@ -148,21 +148,24 @@ def _reported_qc(lake: Lake, spec: PipelineSpec, run: PipelineRun) -> dict[str, 
     return json.loads(lake.read_text(rel)).get("QC", {}) if lake.exists(rel) else {}
 
 
-def _reported_key(qc: Mapping[str, Any], path: str) -> bool:
-    """Whether the sidecar has the dotted key at all (a null there: measured and not measurable)."""
-    parent, _, key = path.rpartition(".")
-    node: Any = qc
-    for part in parent.split(".") if parent else ():
-        node = node.get(part) if isinstance(node, Mapping) else None
-    return isinstance(node, Mapping) and key in node
+#: What :func:`_at` gives for a dotted key the sidecar does not have.
+_ABSENT = object()
+
+
+def _at(qc: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted key of the sidecar's QC object (a null is None), else :data:`_ABSENT`."""
+    value: Any = qc
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return _ABSENT
+        value = value[part]
+    return value
 
 
 def _sidecar_value(qc: Mapping[str, Any], sm: SidecarMetric) -> float | None:
     def get(path: str) -> Any:
-        value: Any = qc
-        for part in path.split("."):
-            value = value.get(part) if isinstance(value, Mapping) else None
-        return value
+        value = _at(qc, path)
+        return None if value is _ABSENT else value
 
     value = get(sm.path)
     if sm.minus is None:
