@@ -10,7 +10,10 @@ FAST   := not prefect and not pipeline and not containers
 
 .PHONY: setup demo lint test test-fast test-containers bench lock clean
 
-setup: $(STAMP)
+# pydeface's face template and mask (data only; tasks/bids/deface.py says why), sha256 checked there
+FACE   := $(VENV)/share/corelab/pydeface-2.1.0/facemask.nii.gz
+
+setup: $(STAMP) $(FACE)
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -18,6 +21,10 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
+
+$(FACE): | $(STAMP)
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps pydeface==2.1.0 -d $(VENV)/wheels
+	$(PY) -m tasks.bids.deface $(VENV)/wheels/pydeface-2.1.0-py3-none-any.whl
 
 # The main job end to end on the bundled default: the shared real data.
 demo: setup

@@ -46,6 +46,8 @@ REASONS: dict[str, Reason] = {r.code: r for r in (
     Reason("stale_lock", "infrastructure", False, "the image definition changed after the locked image was built"),
     Reason("version_mismatch", "infrastructure", False,
            "local backend: this environment differs from the image's lock"),
+    Reason("deface_template_missing", "infrastructure", False,
+           "pydeface's face template is not installed on this worker (make setup installs it)"),
     Reason("run_refused", "infrastructure", False,
            "the run could not be attempted (unknown backend, unmountable path)"),
     # input
@@ -73,6 +75,9 @@ REASONS: dict[str, Reason] = {r.code: r for r in (
     Reason("deid_failed", "phi", False, "a data set could not be de-identified"),
     Reason("phi_left", "phi", False, "an identifying value is left after de-identification"),
     Reason("phi_in_output", "phi", False, "an output about to be written holds an identifying value"),
+    Reason("deface_failed", "phi", False,
+           "defacing could not be verified (a face may be left, or brain voxels were removed): "
+           "the defaced image is withheld"),
     # pipeline
     Reason("conversion_failed", "pipeline", False, "dcm2niix could not convert a series"),
     Reason("conversion_ambiguous", "pipeline", False, "dcm2niix made more than one image from one series"),

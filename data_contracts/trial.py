@@ -254,6 +254,18 @@ class SubjectIds(Strict):
         return self
 
 
+class Defacing(Strict):
+    """Head images (every ``anat`` image) get a defaced copy as the ``deface`` BIDS derivative."""
+
+    enabled: bool = Field(True, description="deface every anat image the BIDS stage converts")
+    original: Literal["restricted", "replaced"] = Field(
+        "restricted",
+        description="restricted: bids/ keeps the image with the face (a restricted store; the pipelines read "
+                    "it) and only the derivative may be shared; replaced: once the defacing is verified the "
+                    "bids/ image is the defaced one (the pipelines read it) and the face stays only in the "
+                    "de-identified DICOM of deid/")
+
+
 class Deidentification(Strict):
     """PS3.15 Annex E Basic Profile plus options (each configurable)."""
 
@@ -266,6 +278,7 @@ class Deidentification(Strict):
                             description="environment variable with the key for UIDs and date shifts")
     max_date_shift_days: int = Field(365, ge=1, le=3650,
                                      description="dates move back by 1..N days, per subject")
+    defacing: Defacing = Field(default_factory=Defacing)
 
 
 class TrialConfig(Strict):

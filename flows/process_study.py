@@ -2,8 +2,9 @@
 QC verdicts and biomarker rows.
 
 Inputs: the study key (or a unique prefix), its site, the trial file, the lake and
-the container backend. Outputs: ``bids/`` images and tables, ``derivatives/<pipeline>-<version>/``
-with each run's provenance, rows in ``qc`` and (PASS/WARN only) ``biomarkers``,
+the container backend. Outputs: ``bids/`` images and tables, a defaced copy of each head image
+(``derivatives/deface-<version>/``, its brain check done once a pipeline made a brain mask),
+``derivatives/<pipeline>-<version>/`` with each run's provenance, rows in ``qc`` and (PASS/WARN only) ``biomarkers``,
 deviations and site queries for failures, audit events. Returns one
 :class:`~tasks.qc.measure.SeriesQC` per series processed in this run (skipped ones are not).
 """
@@ -16,6 +17,7 @@ from data_contracts.trial import TrialConfig, load_trial
 from flows.runtime import flow_run_id
 from pipelines.registry import get_spec, names
 from tasks.bids.convert import convert_study_task
+from tasks.bids.deface import deface_study_task, verify_brain_untouched_task
 from tasks.conformance.findings import record_findings
 from tasks.lake.storage import open_lake
 from tasks.lake.studies import read_study
@@ -37,20 +39,24 @@ def process_study(study_key: str, site: str, trial_file: str | None = None, lake
     # 1. BIDS raw dataset: every accepted series of a known type
     images, findings = convert_study_task(lake, trial, study)
     record_findings(lake, study, findings)
+    # 2. a defaced copy of every head image (what may leave the restricted stores)
+    defaced = deface_study_task(lake, trial, images)
     done: list[SeriesQC] = []
     for spec in specs:
         for series_uid, image in sorted(images.items()):
             if not any(q.matches(image.removeprefix("bids/")) for q in spec.inputs):
                 continue
-            # 2. skip what this pipeline version already judged
+            # 3. skip what this pipeline version already judged
             if skip_if_judged(lake, study, spec, series_uid):
                 continue
-            # 3. run the pinned pipeline
+            # 4. run the pinned pipeline
             run = run_on_image_task(lake, spec, image, study.subject, study.session, series_uid, backend,
                                     allow_version_mismatch)
-            # 4. measure quality, gate on the site's rules and history
+            # 5. measure quality, gate on the site's rules and history
             sq = judge_series_task(lake, trial, site, spec, run)
-            # 5. record: qc, biomarkers (PASS/WARN), queries for FAIL, audit
+            if defaced.get(series_uid) and "brain_mask" in run.outputs:  # the defacing left the brain whole
+                verify_brain_untouched_task(lake, image, run.outputs["brain_mask"])
+            # 6. record: qc, biomarkers (PASS/WARN), queries for FAIL, audit
             record_series_task(lake, trial, study, sq, flow_run_id())
             done.append(sq)
     return done

@@ -19,6 +19,8 @@ from data_contracts.qc_settings import QCSettings
 from flows.process_study import process_study
 from flows.receive_study import receive_study
 from pipelines.registry import get_spec
+from tasks.bids.deface import ROOT as DEFACE_ROOT
+from tasks.bids.deface import derivative_paths as deface_paths
 from tasks.lake.audit import read_events
 from tasks.lake.export import export_biomarkers
 from tasks.lake.storage import Lake
@@ -95,9 +97,23 @@ def test_the_official_validator_finds_no_error_in_the_raw_and_derivative_dataset
     root = f"derivatives/anat-{ANAT}"
     assert lake.read_text(f"{root}/.bidsignore").split() == sorted(
         {*get_spec("anat").bids_ignore, "*_provenance.json"})
-    for dataset in ("bids", root):
+    for dataset in ("bids", root, DEFACE_ROOT):
         errors, _ = bids_validator(lake.path(dataset))
         assert errors == [], (dataset, describe(errors))
+
+
+def test_each_t1_has_a_defaced_copy_that_left_the_pipelines_brain_mask_whole(processed):
+    lake, _ = processed
+    images = [p for p in lake.find("bids") if p.endswith("_T1w.nii.gz")]
+    assert len(images) == len(T1_SITES)
+    for image in images:
+        defaced, sidecar, mask = deface_paths(image)
+        check = json.loads(lake.read_text(sidecar))["Defacing"]
+        assert lake.exists(defaced) and check["FacePresent"] and check["ResidualFaceShare"] < 0.02
+        brain = nib.load(lake.path(check["BrainMask"]))
+        assert check["BrainMask"].startswith(f"derivatives/anat-{ANAT}/") and check["BrainVoxelsChanged"] == 0
+        face = np.asanyarray(nib.load(lake.path(mask)).dataobj) > 0
+        assert face.shape == brain.shape and not (face & (np.asanyarray(brain.dataobj) > 0)).any()
 
 
 def test_duckdb_and_the_wide_export(processed, tmp_path):
