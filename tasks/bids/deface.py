@@ -38,6 +38,7 @@ are audited as ``deface_failed`` and the original stays in the restricted store.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -243,7 +244,12 @@ def _zeroed(img: nib.Nifti1Image, face: np.ndarray) -> nib.Nifti1Image:
 
 def _template() -> tuple[sitk.Image, sitk.Image]:
     template_path, mask_path = template_files()
-    return (sitk.ReadImage(str(template_path), sitk.sitkFloat32), sitk.ReadImage(str(mask_path), sitk.sitkFloat32))
+    return _read_template(str(template_path), str(mask_path))
+
+
+@functools.lru_cache(maxsize=2)
+def _read_template(template_path: str, mask_path: str) -> tuple[sitk.Image, sitk.Image]:
+    return sitk.ReadImage(template_path, sitk.sitkFloat32), sitk.ReadImage(mask_path, sitk.sitkFloat32)
 
 
 def deface(img: nib.Nifti1Image) -> Defaced:
@@ -256,6 +262,8 @@ def deface(img: nib.Nifti1Image) -> Defaced:
         template cannot be registered to the image.
     """
     template, facemask = _template()
+    if img.ndim not in (3, 4):
+        raise DefaceError(f"a {img.ndim}D image cannot be defaced (3D or 4D only)")
     try:
         face = face_region(_first_volume(img), facemask, register_template(_first_volume(img), template, "vertex"))
         out = _zeroed(img, face)
@@ -375,7 +383,8 @@ def deface_image(lake: Lake, trial: TrialConfig, raw: str) -> dict[str, Any] | N
         append_event(lake, "deface_failed", image=raw, reason=str(exc), code=exc.code)
         return None
     source = f"bids:raw:{raw.removeprefix('bids/')}"
-    sidecar = json.loads(lake.read_text(raw.removesuffix(".nii.gz") + ".json"))
+    raw_sidecar = raw.removesuffix(".nii.gz") + ".json"
+    sidecar = json.loads(lake.read_text(raw_sidecar)) if lake.exists(raw_sidecar) else {}
     sidecar.update({"Description": "the source image with the face set to 0", "Sources": [source],
                     "SourceSha256": raw_sha, "SkullStripped": False, "Defacing": result.report,
                     "FaceMask": mask_rel.removeprefix(f"{ROOT}/")})
