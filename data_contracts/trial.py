@@ -260,10 +260,11 @@ class Defacing(Strict):
     enabled: bool = Field(True, description="deface every anat image the BIDS stage converts")
     original: Literal["restricted", "replaced"] = Field(
         "restricted",
-        description="restricted: bids/ keeps the image with the face (a restricted store; the pipelines read "
-                    "it) and only the derivative may be shared; replaced: once the defacing is verified the "
-                    "bids/ image is the defaced one (the pipelines read it) and the face stays only in the "
-                    "de-identified DICOM of deid/")
+        description="restricted: bids/ keeps the image with the face (a restricted store, as are deid/ and "
+                    "the pipelines' own derivatives such as anat's desc-preproc_T1w); only derivatives/deface-* "
+                    "may be shared; replaced: once all three checks have passed (the third needs a pipeline's "
+                    "brain mask, so only images a pipeline processed, T1w today) the bids/ image becomes the "
+                    "defaced copy and the face stays in deid/ (the pipelines ran on the original)")
 
 
 class Deidentification(Strict):

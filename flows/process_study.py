@@ -23,7 +23,7 @@ from tasks.lake.storage import open_lake
 from tasks.lake.studies import read_study
 from tasks.qc.measure import SeriesQC, judge_series_task
 from tasks.qc.record import record_series_task, skip_if_judged
-from tasks.run.derivatives import run_on_image_task
+from tasks.run.derivatives import image_entities, lake_outputs, run_on_image_task
 
 
 @flow(name="process_study")
@@ -47,16 +47,17 @@ def process_study(study_key: str, site: str, trial_file: str | None = None, lake
             if not any(q.matches(image.removeprefix("bids/")) for q in spec.inputs):
                 continue
             # 3. skip what this pipeline version already judged
-            if skip_if_judged(lake, study, spec, series_uid):
-                continue
-            # 4. run the pinned pipeline
-            run = run_on_image_task(lake, spec, image, study.subject, study.session, series_uid, backend,
-                                    allow_version_mismatch)
-            # 5. measure quality, gate on the site's rules and history
-            sq = judge_series_task(lake, trial, site, spec, run)
-            if defaced.get(series_uid) and "brain_mask" in run.outputs:  # the defacing left the brain whole
-                verify_brain_untouched_task(lake, image, run.outputs["brain_mask"])
-            # 6. record: qc, biomarkers (PASS/WARN), queries for FAIL, audit
-            record_series_task(lake, trial, study, sq, flow_run_id())
-            done.append(sq)
+            if not skip_if_judged(lake, study, spec, series_uid):
+                # 4. run the pinned pipeline
+                run = run_on_image_task(lake, spec, image, study.subject, study.session, series_uid, backend,
+                                        allow_version_mismatch)
+                # 5. measure quality, gate on the site's rules and history
+                sq = judge_series_task(lake, trial, site, spec, run)
+                # 6. record: qc, biomarkers (PASS/WARN), queries for FAIL, audit
+                record_series_task(lake, trial, study, sq, flow_run_id())
+                done.append(sq)
+            # 7. the defacing left the brain whole (once per copy, whenever a brain mask exists)
+            brain = lake_outputs(spec, study.subject, study.session, image_entities(image)).get("brain_mask")
+            if defaced.get(series_uid) and brain:
+                verify_brain_untouched_task(lake, trial, image, brain)
     return done

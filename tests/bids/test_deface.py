@@ -47,7 +47,7 @@ def test_a_real_head_loses_its_face_in_front_of_and_below_the_brain(name):
     assert report["FacePresent"] and report["FaceShareAboveNoiseBefore"] > 0.2
     assert report["FaceVoxelsNonZeroAfter"] == 0 and report["ResidualFaceShare"] < d.RESIDUAL_FACE_LIMIT
     before = np.asanyarray(img.dataobj, dtype=np.float32)
-    after = np.asanyarray(result.image.dataobj, dtype=np.float32)
+    after = np.asanyarray(nib.Nifti1Image.from_bytes(result.image.to_bytes()).dataobj, dtype=np.float32)
     assert np.array_equal(after[~result.face], before[~result.face])  # nothing else changed
     assert not after[result.face].any()
     head = before > d.noise_ceiling(before)
@@ -88,7 +88,7 @@ def test_every_volume_of_a_4d_anat_is_defaced():
     one = np.asanyarray(img.dataobj)
     two = nib.Nifti1Image(np.stack([one, one // 2], axis=-1), img.affine)
     result = d.deface(two)
-    out = np.asanyarray(result.image.dataobj)
+    out = np.asanyarray(nib.Nifti1Image.from_bytes(result.image.to_bytes()).dataobj)
     assert out.shape == two.shape and not out[result.face].any()
 
 
@@ -111,14 +111,27 @@ def test_a_defacing_that_leaves_a_face_is_refused(wrong):
         d.verify_defaced(img, d._zeroed(img, mask), mask)
 
 
-@pytest.mark.parametrize("shape", [(8, 8, 3), (96, 128, 1), (96, 128)])
-def test_an_image_too_small_or_flat_to_register_is_a_named_failure(shape):
+@pytest.mark.parametrize("shape", [(8, 8, 3), (96, 128, 1), (96, 128), "constant"])
+def test_an_image_too_small_flat_or_constant_is_a_named_failure(shape):
     img = xa30()
-    part = np.asanyarray(img.dataobj)[tuple(slice(0, n) for n in shape)]
-    if len(shape) == 2:
-        part = part[:, :, 0]
-    with pytest.raises(d.DefaceError, match="could not be registered|cannot be defaced"):
+    if shape == "constant":
+        part = np.zeros(img.shape, np.int16)
+    else:
+        part = np.asanyarray(img.dataobj)[tuple(slice(0, n) for n in shape)]
+        part = part[:, :, 0] if len(shape) == 2 else part
+    with pytest.raises(d.DefaceError, match="could not be registered|cannot be defaced|constant"):
         d.deface(nib.Nifti1Image(part, img.affine))
+
+
+def test_nan_voxels_neither_hang_nor_hide_the_face():
+    img = xa30()
+    data = np.asanyarray(img.dataobj, dtype=np.float32).copy()
+    data[:10, :10, :10] = np.nan  # a corner: where the noise ceiling is read
+    result = d.deface(nib.Nifti1Image(data, img.affine))
+    assert result.report["FacePresent"] and result.report["NoiseCeiling"] == pytest.approx(
+        defaced("xa30").report["NoiseCeiling"], rel=0.2)
+    with pytest.raises(d.DefaceError, match="a face may be left"):
+        d.verify_defaced(img, img.__class__(data, img.affine), np.zeros(img.shape, bool))
 
 
 def test_voxels_left_in_the_face_region_are_refused():
@@ -191,10 +204,16 @@ def test_defacing_again_writes_nothing(lake):
     assert {p: lake.read_bytes(p) for p in lake.find("")} == before
 
 
-def test_replaced_puts_the_defaced_image_in_bids(lake):
+def test_replaced_puts_the_defaced_image_in_bids_once_the_brain_check_passed(lake):
     trial = with_defacing(original="replaced")
+    original = lake.read_bytes(RAW)
     d.deface_image(lake, trial, RAW)
-    image, _, _ = d.derivative_paths(RAW)
+    image, _, mask = d.derivative_paths(RAW)
+    assert lake.read_bytes(RAW) == original  # not before check 3
+    face = nib.load(lake.path(mask))
+    lake.write_bytes("derivatives/x/brain_mask.nii.gz",
+                     gzip.compress(nib.Nifti1Image(np.zeros(face.shape, np.uint8), face.affine).to_bytes()))
+    assert d.verify_brain_untouched(lake, trial, RAW, "derivatives/x/brain_mask.nii.gz") == 0
     assert lake.read_bytes(RAW) == lake.read_bytes(image)
     assert d.deface_image(lake, trial, RAW) is not None  # recognised as done, not defaced twice
     assert len([e for e in read_events(lake) if e["action"] == "image_defaced"]) == 1
@@ -208,10 +227,12 @@ def test_a_brain_mask_the_face_mask_touches_withdraws_the_defaced_image(lake):
     face = nib.load(lake.path(mask))
     bad = np.zeros(face.shape, np.uint8)
     bad[tuple(np.argwhere(np.asanyarray(face.dataobj) > 0)[:20].T)] = 1
-    lake.write_bytes("derivatives/x/brain_mask.nii.gz", gzip.compress(nib.Nifti1Image(bad, face.affine).to_bytes()))
-    assert d.verify_brain_untouched(lake, RAW, "derivatives/x/brain_mask.nii.gz") == 20
-    assert not lake.exists(image)
-    assert json.loads(lake.read_text(sidecar))["Defacing"]["BrainVoxelsChanged"] == 20
+    # on the RAS-reoriented grid, as anat writes its masks
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(bad, face.affine))
+    lake.write_bytes("derivatives/x/brain_mask.nii.gz", gzip.compress(canonical.to_bytes()))
+    assert d.verify_brain_untouched(lake, trial, RAW, "derivatives/x/brain_mask.nii.gz") == 20
+    assert not any(lake.exists(p) for p in (image, sidecar, mask))
+    assert json.loads(lake.read_text(d.withdrawn_path(RAW)))["Defacing"]["BrainVoxelsChanged"] == 20
     assert [e["details"]["image"] for e in read_events(lake) if e["action"] == "deface_failed"] == [RAW]
     assert d.deface_image(lake, trial, RAW) is None and not lake.exists(image)  # stays withdrawn
 
@@ -220,3 +241,9 @@ def test_defacing_off_in_the_trial_file_defaces_nothing(lake):
     trial = with_defacing(enabled=False)
     assert d.deface_study(lake, trial, {"1.2": RAW}) == {}
     assert not lake.exists(d.ROOT)
+
+
+def test_only_anat_images_are_defaced(lake):
+    bold = RAW.replace("/anat/", "/func/").replace("_T1w", "_task-rest_bold")
+    lake.write_bytes(bold, lake.read_bytes(RAW))
+    assert list(d.deface_study(lake, load_trial(DEMO_TRIAL), {"1.2": RAW, "1.3": bold})) == ["1.2"]
