@@ -57,7 +57,8 @@ def process_study(study_key: str, site: str, trial_file: str | None = None, lake
                 record_series_task(lake, trial, study, sq, flow_run_id())
                 done.append(sq)
             # 7. the defacing left the brain whole (once per copy, whenever a brain mask exists)
-            brain = lake_outputs(spec, study.subject, study.session, image_entities(image)).get("brain_mask")
-            if defaced.get(series_uid) and brain:
-                verify_brain_untouched_task(lake, trial, image, brain)
+            if defaced.get(series_uid):
+                brain = lake_outputs(spec, study.subject, study.session, image_entities(image)).get("brain_mask")
+                if brain:
+                    verify_brain_untouched_task(lake, trial, image, brain)
     return done

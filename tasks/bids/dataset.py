@@ -31,7 +31,7 @@ def _tsv(df: pd.DataFrame) -> bytes:
     return buf.getvalue().encode()
 
 
-def _write_if_changed(lake: Lake, rel: str, data: bytes) -> None:
+def write_if_changed(lake: Lake, rel: str, data: bytes) -> None:
     if not (lake.exists(rel) and lake.read_bytes(rel) == data):
         lake.write_bytes(rel, data)
 
@@ -47,11 +47,11 @@ def write_dataset_description(lake: Lake, trial: TrialConfig) -> None:
             {"Name": "dcm2niix", "Version": installed_version("dcm2niix")},
         ],
     }
-    _write_if_changed(lake, "bids/dataset_description.json", json.dumps(desc, indent=2).encode())
-    _write_if_changed(lake, "bids/participants.json", json.dumps(PARTICIPANTS_JSON, indent=2).encode())
-    _write_if_changed(lake, "bids/sessions.json", json.dumps(SESSIONS_JSON, indent=2).encode())
-    _write_if_changed(lake, "bids/scans.json", json.dumps(SCANS_JSON, indent=2).encode())
-    _write_if_changed(lake, "bids/README", _readme(trial).encode())
+    write_if_changed(lake, "bids/dataset_description.json", json.dumps(desc, indent=2).encode())
+    write_if_changed(lake, "bids/participants.json", json.dumps(PARTICIPANTS_JSON, indent=2).encode())
+    write_if_changed(lake, "bids/sessions.json", json.dumps(SESSIONS_JSON, indent=2).encode())
+    write_if_changed(lake, "bids/scans.json", json.dumps(SCANS_JSON, indent=2).encode())
+    write_if_changed(lake, "bids/README", _readme(trial).encode())
 
 
 def _readme(trial: TrialConfig) -> str:
@@ -71,7 +71,7 @@ def write_participants(lake: Lake, trial: TrialConfig) -> pd.DataFrame:
         "age": base["age_years"],
         "sex": base["sex"],
     }).sort_values("participant_id")
-    _write_if_changed(lake, "bids/participants.tsv", _tsv(df))
+    write_if_changed(lake, "bids/participants.tsv", _tsv(df))
     return df
 
 
@@ -96,7 +96,7 @@ def write_sessions(lake: Lake, subject: str) -> None:
         "days_from_baseline": mine["days_from_baseline"],
     }).drop_duplicates("session_id").sort_values("session_id")
     df.insert(1, "acq_time", [_first_scan_time(lake, subject, s.removeprefix("ses-")) for s in df["session_id"]])
-    _write_if_changed(lake, f"bids/sub-{subject}/sub-{subject}_sessions.tsv", _tsv(df))
+    write_if_changed(lake, f"bids/sub-{subject}/sub-{subject}_sessions.tsv", _tsv(df))
 
 
 def _first_scan_time(lake: Lake, subject: str, session: str) -> str:
@@ -119,7 +119,7 @@ def write_scans(lake: Lake, subject: str, session: str, acq_date: str) -> None:
         time = _hh_mm_ss(sidecar.get("AcquisitionTime"))
         rows.append({"filename": rel[len(folder) + 1:], "acq_time": f"{acq_date}T{time}" if time else "n/a"})
     df = pd.DataFrame(rows, columns=["filename", "acq_time"]).sort_values("filename")
-    _write_if_changed(lake, f"{folder}/sub-{subject}_ses-{session}_scans.tsv", _tsv(df))
+    write_if_changed(lake, f"{folder}/sub-{subject}_ses-{session}_scans.tsv", _tsv(df))
 
 
 def _hh_mm_ss(value: object) -> str | None:

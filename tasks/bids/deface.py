@@ -64,7 +64,9 @@ from prefect.cache_policies import NO_CACHE
 from data_contracts.bids import BIDS_VERSION
 from data_contracts.trial import TrialConfig
 from pipelines.anat.io import from_sitk, to_sitk
+from pipelines.anat.register import _world_points as world_points  # anat's own; renaming it would rebuild the image
 from pipelines.anat.template import downsample
+from tasks.bids.dataset import write_if_changed
 from tasks.errors import TRANSIENT_RETRIES, CorelabError
 from tasks.lake.audit import append_event
 from tasks.lake.storage import Lake
@@ -138,9 +140,7 @@ def install_template(wheel: Path, dest: Path | None = None) -> Path:
 def _head_points(image: sitk.Image) -> np.ndarray:
     """World (LPS) points of the largest Otsu foreground component."""
     mask = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.OtsuThreshold(image, 0, 1))) == 1
-    idx = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1].astype(float)
-    scaled = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
-    return idx @ scaled.T + np.array(image.GetOrigin())
+    return world_points(sitk.GetArrayFromImage(mask) > 0, image)
 
 
 def _start(subject: sitk.Image, template: sitk.Image, how: str) -> sitk.Similarity3DTransform:
@@ -305,10 +305,10 @@ def verify_defaced(original: nib.Nifti1Image, defaced: nib.Nifti1Image, face: np
     present = float((before[face] > noise).mean()) if face.any() else 0.0
     back = nib.Nifti1Image.from_bytes(defaced.to_bytes())
     written = np.asanyarray(back.dataobj, dtype=np.float32)
-    left = int((written[face] != 0).sum()) if written.ndim == 3 else int((written[face, :] != 0).sum())
+    left = int((written[face] != 0).sum())  # a 3D mask on a 4D image takes every volume
     first = written if written.ndim == 3 else written[..., 0]
-    again = face_region(_first_volume(back), facemask,
-                        register_template(_first_volume(back), template, "moments"), ERODE_MM)
+    volume = _first_volume(back)
+    again = face_region(volume, facemask, register_template(volume, template, "moments"), ERODE_MM)
     residual = float((first[again] > noise).mean()) if again.any() else 0.0
     report = {
         "Method": METHOD,
@@ -335,8 +335,7 @@ def _gz(image: nib.Nifti1Image) -> bytes:
     return gzip.compress(image.to_bytes(), mtime=0)  # mtime 0: the same image gives the same bytes
 
 
-def _load(lake: Lake, rel: str) -> nib.Nifti1Image:
-    data = lake.read_bytes(rel)
+def _nifti(rel: str, data: bytes) -> nib.Nifti1Image:
     return nib.Nifti1Image.from_bytes(gzip.decompress(data) if rel.endswith(".gz") else data)
 
 
@@ -360,9 +359,8 @@ def write_dataset_description(lake: Lake) -> None:
     }
     readme = (f"Defaced copies of the raw dataset's anat images (corelab deface {VERSION}).\n\n{METHOD}.\n"
               "Each image's sidecar holds the verification (Defacing) and names its face mask (FaceMask).\n")
-    for path, data in ((rel, json.dumps(desc, indent=2).encode()), (f"{ROOT}/README", readme.encode())):
-        if not lake.exists(path) or lake.read_bytes(path) != data:
-            lake.write_bytes(path, data)
+    write_if_changed(lake, rel, json.dumps(desc, indent=2).encode())
+    write_if_changed(lake, f"{ROOT}/README", readme.encode())
 
 
 def withdrawn_path(raw: str) -> str:
@@ -395,7 +393,7 @@ def deface_image(lake: Lake, trial: TrialConfig, raw: str) -> dict[str, Any] | N
         return None if recorded.get("Withdrawn") else recorded["Defacing"]
     raw_sidecar = raw.removesuffix(".nii.gz") + ".json"
     try:
-        original = nib.Nifti1Image.from_bytes(gzip.decompress(raw_bytes) if raw.endswith(".gz") else raw_bytes)
+        original = _nifti(raw, raw_bytes)
         sidecar = json.loads(lake.read_text(raw_sidecar)) if lake.exists(raw_sidecar) else {}
         result = deface(original)
     except (DefaceError, ValueError, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as exc:
@@ -450,7 +448,7 @@ def verify_brain_untouched(lake: Lake, trial: TrialConfig, raw: str, brain_mask:
     sidecar = json.loads(lake.read_text(sidecar_rel))
     if sidecar["Defacing"].get("BrainVoxelsChanged") is not None:
         return None
-    face, brain = _load(lake, mask_rel), _load(lake, brain_mask)
+    face, brain = _nifti(mask_rel, lake.read_bytes(mask_rel)), _nifti(brain_mask, lake.read_bytes(brain_mask))
     if face.shape[:3] != brain.shape[:3] or not np.allclose(face.affine, brain.affine, atol=1e-3):
         from nibabel.processing import resample_from_to
 
