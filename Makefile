@@ -8,7 +8,7 @@ SHARED ?= ../shared/data
 # Markers a quick run leaves out: the embedded Prefect server, pipeline runs, containers.
 FAST   := not prefect and not pipeline and not containers
 
-.PHONY: setup demo lint test test-fast test-containers bench lock clean
+.PHONY: setup demo lint services test test-fast test-containers bench lock clean
 
 # pydeface's face template and mask (data only; tasks/bids/deface.py says why), sha256 checked there
 FACE   := $(VENV)/share/corelab/pydeface-2.1.0/facemask.nii.gz
@@ -35,11 +35,17 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-test: lint
+# Programs the tests talk to as real peers: dcmtk's storescu/echoscu (Debian package dcmtk).
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+services:
+	@command -v storescu >/dev/null && command -v echoscu >/dev/null || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y dcmtk; }
+
+test: lint services
 	$(PY) -m pytest -q
 
 # Unit tests only: no Prefect server, no pipeline runs (under 3 minutes).
-test-fast: lint
+test-fast: lint services
 	$(PY) -m pytest -q -m "$(FAST)"
 
 # Builds the anatomical image with podman and compares it with the local backend.

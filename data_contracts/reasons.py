@@ -50,6 +50,8 @@ REASONS: dict[str, Reason] = {r.code: r for r in (
            "pydeface's face template is not installed on this worker (make setup installs it)"),
     Reason("run_refused", "infrastructure", False,
            "the run could not be attempted (unknown backend, unmountable path)"),
+    Reason("receiver_failed", "infrastructure", False,
+           "the DICOM receiver could not start (address in use, TLS without client certificates)"),
     # input
     Reason("upload_not_found", "input", False, "the upload path does not exist"),
     Reason("bad_archive", "input", False, "a zip archive cannot be opened"),
@@ -70,6 +72,8 @@ REASONS: dict[str, Reason] = {r.code: r for r in (
     Reason("study_elsewhere", "input", False, "the study is already in the lake under another site, subject or trial"),
     Reason("unknown_study", "input", False, "no received study has that key"),
     Reason("refused", "input", False, "refused for a reason without a code of its own"),
+    Reason("association_refused", "input", False,
+           "a DICOM association was refused: its calling AE title, from its source address, is not a site's"),
     # phi
     Reason("burned_in", "phi", False, "the pixel data may hold identifying text"),
     Reason("deid_failed", "phi", False, "a data set could not be de-identified"),

@@ -13,6 +13,7 @@ de-identification options, QC and harmonization settings.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import math
 import os
 import re
@@ -139,6 +140,10 @@ class Site(Strict):
     id: str = Field(pattern=SITE_ID, description="site id, lower-case, used in paths")
     name: str = Field(description="human-readable name")
     ae_titles: list[str] = Field(default_factory=list, description="calling AE titles of its PACS")
+    addresses: list[str] = Field(
+        default_factory=list,
+        description="source addresses its PACS may connect from: IP addresses or CIDR networks "
+                    "(e.g. 10.1.2.0/24); empty: any address (the AE title alone decides)")
     scanners: list[Scanner] = Field(min_length=1, description="qualified scanners")
 
     @field_validator("ae_titles")
@@ -147,6 +152,17 @@ class Site(Strict):
         for ae in v:
             if not 0 < len(ae) <= 16:
                 raise ValueError(f"AE title {ae!r} must be 1-16 characters")
+        return v
+
+    @field_validator("addresses")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for addr in v:
+            try:
+                ipaddress.ip_network(addr, strict=False)
+            except ValueError:
+                raise ValueError(f"address {addr!r} is not an IP address or a CIDR network "
+                                 "(e.g. 192.0.2.10 or 192.0.2.0/24)") from None
         return v
 
 

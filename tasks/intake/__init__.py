@@ -8,4 +8,5 @@ identify   the trial subject of a PatientID (roster or keyed pseudonym), the stu
 derived    the scanner's computed images (ADC, trace, MPR) in an acquired series, kept apart
 placeholders  values that stand where an identifier was left out (``***``, ``ANONYMOUS``, ...)
 heap       holding Python's garbage collector while a study's headers pile up
+receiver   the DICOM Storage SCP: sites push studies, each instance lands in the inbox at once
 """
