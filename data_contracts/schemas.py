@@ -188,7 +188,8 @@ QUERIES = TableSchema(
 QC = TableSchema(
     name="qc",
     # 1.1: reason_code (why a metric is not PASS; on the verdict row, the deciding reason)
-    version="1.1",
+    # 1.2: backend (what ran the pipeline), environment_sha256 (the local backend's software)
+    version="1.2",
     # One row per processed series and metric, plus a row with metric "verdict" whose
     # status is the series' verdict and whose reason lists every reason.
     schema=_s(
@@ -210,7 +211,9 @@ QC = TableSchema(
         ("override_reason", pa.string()),
         ("override_at", UTC_TS),
         ("input_sha256", pa.string()),
-        ("container_digest", pa.string()),
+        ("container_digest", pa.string()),     # the image that ran; null when none ran (local)
+        ("backend", pa.string()),              # podman | docker | apptainer | local
+        ("environment_sha256", pa.string()),   # local: tasks.run.runner.environment_hash
         ("flow_run_id", pa.string()),
         ("created_at", UTC_TS),
     ),
@@ -223,7 +226,8 @@ QC = TableSchema(
 
 BIOMARKERS = TableSchema(
     name="biomarkers",
-    version="1.0",
+    # 1.1: backend, environment_sha256; container_digest only when an image ran (null for local)
+    version="1.1",
     schema=_s(
         ("trial_id", pa.string()),
         ("subject", pa.string()),
@@ -241,10 +245,12 @@ BIOMARKERS = TableSchema(
         ("input_sha256", pa.string()),
         ("flow_run_id", pa.string()),
         ("created_at", UTC_TS),
+        ("backend", pa.string()),
+        ("environment_sha256", pa.string()),
     ),
     primary_key=("subject", "session", "series_uid", "measure", "pipeline_name", "pipeline_version"),
     required=("trial_id", "subject", "session", "measure", "value", "unit", "qc_status",
-              "pipeline_name", "pipeline_version", "container_digest", "input_sha256", "created_at"),
+              "pipeline_name", "pipeline_version", "input_sha256", "created_at"),
     allowed={"qc_status": frozenset({"PASS", "WARN"})},
 )
 

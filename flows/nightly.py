@@ -1,27 +1,34 @@
-"""Flow ``nightly_reprocess`` (cron): every study that has something left to do.
+"""Flow ``nightly_reprocess`` (cron): every study that has something left to do, side by side.
 
-Inputs: the lake, the trial file and the container backend. For every accepted
-study it runs ``process_study``, which converts what is not yet in BIDS and runs
-each pipeline version that has not judged a series yet: new studies, and all
-studies after a pipeline version change. Series whose pipeline could not run at
-all are retried: their verdict's reason code is in the ``infrastructure`` category
-of data_contracts/reasons.py (no engine, a refused image); a pipeline that ran and
-failed on its input is not retried blindly. A study whose processing fails outright
-(storage or an engine down past the task's retries) leaves no verdict: tonight's
-run goes on with the other studies and ends Failed (red), and tomorrow's tries it
-again. Returns counts.
+Inputs: the lake, the trial file and the container backend. It first withdraws verdicts that
+older versions wrote for runs that never started (:func:`tasks.qc.record.clear_retryable`), then
+selects exactly the studies :func:`tasks.qc.due.studies_due` finds work for: never processed, left
+without a verdict by a run that could not start (no engine, a refused image), or judged by a
+pipeline version other than the current one. Nothing else is touched. The selected studies run
+``process_study`` in parallel through the flow's task runner (threads by default, Dask when the
+caller gives a DaskTaskRunner). A study whose processing fails (storage or an engine down past the
+task's retries, a pipeline that could not start) leaves no verdict: tonight's run goes on with
+the other studies and ends Failed (red), and tomorrow's selects it again. Returns counts.
 """
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
-from data_contracts.trial import load_trial
+from data_contracts.trial import TrialConfig, load_trial
 from flows.process_study import process_study
-from tasks.lake import tables
+from pipelines.registry import get_spec, names
 from tasks.lake.storage import open_lake
+from tasks.qc.due import studies_due
 from tasks.qc.record import clear_retryable
+
+
+@task(name="process-study", cache_policy=NO_CACHE)
+def process_study_run(study_key: str, site: str, lake_url: str, backend: str, trial: TrialConfig) -> int:
+    """One study's ``process_study`` run (a subflow): the number of series it judged; its error, if any."""
+    return len(process_study(study_key, site, lake_url=lake_url, backend=backend, trial=trial))
 
 
 @flow(name="nightly_reprocess")
@@ -30,22 +37,29 @@ def nightly_reprocess(lake_url: str, trial_file: str, backend: str = "local") ->
     log = get_run_logger()
     trial = load_trial(trial_file)
     lake = open_lake(lake_url)
-    studies = tables.read_table(lake, "studies")
-    studies = studies[studies.status != "rejected"] if len(studies) else studies
-    retried = sum(clear_retryable(lake, site) for site in sorted(set(studies.get("site", []))))
+    sites = sorted({s.id for s in trial.sites})
+    # 1. withdraw old verdicts of runs that never started (and their deviations and queries)
+    retried = sum(clear_retryable(lake, site) for site in sites)
+    # 2. exactly the studies with work left
+    due = studies_due(lake, trial, [get_spec(n) for n in names()])
+    for d in due:
+        log.info("study %s (%s) is due: %s", d.study_key[:16], d.site, "; ".join(d.reasons))
+    # 3. side by side; one study's failure does not stop the others
+    futures = [process_study_run.submit(d.study_key, d.site, lake_url, backend, trial) for d in due]
     processed, failed = 0, []
-    for row in studies.itertuples():
-        # one study's failed run (storage or engine down past its retries) does not stop the others
-        state = process_study(row.study_key, row.site, lake_url=lake_url, backend=backend, trial=trial,
-                              return_state=True)
+    for d, future in zip(due, futures):
+        future.wait()
+        state = future.state
         if state.is_completed():
-            processed += len(state.result())
+            processed += state.result()
         else:
-            failed.append(row.study_key)
-            log.error("study %s: process_study %s (%s); tomorrow's run tries again", row.study_key[:16],
+            failed.append(d.study_key)
+            log.error("study %s: process_study %s (%s); tomorrow's run tries again", d.study_key[:16],
                       state.type.value.lower(), state.message)
-    log.info("%d series processed (%d retried) in %d studies", processed, retried, len(studies))
-    counts = {"studies": len(studies), "series_processed": processed, "retried": retried}
+    counts = {"studies_due": len(due), "series_processed": processed, "retried": retried,
+              "failed": len(failed)}
+    log.info("%d series processed (%d withdrawn verdicts retried) in %d due studies, %d failed",
+             processed, retried, len(due), len(failed))
     if failed:  # red in Prefect: a night with work left undone is not a success
-        return Failed(message=f"{len(failed)} of {len(studies)} studies failed to process: {counts}")
+        return Failed(message=f"{len(failed)} of {len(due)} due studies failed to process: {counts}")
     return counts

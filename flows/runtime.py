@@ -41,6 +41,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 LOGGER = "corelab"
 DEFAULTS = {
@@ -135,3 +136,27 @@ def embedded_runs() -> Iterator[None]:
 
 
 apply_defaults()
+
+
+RUNNERS = ("threads", "dask")
+
+
+def task_runner(kind: str = "threads", address: str | None = None, workers: int = 2) -> Any:
+    """The task runner flows submit their series and studies to.
+
+    ``threads``: Prefect's ThreadPoolTaskRunner (one process; the pipelines are subprocesses, so
+    they run side by side). ``dask``: prefect-dask's DaskTaskRunner, on the cluster at ``address``
+    (a SLURM cluster from dask-jobqueue, a Kubernetes one, ...) or, without one, a LocalCluster of
+    ``workers`` processes with one thread each.
+    """
+    if kind == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if address:
+            return DaskTaskRunner(address=address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    raise ValueError(f"unknown task runner {kind!r}; choose one of {RUNNERS}")

@@ -19,6 +19,9 @@ OverrideOpt = typer.Option(False, "--allow-version-mismatch",
                            help="local backend only: run although the environment differs from the "
                                 "image's lock (recorded in provenance)")
 LakeOpt = typer.Option(None, "--lake", help="lake folder or URL (default $CORELAB_LAKE or ./corelab-lake)")
+RunnerOpt = typer.Option("threads", "--runner", help="task runner the series are spread over: threads or dask")
+DaskAddressOpt = typer.Option(None, "--dask-address",
+                              help="scheduler of a running Dask cluster (default: a local one of 2 workers)")
 
 
 def trial_path(trial: Optional[Path]) -> Path:

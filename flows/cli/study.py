@@ -7,7 +7,17 @@ from typing import Optional
 
 import typer
 
-from flows.cli.common import BackendOpt, LakeOpt, OverrideOpt, TrialOpt, fail, lake_url, trial_path
+from flows.cli.common import (
+    BackendOpt,
+    DaskAddressOpt,
+    LakeOpt,
+    OverrideOpt,
+    RunnerOpt,
+    TrialOpt,
+    fail,
+    lake_url,
+    trial_path,
+)
 from flows.cli.display import print_outcomes, print_processing
 
 protocol_app = typer.Typer(no_args_is_help=True, help="Protocol tools.")
@@ -22,6 +32,8 @@ def ingest(
     allow_version_mismatch: bool = OverrideOpt,
     process: bool = typer.Option(True, "--process/--no-process",
                                  help="also convert to BIDS, run the pipelines and gate on QC"),
+    runner: str = RunnerOpt,
+    dask_address: Optional[str] = DaskAddressOpt,
 ) -> None:
     """Receive a study (inventory, de-identify, verify, check the protocol) and process it."""
     from data_contracts.trial import MissingSecretError, TrialConfigError, UnknownSiteError, load_trial
@@ -47,21 +59,34 @@ def ingest(
     for o in outcomes:
         # a study received before is processed again: what failed then is tried again now
         if o.status != "rejected" or o.already_received:
-            failed += run_processing(o.study.study_key, site, cfg, lake_url(lake), backend, allow_version_mismatch)
+            failed += run_processing(o.study.study_key, site, cfg, lake_url(lake), backend, allow_version_mismatch,
+                                     runner, dask_address)
     if failed:
         fail(f"{path}: {len(failed)} series failed after intake (see the deviations and qc tables): "
              + "; ".join(failed), 1)
 
 
-def run_processing(study_key: str, site: str, cfg, lake: str, backend: str, allow: bool) -> list[str]:
-    """process_study on one study, then its QC table; returns what of the study is failed now."""
+def run_processing(study_key: str, site: str, cfg, lake: str, backend: str, allow: bool,
+                   runner: str = "threads", dask_address: str | None = None) -> list[str]:
+    """process_study on one study, then its QC table; returns what of the study is failed now.
+
+    A pipeline that could not start (no engine on this machine, a refused image) fails the command
+    with its reason; nothing about the data was recorded.
+    """
     from flows.process_study import process_study
+    from flows.runtime import task_runner
     from tasks.lake.storage import open_lake
     from tasks.lake.studies import read_study
-    from tasks.qc.record import failures_after_intake
+    from tasks.qc.record import PipelinesNotRun, failures_after_intake
 
-    done = process_study(study_key, site, lake_url=lake, backend=backend,
-                         allow_version_mismatch=allow, trial=cfg)
+    if runner not in ("threads", "dask"):
+        fail(f"--runner {runner!r}: choose threads or dask")
+    flow = process_study.with_options(task_runner=task_runner(runner, dask_address))
+    try:
+        done = flow(study_key, site, lake_url=lake, backend=backend, allow_version_mismatch=allow, trial=cfg)
+    except PipelinesNotRun as exc:
+        fail(f"study {study_key[:16]}: {exc}. No verdict was recorded; fix the worker or choose another "
+             "--backend, then run `corelab process` again (the nightly run also tries again).", 1)
     print_processing(study_key, done)
     store = open_lake(lake)
     return failures_after_intake(store, cfg, read_study(store, site, study_key))
@@ -74,6 +99,8 @@ def process(
     lake: Optional[str] = LakeOpt,
     backend: str = BackendOpt,
     allow_version_mismatch: bool = OverrideOpt,
+    runner: str = RunnerOpt,
+    dask_address: Optional[str] = DaskAddressOpt,
 ) -> None:
     """Process a received study again: BIDS, pinned pipelines, QC gate, biomarkers."""
     from data_contracts.trial import TrialConfigError, load_trial
@@ -81,7 +108,8 @@ def process(
 
     try:
         cfg = load_trial(trial_path(trial))
-        failed = run_processing(study, site, cfg, lake_url(lake), backend, allow_version_mismatch)
+        failed = run_processing(study, site, cfg, lake_url(lake), backend, allow_version_mismatch, runner,
+                                dask_address)
     except (TrialConfigError, UnknownStudyError) as exc:
         fail(str(exc))
     if failed:

@@ -136,7 +136,9 @@ def _restore_biomarkers(lake: Lake, site: str, row: Any, spec: PipelineSpec, now
     if not record.get("ok") or not measures or not lake.exists(measures):
         return 0  # nothing measured (the pipeline failed): there is nothing to restore
     run = PipelineRun(row.series_uid, "", row.input_sha256, row.pipeline_name, row.pipeline_version,
-                      digest=record.get("digest", ""), measures=measures_table(lake.read_bytes(measures)))
+                      digest=record.get("digest", ""), backend=record.get("backend", ""),
+                      environment_sha256=record.get("environment_sha256", ""),
+                      measures=measures_table(lake.read_bytes(measures)))
     rows = biomarker_rows(run, read_study(lake, site, series.study_key), series.scanner_epoch, "PASS", None, now)
     tables.write_rows(lake, "biomarkers", site, rows)
     return len(rows)

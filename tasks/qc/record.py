@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -20,14 +22,14 @@ from pipelines.registry import get_spec
 from pipelines.registry import names as pipeline_names
 from pipelines.spec import PipelineSpec
 from tasks.bids.convert import existing_images, plan_session
-from tasks.conformance.findings import Finding, record_findings
+from tasks.conformance.findings import Finding, count_deviations, record_findings
 from tasks.deid.fingerprint import load_fingerprints
 from tasks.deid.verify import check_no_phi
-from tasks.errors import TRANSIENT_RETRIES
+from tasks.errors import TRANSIENT_RETRIES, CorelabError
 from tasks.lake import tables
 from tasks.lake.audit import append_event
 from tasks.lake.storage import Lake
-from tasks.lake.studies import Study
+from tasks.lake.studies import Study, read_study
 from tasks.qc.measure import SeriesQC
 from tasks.run.derivatives import PipelineRun
 
@@ -41,7 +43,8 @@ def qc_rows(sq: SeriesQC, study: Study, flow_run_id: str | None, now: datetime) 
     common = {"series_uid": run.series_uid, "study_key": study.study_key, "subject": study.subject,
               "session": study.session, "pipeline_name": run.pipeline, "pipeline_version": run.version,
               "verdict": v.status, "automatic_verdict": v.status, "input_sha256": run.input_sha256,
-              "container_digest": run.digest or None, "flow_run_id": flow_run_id, "created_at": now}
+              "container_digest": run.digest or None, "backend": run.backend or None,
+              "environment_sha256": run.environment_sha256 or None, "flow_run_id": flow_run_id, "created_at": now}
     rows = [{**common, "metric": m.metric, "value": _finite(m.value), "status": m.status,
              "reason": m.reason, "reason_code": m.code, "robust_z": _finite(m.z)} for m in v.metrics]
     rows.append({**common, "metric": "verdict", "value": None, "status": v.status,
@@ -61,8 +64,9 @@ def biomarker_rows(run: PipelineRun, study: Study, scanner_epoch: str, qc_status
              "acquisition_date": study.acquisition_date, "scanner_epoch": scanner_epoch,
              "series_uid": run.series_uid, "measure": m["measure"], "value": m["value"], "unit": m["unit"],
              "qc_status": qc_status, "pipeline_name": run.pipeline, "pipeline_version": run.version,
-             "container_digest": run.digest, "input_sha256": run.input_sha256, "flow_run_id": flow_run_id,
-             "created_at": now} for m in run.measures if math.isfinite(m["value"])]
+             "container_digest": run.digest or None, "backend": run.backend or None,
+             "environment_sha256": run.environment_sha256 or None, "input_sha256": run.input_sha256,
+             "flow_run_id": flow_run_id, "created_at": now} for m in run.measures if math.isfinite(m["value"])]
 
 
 def already_judged(lake: Lake, site: str, series_uid: str, pipeline: str, version: str) -> bool:
@@ -115,8 +119,51 @@ def record_series(lake: Lake, trial: TrialConfig, study: Study, sq: SeriesQC, fl
     return status
 
 
+@dataclass(frozen=True)
+class NotRun:
+    """A pipeline that could not run on a series (nothing was learnt about the data)."""
+
+    series_uid: str
+    pipeline: str
+    version: str
+    backend: str
+    code: str          # data_contracts.reasons, category infrastructure
+    message: str
+
+
+class PipelinesNotRun(CorelabError):
+    """One or more pipelines of a study could not run on this worker: the run fails, retryable.
+
+    No verdict, deviation or site query is written for those series; the nightly run
+    (:mod:`tasks.qc.due`) finds them without a verdict and tries again.
+    """
+
+    code = "run_refused"
+
+    def __init__(self, not_run: list[NotRun]) -> None:
+        self.not_run = not_run
+        lines = "; ".join(f"series {n.series_uid[-12:]}: {n.message}" for n in not_run)
+        super().__init__(f"{len(not_run)} pipeline run(s) could not start on this worker, no verdict "
+                         f"recorded (the nightly run tries again): {lines}", not_run[0].code)
+
+    @property
+    def retryable(self) -> bool:  # not within seconds (Prefect's task retries), but tonight
+        return False
+
+
+def record_not_run(lake: Lake, study: Study, spec: PipelineSpec, series_uid: str, backend: str,
+                   exc: CorelabError) -> NotRun:
+    """Log and audit a pipeline that could not run; nothing is written to the tables."""
+    n = NotRun(series_uid, spec.name, spec.version, backend, exc.code, f"{spec.name} {spec.version} not run "
+               f"on backend {backend!r}: {exc}")
+    log.error("%s (%s): no verdict recorded; the nightly run tries again", n.message, n.code)
+    append_event(lake, "pipeline_not_run", series_uid=series_uid, study_key=study.study_key,
+                 pipeline=spec.name, version=spec.version, backend=backend, reason_code=exc.code)
+    return n
+
+
 # A FAIL whose deciding reason is one of these says the pipeline never ran (no engine, a refused
-# image): nothing was learnt about the data, so the nightly reprocessing tries again.
+# image). Versions before PipelinesNotRun recorded such FAILs; clear_retryable withdraws them.
 NOT_RUN = codes_in("infrastructure")
 
 
@@ -143,8 +190,10 @@ def failures_after_intake(lake: Lake, trial: TrialConfig, study: Study) -> list[
     if len(qc):
         # only the pipeline versions this installation runs: a FAIL of an older version is history
         current = {(n, get_spec(n).version) for n in pipeline_names()}
+        is_current = pd.Series([(p, v) in current for p, v in zip(qc.pipeline_name, qc.pipeline_version)],
+                               index=qc.index, dtype=bool)
         failed = qc[(qc.study_key == study.study_key) & (qc.metric == "verdict") & (qc.verdict == "FAIL")
-                    & [(p, v) in current for p, v in zip(qc.pipeline_name, qc.pipeline_version)]]
+                    & is_current]
         number = dict(zip(series.series_uid, series.series_number))
         for row in failed.sort_values(["pipeline_name", "pipeline_version", "series_uid"]).itertuples():
             lines.append(f"series {number.get(row.series_uid, row.series_uid[-12:])}: "
@@ -153,16 +202,35 @@ def failures_after_intake(lake: Lake, trial: TrialConfig, study: Study) -> list[
 
 
 def clear_retryable(lake: Lake, site: str) -> int:
-    """Forget the verdicts of runs that never started, so tonight's run tries again."""
+    """Withdraw the FAIL verdicts of runs that never started, with their deviations and queries.
+
+    Such a verdict (written before :class:`PipelinesNotRun` existed) said nothing about the data:
+    its ``qc`` rows are deleted, its ``qc_fail`` deviation too, and the site query raised for it is
+    closed, so tonight's run processes the series again and no site is asked to re-send it.
+    """
     qc = tables.read_table(lake, "qc", [site])
     if qc.empty:
         return 0
     failed = qc[(qc.metric == "verdict") & (qc.verdict == "FAIL") & qc.override_by.isna()
                 & qc.reason_code.isin(NOT_RUN)]
+    deviations = tables.read_table(lake, "deviations", [site])
     for row in failed.itertuples():
         tables.delete_rows(lake, "qc", site, {"series_uid": row.series_uid,
                                               "pipeline_name": row.pipeline_name,
                                               "pipeline_version": row.pipeline_version})
+        if deviations.empty:
+            continue
+        hit = deviations[(deviations.kind == "qc_fail") & (deviations.series_uid == row.series_uid)
+                         & (deviations.parameter == row.pipeline_name) & deviations.reason_code.isin(NOT_RUN)]
+        for dev in hit.itertuples():
+            tables.update_rows(lake, "queries", site, {"deviation_id": dev.deviation_id},
+                               lambda q: {**q, "status": "closed"})
+            tables.delete_rows(lake, "deviations", site, {"deviation_id": dev.deviation_id})
+            append_event(lake, "verdict_withdrawn", series_uid=row.series_uid, study_key=row.study_key,
+                         pipeline=row.pipeline_name, version=row.pipeline_version, reason_code=row.reason_code,
+                         deviation_id=dev.deviation_id)
+        if not hit.empty:
+            count_deviations(lake, read_study(lake, site, row.study_key))
     return len(failed)
 
 

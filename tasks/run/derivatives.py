@@ -3,10 +3,15 @@
 The pipeline runs through the container runner (``podman``/``docker``/``apptainer``, or
 ``local`` when the installed software equals the image's lock). Its derivatives land in
 ``derivatives/<name>-<version>/`` with the run's provenance record beside them. Everything is
-read back through the pipeline's spec: its outputs by key, its measures with their units. A
-pipeline that fails or is refused is not an exception: the :class:`PipelineRun` says why
-(``error``, ``error_code``), and the QC stage turns that into a FAIL with the reason. Only a
-transient failure (the lake or the engine not answering) is raised, for Prefect to retry.
+read back through the pipeline's spec: its outputs by key, its measures with their units.
+
+A pipeline that ran on the data and failed is not an exception: the :class:`PipelineRun` says
+why (``error``, ``error_code``), and the QC stage turns that into a FAIL with the reason. A
+pipeline that could not run at all (no engine on this worker, a refused image, an environment
+that differs from the lock, the lake or the engine not answering) says nothing about the data:
+it is raised (:class:`~tasks.run.engines.ContainerRunError`, a reason code of the
+``infrastructure`` category), so the run fails, red in Prefect, with no verdict, deviation or site
+query; Prefect retries the transient ones and the nightly run picks the series up again.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from data_contracts.bids import parse_entities
 from pipelines.spec import PipelineSpec, bids_prefix
 from tasks.errors import TRANSIENT_RETRIES
 from tasks.lake.storage import Lake
-from tasks.run.engines import ENGINE_ERROR_EXIT, OCI_ENGINES, ContainerRunError, EngineUnavailable
+from tasks.run.engines import ENGINE_ERROR_EXIT, OCI_ENGINES, EngineUnavailable
 from tasks.run.runner import run_pipeline
 
 
@@ -40,7 +45,9 @@ class PipelineRun:
     input_sha256: str
     pipeline: str
     version: str
-    digest: str = ""
+    digest: str = ""                       # the image that ran; empty for the local backend
+    backend: str = ""
+    environment_sha256: str = ""           # local backend: the software it ran with
     record: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)   # output key -> lake path
     measures: list[dict[str, Any]] = field(default_factory=list)  # measure, value, unit
@@ -71,8 +78,9 @@ def run_on_image(lake: Lake, spec: PipelineSpec, bids_image: str, subject: str, 
                  threads: int | None = None) -> PipelineRun:
     """Run ``spec`` on one BIDS image into the lake's derivatives.
 
-    A failed or refused run is recorded in the result; only a transient failure (StorageUnavailable,
-    EngineUnavailable) is raised.
+    A run that failed on the data is recorded in the result. A run that could not be attempted
+    (ContainerRunError: no engine, a refused image, a version mismatch) and a transient failure
+    (StorageUnavailable, EngineUnavailable) are raised: they are not facts about the data.
     """
     data = lake.read_bytes(bids_image)
     out = PipelineRun(series_uid, bids_image, _sha256(data), spec.name, spec.version)
@@ -89,19 +97,15 @@ def run_on_image(lake: Lake, spec: PipelineSpec, bids_image: str, subject: str, 
         tmp_path = Path(tmp)
         # Object stores get a local working folder, uploaded when the run is complete.
         work = Path(lake.path(root)) if lake.is_local else tmp_path / "deriv"
-        try:
-            record = run_pipeline(spec, Path(lake.local_file(bids_image, tmp_path)), work, subject, session,
-                                  backend=backend, entities=entities, threads=threads,
-                                  allow_version_mismatch=allow_version_mismatch)
-        except ContainerRunError as exc:  # refusals (digest, stale lock, versions) and no engine
-            if exc.retryable:             # the engine did not answer: Prefect tries again
-                raise
-            out.fail(f"{spec.name} {spec.version} not run: {exc}", exc.code)
-            return out
+        # refusals (digest, stale lock, versions) and a missing engine raise ContainerRunError
+        record = run_pipeline(spec, Path(lake.local_file(bids_image, tmp_path)), work, subject, session,
+                              backend=backend, entities=entities, threads=threads,
+                              allow_version_mismatch=allow_version_mismatch)
         if record.exit_code == ENGINE_ERROR_EXIT and backend in OCI_ENGINES:
             raise EngineUnavailable(f"{backend} failed to run {spec.name} {spec.version} (exit "
                                     f"{ENGINE_ERROR_EXIT}, the engine's own error): {record.error}")
         out.record, out.digest = record.to_dict(), record.digest
+        out.backend, out.environment_sha256 = record.backend, record.environment_sha256
         if not record.ok:
             out.fail(f"{spec.name} {spec.version} failed: {record.error or 'exit ' + str(record.exit_code)}",
                      failure_code(record.exit_code))

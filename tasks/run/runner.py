@@ -22,6 +22,7 @@ Rules (see ../shared/DESIGN.md, "Pinned containers"):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
@@ -73,7 +74,7 @@ from tasks.run.engines import (
 )
 
 __all__ = ["BACKENDS", "ContainerRunError", "DigestMismatch", "EngineMissing", "ImageMissing",
-           "RunRecord", "RunRefused", "StaleLock", "VersionMismatch", "run_pipeline"]
+           "RunRecord", "RunRefused", "StaleLock", "VersionMismatch", "environment_hash", "run_pipeline"]
 
 log = logging.getLogger("corelab.run")
 BACKENDS = (*ENGINES, "local")
@@ -86,8 +87,12 @@ RUN_ENV = {"HOME": "/tmp", "MPLBACKEND": "Agg", "NIPYPE_NO_ET": "1", "PYTHONUNBU
 class RunRecord:
     """Provenance of one run: JSON-ready through :meth:`to_dict`.
 
-    ``image``/``digest`` name the locked image: the one that ran (container backends) or the
-    one this environment was checked against (``local``). ``command`` is the exact argv run;
+    ``image`` names the locked image: the one that ran (container backends) or the one this
+    environment was checked against (``local``). ``digest`` is the digest of the image that ran,
+    and empty for ``local``, where no image ran: a local run is identified by
+    ``environment_sha256`` instead, the hash of the software it ran with (the Python version and
+    the installed version of every package the image's requirements lock pins), equal on every
+    machine whose environment equals the lock. ``command`` is the exact argv run;
     ``inputs`` and ``outputs`` map paths (outputs relative to the output folder) to sha256;
     ``versions`` holds the engine and Python versions and the package versions in effect
     (the image's pins, or what is installed for ``local``). ``version_override`` is True only
@@ -115,6 +120,7 @@ class RunRecord:
     versions: dict[str, str] = field(default_factory=dict)
     version_override: bool = False
     version_mismatches: list[str] = field(default_factory=list)
+    environment_sha256: str = ""
     host: str = field(default_factory=platform.node)
 
     @property
@@ -155,6 +161,13 @@ class Plan:
     versions: dict[str, str]
     mismatches: list[str] = field(default_factory=list)
     cwd: str | None = None
+    environment_sha256: str = ""
+
+
+def environment_hash(versions: Mapping[str, str]) -> str:
+    """sha256 of a software environment: its name -> version pairs, canonically ordered."""
+    text = "\n".join(f"{name}=={version}" for name, version in sorted(versions.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def plan_container(backend: str, spec: PipelineSpec, entry: LockedImage, input_path: Path,
@@ -196,10 +209,7 @@ def plan_local(spec: PipelineSpec, entry: LockedImage, input_path: Path, output_
             f"local backend refused for {spec.name} {spec.version}: this environment differs from "
             f"image {entry.reference}: {'; '.join(mismatches)}. Run in the container, align the "
             "environment (make setup), or pass allow_version_mismatch=True (recorded).", mismatches)
-    if "container_digest" in spec.options and not mismatches:
-        # An environment proven equal to the image stamps the image's digest, so its outputs
-        # and the container's share one derivatives root; an overridden one does not.
-        options = options | {"container_digest": entry.digest}
+    # No image runs here: the outputs never name one (their provenance names the environment).
     argv = spec.render(str(input_path.resolve()), str(output_dir.resolve()), subject, session,
                        **options)
     if argv[0] in ("python", "python3"):
@@ -209,7 +219,8 @@ def plan_local(spec: PipelineSpec, entry: LockedImage, input_path: Path, output_
     pins = read_requirements(requirements_path(entry.key, containers))
     versions = {"python": platform.python_version()}
     versions |= {name: installed_version(name) or "not installed" for name in pins}
-    return Plan(argv, env, entry.digest, versions, mismatches, cwd=tempfile.gettempdir())
+    return Plan(argv, env, "", versions, mismatches, cwd=tempfile.gettempdir(),
+                environment_sha256=environment_hash(versions))
 
 
 def execute(record: RunRecord, plan: Plan, backend: str, timeout_s: float | None) -> RunRecord:
@@ -319,7 +330,8 @@ def run_pipeline(spec: PipelineSpec, input_path: str | Path, output_dir: str | P
         pipeline=spec.name, pipeline_version=spec.version, backend=backend,
         image=entry.reference, digest=plan.digest, command=plan.command, started_at="",
         inputs={str(input_path.resolve()): sha256_file(input_path)}, versions=plan.versions,
-        version_override=bool(plan.mismatches), version_mismatches=list(plan.mismatches))
+        version_override=bool(plan.mismatches), version_mismatches=list(plan.mismatches),
+        environment_sha256=plan.environment_sha256)
     if record.version_override:
         log.warning("local run of %s despite %d mismatch(es) with %s (override recorded): %s",
                     spec.name, len(plan.mismatches), entry.reference, "; ".join(plan.mismatches))

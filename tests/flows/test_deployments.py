@@ -13,6 +13,7 @@ from data_contracts.trial import load_trial
 from flows.nightly import nightly_reprocess
 from flows.process_study import process_study
 from tasks.intake.inventory import inventory_upload
+from tasks.lake.audit import read_events
 from tasks.lake.storage import Lake
 from tasks.lake.tables import read_table
 from tasks.receive.record import record_study
@@ -46,26 +47,31 @@ def test_the_three_kinds_of_deployment_exist():
 
 
 @pytest.mark.prefect
-def test_nightly_retries_a_run_that_never_started(prefect_harness, tmp_path):
+def test_a_worker_without_its_engine_fails_the_run_and_the_nightly_retries_it(prefect_harness, tmp_path):
+    """No container engine on the worker (apptainer is not installed here): the run fails, red and
+    retryable, and writes no qc row, no deviation, no site query; the nightly run then processes it."""
     trial = load_trial(DEMO_TRIAL)
     lake = Lake(str(tmp_path / "lake")).init()
     o = receive_one_study(Upload(trial, "siemens-xa30", "u", lake),
                           inventory_upload(shared_path("dcm_qa_xa30", "In")).accepted)
     record_study(lake, o, o.matcher)
-    (sp,) = process_study(o.study.study_key, "siemens-xa30", lake_url=lake.url, backend="apptainer", trial=trial)
-    assert sp.verdict.status == "FAIL" and "not run:" in sp.verdict.reasons[0]
-    assert sp.verdict.reason_code == "engine_missing"           # no apptainer on this machine
-    verdict = read_table(lake, "qc").query("metric == 'verdict'").iloc[0]
-    assert verdict.reason_code == "engine_missing"
-    (deviation,) = read_table(lake, "deviations").query("kind == 'qc_fail'").itertuples()
-    assert deviation.reason_code == "engine_missing"
+    deviations_before = read_table(lake, "deviations")
+    state = process_study(o.study.study_key, "siemens-xa30", lake_url=lake.url, backend="apptainer", trial=trial,
+                          return_state=True)
+    assert state.is_failed() and "PipelinesNotRun" in state.message and "apptainer" in state.message
+    assert read_table(lake, "qc").empty and read_table(lake, "biomarkers").empty
+    assert read_table(lake, "deviations").equals(deviations_before)       # no qc_fail deviation
+    assert read_table(lake, "queries").empty                              # no site is asked anything
+    (event,) = [e for e in read_events(lake) if e["action"] == "pipeline_not_run"]
+    assert event["details"]["reason_code"] == "engine_missing" and event["details"]["backend"] == "apptainer"
     trial_file = tmp_path / "trial.yaml"
     trial_file.write_text(DEMO_TRIAL.read_text())
     counts = nightly_reprocess(lake.url, str(trial_file), backend="local")
-    assert counts == {"studies": 1, "series_processed": 1, "retried": 1}
-    verdicts = read_table(lake, "qc").query("metric == 'verdict'")
-    assert verdicts.verdict.tolist() == ["PASS"]
-    assert nightly_reprocess(lake.url, str(trial_file), backend="local")["series_processed"] == 0
+    assert counts == {"studies_due": 1, "series_processed": 1, "retried": 0, "failed": 0}
+    (verdict,) = read_table(lake, "qc").query("metric == 'verdict'").itertuples()
+    assert verdict.verdict == "PASS" and verdict.backend == "local" and verdict.container_digest is None
+    assert len(verdict.environment_sha256) == 64
+    assert nightly_reprocess(lake.url, str(trial_file), backend="local")["studies_due"] == 0
 
 
 @pytest.mark.prefect
@@ -88,7 +94,7 @@ def test_nightly_goes_on_after_a_study_fails_and_ends_red(prefect_harness, tmp_p
     trial_file = tmp_path / "trial.yaml"
     trial_file.write_text(DEMO_TRIAL.read_text())
     state = nightly_reprocess(lake.url, str(trial_file), backend="local", return_state=True)
-    assert state.is_failed() and "1 of 2 studies failed to process" in state.message
+    assert state.is_failed() and "1 of 2 due studies failed to process" in state.message
     ge = read_table(lake, "studies").query("site == 'ge-nih'").iloc[0]
     assert lake.find(f"bids/sub-{ge.subject}/ses-baseline/func")          # the other study was processed
     assert read_table(lake, "qc").empty                                   # and the crash left no verdict

@@ -74,3 +74,26 @@ def test_a_rejected_upload_sent_again_changes_nothing(prefect_harness, tmp_path)
     assert read_events(lake) == events
     reason = json.loads(next(v for p, v in quarantined.items() if p.endswith("a.dcm.reason.json")))
     assert reason["file"] == "a.dcm" and reason["code"]
+
+
+def test_ingest_on_a_worker_without_its_engine_says_so_and_records_no_verdict(prefect_harness, tmp_path):
+    """`--backend apptainer` where apptainer is not installed: the command fails with the reason, in one
+    line, no traceback; the study is received, and no qc row, deviation or site query says anything
+    about the scan. The same study processed again with a working backend (here: Dask) is judged."""
+    from tests.data import shared_path
+
+    lake_dir = str(tmp_path / "lake")
+    args = ["ingest", str(shared_path("dcm_qa_xa30", "In")), "--site", "siemens-xa30", "--trial", str(DEMO_TRIAL),
+            "--lake", lake_dir]
+    res = CliRunner().invoke(app, [*args, "--backend", "apptainer"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "anat" in res.output and "not run on backend 'apptainer'" in res.output and "No verdict" in res.output
+    lake = Lake(lake_dir)
+    assert len(read_table(lake, "studies")) == 1 and read_table(lake, "qc").empty
+    assert "qc_fail" not in set(read_table(lake, "deviations").kind) and read_table(lake, "queries").empty
+    key = read_table(lake, "studies").study_key.iloc[0]
+    again = CliRunner().invoke(app, ["process", key[:12], "--site", "siemens-xa30", "--trial", str(DEMO_TRIAL),
+                                     "--lake", lake_dir, "--runner", "dask"])
+    assert again.exit_code == 0, again.output
+    (verdict,) = read_table(lake, "qc").query("metric == 'verdict'").itertuples()
+    assert verdict.verdict == "PASS" and verdict.backend == "local"

@@ -32,6 +32,7 @@ from tasks.qc.measure import gate, measure_quality
 from tasks.qc.overrides import OverrideError, override
 from tasks.qc.record import biomarker_rows, qc_rows
 from tasks.run.derivatives import PipelineRun, lake_outputs, run_on_image
+from tasks.run.runner import environment_hash
 from tests.data import REPO, shared_path
 from tests.helpers import bids_validator, describe
 
@@ -79,7 +80,10 @@ def test_real_t1s_pass_and_become_biomarkers(processed):
 def test_every_biomarker_row_carries_its_provenance(processed):
     lake, _ = processed
     bio = read_table(lake, "biomarkers")
-    assert set(bio.container_digest) == {locked_digest()}
+    # the local backend ran them: no image ran, so no image digest; the environment's hash instead
+    assert set(bio.backend) == {"local"} and bio.container_digest.isna().all()
+    qc = read_table(lake, "qc")
+    assert set(qc.backend) == {"local"} and qc.container_digest.isna().all()
     for row in bio.drop_duplicates("series_uid").itertuples():
         sidecars = [p for p in lake.find("bids") if p.endswith(".json") and "_T1w" in p
                     and json.loads(lake.read_text(p)).get("SeriesInstanceUID") == row.series_uid]
@@ -87,10 +91,13 @@ def test_every_biomarker_row_carries_its_provenance(processed):
         image = sidecar[: -len(".json")] + ".nii.gz"
         assert row.input_sha256 == hashlib.sha256(lake.read_bytes(image)).hexdigest()
     provenance = [json.loads(lake.read_text(p)) for p in lake.find("derivatives") if p.endswith("_provenance.json")]
-    assert len(provenance) == 2 and all(p["ok"] and p["digest"] == locked_digest() for p in provenance)
+    assert len(provenance) == 2 and all(p["ok"] and p["digest"] == "" and p["backend"] == "local"
+                                        for p in provenance)
+    assert {p["environment_sha256"] for p in provenance} == {environment_hash(provenance[0]["versions"])}
+    assert set(bio.environment_sha256) == {provenance[0]["environment_sha256"]}
+    assert provenance[0]["image"].endswith(locked_digest())       # the image it was checked against
     desc = json.loads(lake.read_text(f"derivatives/anat-{ANAT}/dataset_description.json"))
-    assert desc["GeneratedBy"][0]["Name"] == "anat"
-    assert desc["GeneratedBy"][0]["Container"]["Tag"] == locked_digest()
+    assert desc["GeneratedBy"][0]["Name"] == "anat" and "Container" not in desc["GeneratedBy"][0]
 
 
 def test_the_official_validator_finds_no_error_in_the_raw_and_derivative_datasets(processed):
@@ -245,15 +252,15 @@ def test_a_new_pipeline_version_adds_rows_and_keeps_the_old(scratch, trial, monk
 
     newer = replace(reg.anat_spec(), version="0.2.0")
     monkeypatch.setitem(reg.BUILTIN, "anat", lambda: newer)
-    (sp,) = process_study(o.study.study_key, "siemens-xa30", lake_url=lake.url, trial=trial)
-    # no image was built for 0.2.0: the runner refuses, and that is a recorded FAIL, not a crash
-    assert sp.verdict.status == "FAIL" and "not run" in sp.verdict.reasons[0]
-    assert sp.verdict.reason_code == "stale_lock"
+    _, (old,) = results["siemens-xa30"]
+    state = process_study(o.study.study_key, "siemens-xa30", lake_url=lake.url, trial=trial, return_state=True)
+    # no image was built for 0.2.0: the runner refuses; that is a failed run (no verdict), not a FAIL
+    assert state.is_failed() and "stale_lock" not in read_table(lake, "qc").reason_code.dropna().tolist()
+    assert "anat 0.2.0 not run" in state.message and "rebuild" in state.message
     qc = read_table(lake, "qc")
-    versions = set(qc[qc.series_uid == sp.run.series_uid].pipeline_version)
-    assert versions == {ANAT, "0.2.0"}
+    assert set(qc[qc.series_uid == old.run.series_uid].pipeline_version) == {ANAT}   # the old rows stay
     bio = read_table(lake, "biomarkers")
-    assert set(bio[bio.series_uid == sp.run.series_uid].pipeline_version) == {ANAT}
+    assert set(bio[bio.series_uid == old.run.series_uid].pipeline_version) == {ANAT}
 
 
 # -- bad and degraded inputs: the gate, without Prefect ----------------------------------------

@@ -42,6 +42,7 @@ from tasks.run.runner import (
     ImageMissing,
     StaleLock,
     VersionMismatch,
+    environment_hash,
     run_pipeline,
 )
 from tests.data import shared_path
@@ -332,8 +333,10 @@ def test_missing_engine_is_named(setup, t1, monkeypatch):
 def test_local_runs_when_the_environment_equals_the_image(setup, t1):
     rec = run_pipeline(TOY, t1, setup["out"], "01", "V1", backend="local", **setup["kw"])
     assert rec.ok and rec.command[0] == sys.executable
-    # an environment equal to the image stamps the image's digest (outputs share one root)
-    assert ("--container-digest" in rec.command) == ("container_digest" in TOY.options)
+    # no image ran: the record and the outputs name no image digest, the environment instead
+    assert "--container-digest" not in rec.command and rec.digest == ""
+    assert rec.environment_sha256 == environment_hash(rec.versions)
+    assert "python" in rec.versions and rec.versions["numpy"] == "1.26.4"
     assert not rec.version_override and rec.version_mismatches == []
     assert rec.outputs["sub-01/out.nii.gz"] == sha256_file(t1)
     assert runs(setup["log"]) == []
