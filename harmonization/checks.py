@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from data_contracts.harmonization_settings import HarmonizationSettings
-from harmonization.errors import Finding, raise_if_refused
+from harmonization.errors import Finding, NoRowsToHarmonize, raise_if_refused
 from harmonization.inputs import CovariateEncoding, HarmonizationData, infer_encoding
 
 WARN_ASSOCIATION = 0.5
@@ -30,6 +30,21 @@ def _rows(labels: pd.Series, mask: np.ndarray, limit: int = 5) -> str:
     hit = labels[np.asarray(mask, dtype=bool)].astype(str).tolist()
     more = f" and {len(hit) - limit} more" if len(hit) > limit else ""
     return ", ".join(hit[:limit]) + more
+
+
+def check_not_empty(data: HarmonizationData, settings: HarmonizationSettings) -> list[Finding]:
+    """No row or no feature column: nothing for any other check (or ComBat) to look at."""
+    where = data.source or "the input"
+    out = []
+    if data.n == 0:
+        out.append(Finding("refusal", "no_rows",
+                           f"{where}: no rows to fit; ComBat needs scans of at least two "
+                           f"sites, {settings.min_site_n} or more each",
+                           {"rows": 0, "source": where}))
+    if data.features.shape[1] == 0:
+        out.append(Finding("refusal", "no_features", f"{where}: no feature column to harmonize",
+                           {"source": where}))
+    return out
 
 
 def check_features(features: pd.DataFrame, labels: pd.Series,
@@ -76,7 +91,7 @@ def check_covariates(covariates: pd.DataFrame, names: list[str],
                                f"covariate {name!r} is empty in {int(miss.sum())} row(s) "
                                f"({_rows(labels, miss)}); ComBat needs it in every row",
                                {"covariate": name, "rows": int(miss.sum())}))
-        elif covariates[name].nunique() < 2:
+        elif len(covariates) and covariates[name].nunique() < 2:
             out.append(Finding("refusal", "constant_covariate",
                                f"covariate {name!r} has a single value "
                                f"({covariates[name].iloc[0]!r}): drop it from the covariates",
@@ -285,6 +300,9 @@ def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
     pooling, the input-to-model batch map, the findings and each covariate's
     association with batch.
     """
+    empty = check_not_empty(data, settings)
+    if empty:  # every check below (and ComBat) would index a first row that is not there
+        raise NoRowsToHarmonize(empty)
     labels = data.row_labels
     values = data.features.to_numpy(dtype=float)
     findings = check_features(data.features, labels, values)
@@ -305,7 +323,9 @@ def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
         codes = BatchCodes(batch)
     if len(codes.labels) < 2:
         findings.append(Finding("refusal", "single_batch", "all rows are in one batch "
-                                f"({batch.iloc[0]!r}): there is no site effect to estimate", {}))
+                                f"({str(codes.labels[0])!r}): there is no site effect to estimate; "
+                                "ComBat needs scans of at least two sites",
+                                {"batch": str(codes.labels[0])}))
     conf, assoc = check_confounding(data.covariates, encoding, codes, settings.max_confounding)
     findings += conf + check_within_batch_variance(data.features, codes, values)
     design = np.zeros((len(codes.codes), len(codes.labels) + encoded.shape[1]))

@@ -52,6 +52,15 @@ class HarmonizationRefused(HarmonizationError):
         super().__init__("harmonization refused:\n  - " + "\n  - ".join(refusals))
 
 
+class NoRowsToHarmonize(HarmonizationRefused):
+    """Nothing is left to harmonize: no rows, no feature, or no biomarker row with covariates.
+
+    ComBat on an empty input would not fail with a message of its own but with an
+    ``IndexError`` somewhere inside; this says which input was empty and why
+    (finding codes ``no_rows``, ``no_features``, ``no_covariate_match``).
+    """
+
+
 class InputTableError(HarmonizationError):
     """A table file that cannot be read or lacks a named column."""
 
@@ -62,6 +71,14 @@ class ModelNotFoundError(HarmonizationError):
 
 class ModelMismatchError(HarmonizationError):
     """New data does not carry the features or covariates a frozen model needs."""
+
+
+class ModelTrialError(HarmonizationError):
+    """A model that was not fitted on this trial's lake rows: it cannot be promoted or applied."""
+
+
+class PromotionError(HarmonizationError):
+    """The promoted-model pointer of a trial cannot be read (damaged or edited)."""
 
 
 def refusals(findings: list[Finding]) -> list[Finding]:

@@ -22,7 +22,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data_contracts.harmonization_settings import HarmonizationSettings
-from harmonization.errors import Finding, InputTableError
+from harmonization.errors import Finding, InputTableError, NoRowsToHarmonize
 from harmonization.inputs import HarmonizationData, read_table_file
 from tasks.errors import TRANSIENT_RETRIES
 from tasks.lake.storage import Lake
@@ -50,6 +50,9 @@ def read_covariates(path: str) -> pd.DataFrame:
         raise InputTableError(f"{path}: {int(dup.sum())} rows repeat a {'/'.join(keys)} key, "
                               f"e.g. {df.loc[dup, keys].iloc[0].tolist()}")
     df["subject"] = df["subject"].astype(str)
+    if "session" in df.columns:  # "1" in the lake and 1 in a CSV are the same visit
+        df["session"] = df["session"].astype(str)
+    df.attrs["source"] = str(path)  # named when no biomarker row matches (to_wide)
     return df
 
 
@@ -82,6 +85,10 @@ def to_wide(rows: pd.DataFrame, covariates: pd.DataFrame, settings: Harmonizatio
     InputTableError
         A measure comes from more than one pipeline version (a batch effect of its
         own), or a scan has the same measure twice.
+    NoRowsToHarmonize
+        There are scans, but not one of them has a row in the covariate table (the
+        wrong file, or subject ids written another way): the file and ids of both sides
+        are named.
     """
     versions = rows.groupby("measure")[["pipeline_name", "pipeline_version"]].nunique()
     mixed = versions.index[(versions > 1).any(axis=1)].tolist()
@@ -102,8 +109,13 @@ def to_wide(rows: pd.DataFrame, covariates: pd.DataFrame, settings: Harmonizatio
         findings.append(_left_out(wide.index[incomplete], "lack some measures"))
     keys = ["subject", "session"] if "session" in covariates.columns else ["subject"]
     names = [c for c in settings.covariates if c in covariates.columns]
-    cov = wide.index.to_frame(index=False)[keys].merge(covariates[keys + names], on=keys,
-                                                       how="left")
+    table = covariates[keys + names].astype({k: str for k in keys})
+    cov = wide.index.to_frame(index=False)[keys].merge(table, on=keys, how="left",
+                                                       indicator=True)
+    matched = (cov.pop("_merge") == "both").to_numpy()
+    if len(cov) and not matched.any():
+        raise _no_match(wide.index.to_frame(index=False)[keys], table[keys],
+                        str(covariates.attrs.get("source", "the covariate table")), source)
     cov.index = wide.index
     no_cov = cov[names].isna().any(axis=1).to_numpy() & ~incomplete if names else \
         np.zeros(len(wide), dtype=bool)
@@ -114,6 +126,26 @@ def to_wide(rows: pd.DataFrame, covariates: pd.DataFrame, settings: Harmonizatio
     data = HarmonizationData(features=wide[keep], covariates=cov.drop(columns=keys)[keep],
                              batch=batch[keep], row_labels=labels[keep], source=source)
     return data, findings
+
+
+def _no_match(scans: pd.DataFrame, table: pd.DataFrame, path: str, source: str,
+              shown: int = 5) -> NoRowsToHarmonize:
+    """The refusal when not one scan has a covariate row, with a few ids of each side."""
+    keys = list(scans.columns)
+
+    def ids(frame: pd.DataFrame) -> str:
+        unique = frame.drop_duplicates()
+        text = ", ".join("/".join(map(str, k)) for k in unique.head(shown).itertuples(index=False))
+        return (text or "none") + (f" ... ({len(unique)} in all)" if len(unique) > shown else "")
+
+    what = "/".join(keys)
+    return NoRowsToHarmonize([Finding(
+        "refusal", "no_covariate_match",
+        f"no biomarker row matched a covariates row: none of the {len(scans)} scan(s) of {source} "
+        f"has its {what} in {path}; {what} of the biomarkers: {ids(scans)}; of {path}: "
+        f"{ids(table)}. Check that the file is this trial's and writes {what} as the lake does "
+        "(a BIDS participants.tsv's 'sub-' prefix is removed)",
+        {"covariates_file": path, "keys": keys, "scans": len(scans), "covariate_rows": len(table)})])
 
 
 def _keyed(rows: pd.DataFrame) -> pd.DataFrame:

@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization import combat, model_store, report
 from harmonization import lake as lake_io
-from harmonization.errors import Finding, HarmonizationRefused
+from harmonization.errors import Finding, HarmonizationRefused, NoRowsToHarmonize
 from harmonization.inputs import from_wide_table, read_table_file, write_back, write_table_file
 from tasks.lake.audit import append_event
 from tasks.lake.storage import Lake
@@ -90,6 +90,9 @@ def apply_table(lake: Lake, model_id: str, table: str, out: str, batch_col: str 
     batch_col = batch_col or model.metadata.get("batch_column") or "SITE"
     df = read_table_file(table)
     data = from_wide_table(df, batch_col, model.encoding.names, model.features, source=table)
+    if data.n == 0:
+        raise NoRowsToHarmonize([Finding("refusal", "no_rows", f"{table}: no rows to harmonize",
+                                         {"source": table})])
     result = combat.apply(model, data, model_id)
     outputs = {"table": str(write_table_file(write_back(df, result.harmonized, result.status), out))}
     if report_path:
@@ -100,15 +103,28 @@ def apply_table(lake: Lake, model_id: str, table: str, out: str, batch_col: str 
 
 
 def fit_lake(lake: Lake, rows: pd.DataFrame, covariates: pd.DataFrame,
-             settings: HarmonizationSettings) -> tuple[combat.ComBatModel, Outcome]:
-    """Fit on the reference rows of the lake; store model and report; log to the audit chain."""
-    data, left_out = lake_io.to_wide(rows, covariates, settings, "lake biomarkers (reference set)")
+             settings: HarmonizationSettings,
+             source: str = "lake biomarkers (reference set)") -> tuple[combat.ComBatModel, Outcome]:
+    """Fit on the reference rows of the lake; store model and report; log to the audit chain.
+
+    The model records its trial (``trial_id`` in its metadata) when the rows are of one
+    trial: only such a model can be promoted for that trial (:func:`model_store.promote`).
+    """
+    data, left_out = lake_io.to_wide(rows, covariates, settings, source)
+    trials = rows["trial_id"].dropna().unique() if "trial_id" in rows.columns else []
+    meta = {"trial_id": str(trials[0])} if len(trials) == 1 else {}
     try:
-        result, model_id = _fit_and_store(lake, data, settings, {})
+        if data.n == 0 and left_out:  # say why nothing is left, not only that nothing is
+            raise NoRowsToHarmonize([Finding("refusal", "no_rows", f"{source}: no rows to fit: "
+                                             + "; ".join(f.message for f in left_out), {})])
+        result, model_id = _fit_and_store(lake, data, settings, meta)
     except HarmonizationRefused as exc:
         exc.findings[:0] = left_out
-        name = f"refused-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
-        html, _ = report.save_report(lake, report.refusal_report(data, settings.covariates, exc), name)
+        html = None
+        if data.n:  # no rows: no sites to describe or draw, the reasons are the whole report
+            name = f"refused-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
+            html, _ = report.save_report(lake, report.refusal_report(data, settings.covariates, exc),
+                                         name)
         append_event(lake, "harmonization_refused", report=html,
                      reasons=[f.message for f in exc.findings if f.level == "refusal"])
         raise
@@ -147,11 +163,23 @@ def apply_lake(lake: Lake, model: combat.ComBatModel, model_id: str, rows: pd.Da
                    {"report": html, "report_json": js})
 
 
+def skipped(reason: str) -> dict[str, Any]:
+    """The summary of a step that did nothing, on purpose (e.g. no model is promoted)."""
+    return {"model_id": None, "rows": 0, "harmonized": 0, "warnings": [], "outputs": {},
+            "skipped": reason}
+
+
 def summary_markdown(summary: dict[str, dict[str, Any]]) -> str:
     """The flow's summary (``{"fit": Outcome.summary(), "apply": ...}``) as Markdown."""
     lines = []
     for step, s in summary.items():
+        if s.get("skipped"):
+            lines += [f"### {step}: nothing done", s["skipped"]]
+            continue
         lines.append(f"### {step}: model `{s['model_id']}`, {s['harmonized']} of {s['rows']} scans")
+        if s.get("promoted"):
+            p = s["promoted"]
+            lines.append(f"- the trial's promoted model, promoted {p['promoted_at']} by {p['actor']}")
         lines += [f"- {kind}: `{where}`" for kind, where in s["outputs"].items()]
         lines += [f"- warning: {w}" for w in s["warnings"]]
     return "\n".join(lines)
@@ -159,9 +187,10 @@ def summary_markdown(summary: dict[str, dict[str, Any]]) -> str:
 
 @task(name="fit-harmonization-model", cache_policy=NO_CACHE)
 def fit_lake_task(lake: Lake, rows: pd.DataFrame, covariates: pd.DataFrame,
-                  settings: HarmonizationSettings) -> tuple[combat.ComBatModel, Outcome]:
+                  settings: HarmonizationSettings,
+                  source: str = "lake biomarkers (reference set)") -> tuple[combat.ComBatModel, Outcome]:
     """Prefect wrapper of :func:`fit_lake`."""
-    return fit_lake(lake, rows, covariates, settings)
+    return fit_lake(lake, rows, covariates, settings, source)
 
 
 # Neither is retried by Prefect: after a partial write (rows, then report and audit) a second

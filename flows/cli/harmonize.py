@@ -11,6 +11,12 @@ Lake mode (the trial's QC-passed ``biomarkers``; runs the Prefect flow ``harmoni
     corelab harmonize fit --lake LAKE --trial trial.yaml --covariates-table covariates.tsv
     corelab harmonize apply MODEL_ID --lake LAKE --trial trial.yaml --covariates-table covariates.tsv
 
+The trial's promoted model (what the nightly ``harmonize-nightly-apply`` applies, and
+``apply`` in lake mode without a MODEL_ID)::
+
+    corelab harmonize promote MODEL_ID --by NAME [--trial trial.yaml] [--lake LAKE]
+    corelab harmonize current [--trial trial.yaml] [--lake LAKE]    (or: promote --show)
+
 Models are stored in the lake (``--lake``, else $CORELAB_LAKE, else ./corelab-lake)
 under ``models/harmonization/<model_id>/``. Exit status 2 means the input was
 refused; the message says why and what to change.
@@ -18,19 +24,22 @@ refused; the message says why and what to change.
 
 from __future__ import annotations
 
+import getpass
+from pathlib import Path
 from typing import Optional
 
 import typer
 from pydantic import ValidationError
 
 from data_contracts.harmonization_settings import HarmonizationSettings
-from data_contracts.trial import TrialConfigError
-from flows.cli.common import fail
+from data_contracts.trial import TrialConfigError, load_trial
+from flows.cli.common import TrialOpt, fail, trial_path
 from harmonization import model_store, service
 from harmonization.errors import HarmonizationError
 from tasks.lake.storage import open_lake
 
-app = typer.Typer(help="ComBat harmonization across sites (neuroHarmonize): fit, apply, list models.",
+app = typer.Typer(help="ComBat harmonization across sites (neuroHarmonize): fit, apply, promote, "
+                       "list models.",
                   no_args_is_help=True)
 
 
@@ -104,7 +113,8 @@ def fit(
 
 @app.command()
 def apply(
-    model_id: str = typer.Argument(..., help="id of a stored model (hm-...)"),
+    model_id: Optional[str] = typer.Argument(
+        None, help="id of a stored model (hm-...); lake mode without it: the trial's promoted model"),
     table: Optional[str] = typer.Option(None, help="CSV/TSV/Parquet to harmonize (table mode)"),
     batch: Optional[str] = typer.Option(None, help="batch column (default: the one the model was fitted with)"),
     out: Optional[str] = typer.Option(None, help="harmonized table (.csv/.tsv/.parquet)"),
@@ -118,8 +128,8 @@ def apply(
     if table is None:
         _lake_flow(lake, trial, covariates_table, "apply", model_id, only_new=not all_rows)
         return
-    if not out:
-        fail("table mode needs --out FILE")
+    if not model_id or not out:
+        fail("table mode needs MODEL_ID and --out FILE")
     try:
         outcome = service.apply_table(open_lake(lake), model_id, table, out, batch, report)
     except HarmonizationError as exc:
@@ -127,9 +137,67 @@ def apply(
     _report(outcome, "harmonized")
 
 
+def _trial_id(trial: Optional[Path]) -> str:
+    try:
+        return load_trial(trial_path(trial)).trial_id
+    except TrialConfigError as exc:
+        fail(str(exc))
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name (a container without a passwd entry)
+        return "unknown"
+
+
+def _show(lake: Optional[str], trial: Optional[Path]) -> None:
+    store, trial_id = open_lake(lake), _trial_id(trial)
+    try:
+        promoted = model_store.current(store, trial_id)
+    except HarmonizationError as exc:
+        fail(str(exc))
+    if promoted is None:
+        typer.echo(model_store.nothing_promoted(store, trial_id))
+    else:
+        typer.echo(promoted.describe())
+
+
+@app.command()
+def promote(
+    model_id: Optional[str] = typer.Argument(None, help="id of a stored model of the trial (hm-...)"),
+    by: Optional[str] = typer.Option(None, "--by", help="who promotes it (default: the login name)"),
+    show: bool = typer.Option(False, "--show", help="only print the trial's promoted model"),
+    trial: Optional[Path] = TrialOpt,
+    lake: Optional[str] = typer.Option(None, help="lake holding the models"),
+) -> None:
+    """Make a model the trial's promoted one: the model the nightly apply uses (audited)."""
+    if show:
+        _show(lake, trial)
+        return
+    if not model_id:
+        fail("promote needs MODEL_ID (or --show); `corelab harmonize models` lists them")
+    store, trial_id = open_lake(lake), _trial_id(trial)
+    try:
+        promotion, changed = model_store.promote(store, model_id, trial_id, by or _user())
+    except HarmonizationError as exc:
+        fail(f"not promoted: {exc}")
+    if changed:
+        typer.echo(f"promoted: {promotion.describe()}")
+    else:
+        typer.echo(f"already promoted, nothing changed: {promotion.describe()}")
+
+
+@app.command()
+def current(trial: Optional[Path] = TrialOpt,
+            lake: Optional[str] = typer.Option(None, help="lake holding the models")) -> None:
+    """Print the trial's promoted model (the one the nightly apply uses)."""
+    _show(lake, trial)
+
+
 @app.command("models")
 def list_models(lake: Optional[str] = typer.Option(None, help="lake holding the models")) -> None:
     """List the stored harmonization models."""
     for m in model_store.list_models(open_lake(lake)):
-        typer.echo(f"{m['model_id']}  {m['method']:<10}  {m['created_at']}  "
+        typer.echo(f"{m['model_id']}  {m['trial_id'] or '(table)':<12}  {m['method']:<10}  {m['created_at']}  "
                    f"{m['batches']} batches  {m['features']} features  {m['rows']} rows")

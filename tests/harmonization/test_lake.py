@@ -8,60 +8,28 @@ subjects without covariates.
 
 from __future__ import annotations
 
-import hashlib
-from datetime import datetime, timezone
-
 import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from data_contracts.harmonization_settings import HarmonizationSettings
 from flows.cli.harmonize import app
 from harmonization import combat, model_store, service
 from harmonization import lake as lake_io
 from harmonization.abide import load_abide
+from harmonization.errors import NoRowsToHarmonize
 from harmonization.inputs import from_wide_table
 from tasks.lake.audit import read_events, verify_chain
 from tasks.lake.storage import Lake
-from tasks.lake.tables import partition_path, read_table, write_rows
-
-COVS = ["AGE", "SEX", "DX"]
-MEASURES = ["Left-Hippocampus", "Right-Hippocampus", "CSF", "Brain-Stem",
-            "lh_MeanThickness_thickness", "rh_MeanThickness_thickness"]
-SETTINGS = HarmonizationSettings(covariates=COVS)  # batch = site_epoch
-CREATED = datetime(2026, 1, 1, tzinfo=timezone.utc)
-TRIAL = """
-trial_id: ABIDEH
-sites:
-  - id: abide
-    name: ABIDE I sites
-    scanners: [{manufacturer: various, model: various}]
-protocol:
-  series_types:
-    - {name: T1w, datatype: anat, suffix: T1w, match: {description: ["*t1*"]}}
-visits:
-  - {id: baseline, day: 0}
-  - {id: m12, day: 365, window_before: 30, window_after: 30}
-subjects: {mode: pseudonym}
-harmonization: {batch: site_epoch, covariates: [AGE, SEX, DX]}
-"""
-
-
-def _rows(wide: pd.DataFrame, session: str, epoch: pd.Series, qc: pd.Series) -> list[dict]:
-    out = []
-    for i, r in wide.iterrows():
-        subject = r["FILE_ID"].replace("_", "")
-        for m in MEASURES:
-            out.append({
-                "site": r["SITE"], "trial_id": "ABIDEH", "subject": subject, "session": session,
-                "acquisition_date": None, "scanner_epoch": epoch[i], "series_uid": f"2.25.{i}.{session}",
-                "measure": m, "value": float(r[m]), "unit": "mm" if "thickness" in m else "mm3",
-                "qc_status": qc[i], "pipeline_name": "freesurfer", "pipeline_version": "6.0.0",
-                "container_digest": "sha256:" + "0" * 64,
-                "input_sha256": hashlib.sha256(f"{subject}{session}".encode()).hexdigest(),
-                "flow_run_id": "test", "created_at": CREATED})
-    return out
+from tasks.lake.tables import partition_path, read_table
+from tests.harmonization.lake_world import (
+    COVS,
+    MEASURES,
+    SETTINGS,
+    TRIAL,
+    biomarker_rows,
+    write_biomarkers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +38,11 @@ def source(abide_data):
     abide = load_abide(abide_data, text_labels=True)
     rng = np.random.default_rng(0)
     qc = pd.Series(np.where(rng.random(len(abide)) < 0.05, "WARN", "PASS"), index=abide.index)
-    rows = _rows(abide, "baseline", pd.Series("e1", index=abide.index), qc)
+    rows = biomarker_rows(abide, "baseline", pd.Series("e1", index=abide.index), qc)
     follow = abide.sample(300, random_state=1)
     # NYU's scanner changed before the 12-month visit: a new batch the model has not seen.
     epoch = pd.Series(np.where(follow["SITE"] == "NYU", "e2", "e1"), index=follow.index)
-    rows += _rows(follow, "m12", epoch, pd.Series("PASS", index=follow.index))
+    rows += biomarker_rows(follow, "m12", epoch, pd.Series("PASS", index=follow.index))
     return pd.DataFrame(rows), abide, follow
 
 
@@ -83,8 +51,7 @@ def world(source, tmp_path):
     """A fresh lake holding the source rows, a covariate file and a trial file."""
     frame, abide, follow = source
     lake = Lake(str(tmp_path / "lake")).init()
-    for site, part in frame.groupby("site"):
-        write_rows(lake, "biomarkers", site, part.drop(columns="site").to_dict("records"))
+    write_biomarkers(lake, frame)
     covariates = abide.assign(subject=abide["FILE_ID"].str.replace("_", ""))[["subject", *COVS]]
     covariates = covariates.iloc[5:]  # five subjects whose covariates were never exported
     covariates.to_csv(tmp_path / "covariates.tsv", sep="\t", index=False)
@@ -138,6 +105,45 @@ def test_fit_on_reference_set_then_apply_to_every_qc_passed_scan(world):
     actions = [e["action"] for e in read_events(lake)]
     assert actions[-3:] == ["harmonization_model_fitted"] + ["harmonization_applied"] * 2
     assert verify_chain(lake).ok
+
+
+def test_covariates_that_match_no_subject_are_a_named_refusal_for_fit_and_apply(world):
+    root, lake, _, _ = world
+    rows = lake_io.select_rows(read_table(lake, "biomarkers"), "ABIDEH", ["PASS", "WARN"])
+    data, _ = lake_io.to_wide(rows, lake_io.read_covariates(str(root / "covariates.tsv")), SETTINGS)
+    model = combat.fit(data, SETTINGS).model
+    # another study's export of the same people, under its own subject ids
+    cov = pd.read_csv(root / "covariates.tsv", sep="\t")
+    other = root / "other_study.tsv"
+    cov.assign(subject="ABIDE-" + cov["subject"]).to_csv(other, sep="\t", index=False)
+    covariates = lake_io.read_covariates(str(other))
+    before = {p: lake.read_bytes(p) for p in lake.find()}
+    for run in (lambda: service.fit_lake(lake, rows, covariates, SETTINGS),
+                lambda: service.apply_lake(lake, model, model.model_id, rows, covariates, SETTINGS,
+                                           only_new=False)):
+        with pytest.raises(NoRowsToHarmonize) as info:
+            run()
+        msg = str(info.value)
+        assert [f.code for f in info.value.findings] == ["no_covariate_match"]
+        assert "no biomarker row matched a covariates row" in msg and str(other) in msg
+        lake_side, file_side = msg.split("subject of the biomarkers: ")[1].split(f"; of {other}: ")
+        shown = [s for s in lake_side.split(" ... ")[0].split(", ")]
+        assert len(shown) == 5 and set(shown) <= set(rows["subject"])
+        assert f"({rows['subject'].nunique()} in all)" in lake_side
+        listed = file_side.split(" ... ")[0].split(", ")
+        assert len(listed) == 5 and set(listed) <= set("ABIDE-" + cov["subject"])
+        assert f"({len(cov)} in all)" in file_side
+    assert {p: lake.read_bytes(p) for p in lake.find()} == before  # nothing written, nothing audited
+    # subjects that match, but not one with a value: no rows left, and why
+    cov.assign(AGE=np.nan).to_csv(root / "no_age.tsv", sep="\t", index=False)
+    with pytest.raises(NoRowsToHarmonize, match=rf"no rows to fit: {len(set(rows['subject']))} "
+                                                r"scan\(s\) have no covariates and are left out"):
+        service.fit_lake(lake, lake_io.select_rows(rows, None, ["PASS", "WARN"], ["baseline"]),
+                         lake_io.read_covariates(str(root / "no_age.tsv")), SETTINGS)
+    # a session column read as numbers is compared as text, not a crash of the join
+    cov.assign(session=1).to_csv(root / "by_session.csv", index=False)
+    with pytest.raises(NoRowsToHarmonize, match=r"has its subject/session in .*by_session\.csv"):
+        lake_io.to_wide(rows, lake_io.read_covariates(str(root / "by_session.csv")), SETTINGS)
 
 
 def test_bids_participants_tsv_is_a_covariate_table(world):

@@ -12,10 +12,16 @@ import pandas as pd
 import pytest
 
 from data_contracts.harmonization_settings import HarmonizationSettings
-from harmonization import combat
+from harmonization import combat, model_store, service
 from harmonization.abide import load_abide
-from harmonization.errors import HarmonizationRefused, InputTableError, ModelMismatchError
+from harmonization.errors import (
+    HarmonizationRefused,
+    InputTableError,
+    ModelMismatchError,
+    NoRowsToHarmonize,
+)
 from harmonization.inputs import from_wide_table
+from tasks.lake.storage import Lake
 
 COVS = ["AGE", "SEX", "DX"]
 FEATURES = ["Left-Hippocampus", "Right-Hippocampus", "CSF", "lh_MeanThickness_thickness",
@@ -137,3 +143,26 @@ def test_every_reason_is_reported_at_once(abide):
     assert {f.code for f in err.findings if f.level == "refusal"} == \
         {"nan_feature", "missing_covariate_value", "small_site"}
     assert len(str(err).splitlines()) == 4  # the heading and one line per reason
+
+
+def test_empty_input_is_a_named_refusal_not_an_index_error(abide, tmp_path):
+    # every row filtered out before the fit: ComBat's checks used to index a first row
+    for empty in (abide.iloc[:0], abide[abide["SITE"] == "NO_SUCH_SITE"]):
+        err = _refusal(empty)
+        assert isinstance(err, NoRowsToHarmonize)
+        assert [f.code for f in err.findings] == ["no_rows"]
+        assert "table: no rows to fit" in str(err)
+    # one site, or small sites pooled into one: named, with the batch
+    pooled = abide[abide["SITE"].isin(["CMU", "OHSU"])]
+    err = _refusal(pooled, SETTINGS.model_copy(update={"small_site": "pool", "min_site_n": 28}))
+    assert "all rows are in one batch ('pooled')" in str(err)
+    assert [f.where for f in err.findings if f.code == "single_batch"] == [{"batch": "pooled"}]
+    # applying a model to a table without rows
+    lake = Lake(str(tmp_path / "lake")).init()
+    model = combat.fit(_data(abide), SETTINGS).model
+    model_id = model_store.save_model(lake, model)
+    abide.iloc[:0].to_parquet(tmp_path / "empty.parquet", index=False)  # keeps the column types
+    with pytest.raises(NoRowsToHarmonize, match=r"empty\.parquet: no rows to harmonize"):
+        service.apply_table(lake, model_id, str(tmp_path / "empty.parquet"), str(tmp_path / "out.csv"),
+                            "SITE")
+    assert not (tmp_path / "out.csv").exists()
