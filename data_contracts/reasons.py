@@ -50,6 +50,11 @@ REASONS: dict[str, Reason] = {r.code: r for r in (
            "pydeface's face template is not installed on this worker (make setup installs it)"),
     Reason("run_refused", "infrastructure", False,
            "the run could not be attempted (unknown backend, unmountable path)"),
+    Reason("audit_chain_broken", "infrastructure", False,
+           "the lake's audit log is behind its anchor, left the anchored history or fails its key: "
+           "nothing is appended until an operator has run `corelab audit verify`"),
+    Reason("audit_anchor_invalid", "infrastructure", False,
+           "the audit anchor store is inside the lake, or its record of the lake is unreadable"),
     Reason("receiver_failed", "infrastructure", False,
            "the DICOM receiver could not start (address in use, TLS without client certificates)"),
     # input

@@ -24,6 +24,7 @@ os.environ["PREFECT_HOME"] = _HOME
 os.environ.pop("PREFECT_API_URL", None)  # never talk to a real server from tests
 os.environ.setdefault("CORELAB_DEID_KEY", "test-deid-key-not-secret")
 os.environ.setdefault("CORELAB_PSEUDONYM_KEY", "test-pseudonym-key-not-secret")
+os.environ.setdefault("CORELAB_AUDIT_KEY", "test-audit-key-not-secret")
 
 import flows.runtime  # noqa: E402,F401  (environment defaults before Prefect loads)
 from tests.data import SHARED, shared_path  # noqa: E402

@@ -65,15 +65,51 @@ def export_biomarkers_cmd(
 
 
 @audit_app.command("verify")
-def audit_verify(lake: Optional[str] = LakeOpt) -> None:
-    """Recompute the audit log's hash chain; exit 1 on any break."""
-    from tasks.lake.audit import verify_chain
+def audit_verify(
+    lake: Optional[str] = LakeOpt,
+    anchor: Optional[str] = typer.Option(
+        None, "--anchor", help="the audit anchor store, outside the lake (default $CORELAB_AUDIT_ANCHOR)"),
+    require_anchor: bool = typer.Option(
+        False, "--require-anchor", help="exit 1 also when the log is not keyed or not anchored"),
+) -> None:
+    """Recompute the audit log's hashes, links and HMACs and compare it with its anchor; exit 1 on any problem.
+
+    The HMAC key is $CORELAB_AUDIT_KEY (never stored in the lake). Each problem is one line on stderr.
+    """
+    from tasks.errors import CorelabError
+    from tasks.lake.audit import ANCHOR_ENV, FROM_ENV, KEY_ENV, open_anchor, verify_chain
     from tasks.lake.storage import open_lake
 
-    report = verify_chain(open_lake(lake_url(lake)))
+    try:
+        opened = open_lake(lake_url(lake))
+        store = open_anchor(opened, anchor) if anchor else FROM_ENV
+        report = verify_chain(opened, anchor=store)
+    except CorelabError as exc:
+        fail(str(exc))
+    if report.key_id is None:
+        keyed = f"NOT keyed: {KEY_ENV} is not set, HMACs not checked (a forged event with a correct hash passes)"
+    elif report.keyed:
+        keyed = f"keyed: HMAC-SHA256, key id {report.key_id}"
+    else:
+        keyed = f"NOT keyed with key id {report.key_id} (see the problems)"
+    if report.anchor is None:
+        anchored = (f"NOT anchored: no anchor store ({ANCHOR_ENV} or --anchor), so a cut tail or a deleted "
+                    "log cannot be detected")
+    elif report.anchored:
+        anchored = f"anchored: {report.anchor}, event {report.anchor_seq}"
+    else:
+        anchored = f"NOT anchored: {report.anchor} holds no record of this lake"
+    for line in (keyed, anchored, *report.notes):
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
     if report.ok:
-        console.print(f"audit log intact: {report.events} events")
+        full = report.keyed and report.anchored
+        console.print(f"audit log intact: {report.events} events" if full else
+                      f"audit log intact as far as it can be checked: {report.events} events "
+                      f"({'keyed' if report.keyed else 'not keyed'}, "
+                      f"{'anchored' if report.anchored else 'not anchored'})", highlight=False)
+        if require_anchor and not full:
+            fail("--require-anchor: the audit log is not both keyed and anchored", 1)
         return
     for p in report.problems:
-        err.print(p, highlight=False)
+        err.print(p, highlight=False, soft_wrap=True, markup=False)
     fail(f"audit log broken: {len(report.problems)} problem(s) in {report.events} events", 1)
