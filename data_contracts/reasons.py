@@ -57,6 +57,8 @@ REASONS: dict[str, Reason] = {r.code: r for r in (
            "the audit anchor store is inside the lake, or its record of the lake is unreadable"),
     Reason("receiver_failed", "infrastructure", False,
            "the DICOM receiver could not start (address in use, TLS without client certificates)"),
+    Reason("watcher_failed", "infrastructure", False,
+           "the upload drop watcher cannot list its drop root, or cannot stage an upload locally"),
     # input
     Reason("upload_not_found", "input", False, "the upload path does not exist"),
     Reason("bad_archive", "input", False, "a zip archive cannot be opened"),
@@ -79,6 +81,8 @@ REASONS: dict[str, Reason] = {r.code: r for r in (
     Reason("refused", "input", False, "refused for a reason without a code of its own"),
     Reason("association_refused", "input", False,
            "a DICOM association was refused: its calling AE title, from its source address, is not a site's"),
+    Reason("upload_site_unknown", "input", False,
+           "an upload was dropped under a folder (uploads/<folder>/) that is no site of the trial"),
     # phi
     Reason("burned_in", "phi", False, "the pixel data may hold identifying text"),
     Reason("deid_failed", "phi", False, "a data set could not be de-identified"),

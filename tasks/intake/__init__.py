@@ -9,4 +9,6 @@ derived    the scanner's computed images (ADC, trace, MPR) in an acquired series
 placeholders  values that stand where an identifier was left out (``***``, ``ANONYMOUS``, ...)
 heap       holding Python's garbage collector while a study's headers pile up
 receiver   the DICOM Storage SCP: sites push studies, each instance lands in the inbox at once
+watch      the upload drop watcher: uploads/<site>/<upload>/ of a folder or an S3 prefix, handed
+           over once a READY marker or a quiet period says it is complete
 """
