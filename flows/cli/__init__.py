@@ -7,6 +7,7 @@ tables      qc override, export biomarkers, audit verify
 harmonize   harmonize fit | apply | models
 containers  containers build | verify | list | sif | lock-requirements
 demo        the demo on the shared real data (``make demo``)
+service     serve: the receiver, the upload watcher and the flows on a Prefect server
 
 Exit codes: 0 when the study was accepted (with or without deviations), 1 when nothing was
 accepted (or an audit chain is broken), 2 for a bad command, trial file, site or path.
@@ -15,14 +16,16 @@ accepted (or an audit chain is broken), 2 for a bad command, trial file, site or
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 
 import typer
 from rich.markup import escape
 
 from flows import runtime
-from flows.cli import containers, demo, harmonize, study, tables
+from flows.cli import containers, demo, harmonize, service, study, tables
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="corelab: an imaging core lab in a box for multi-site MRI trials.")
@@ -37,6 +40,7 @@ def _options(verbose: bool = typer.Option(False, "--verbose", "-v",
 app.command()(study.ingest)
 app.command()(study.process)
 app.command()(demo.demo)
+app.command()(service.serve)
 app.add_typer(study.protocol_app, name="protocol")
 app.add_typer(tables.audit_app, name="audit")
 app.add_typer(tables.qc_app, name="qc")
@@ -45,9 +49,24 @@ app.add_typer(harmonize.app, name="harmonize")
 app.add_typer(containers.app, name="containers")
 
 
+def _service_api() -> contextlib.AbstractContextManager:
+    """Settings pointing at a running `corelab serve`'s Prefect server, when one answers on this machine."""
+    if os.environ.get("PREFECT_API_URL") or sys.argv[1:2] == ["serve"]:
+        return contextlib.nullcontext()
+    from flows.serve import running_api_url
+
+    url = running_api_url()
+    if not url:
+        return contextlib.nullcontext()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    os.environ["PREFECT_API_URL"] = url   # for the subprocesses too
+    return temporary_settings(updates={PREFECT_API_URL: url})
+
+
 def main() -> None:
     try:
-        with runtime.embedded_runs():
+        with _service_api(), runtime.embedded_runs():
             app()
     except KeyboardInterrupt:
         sys.exit(130)
