@@ -140,3 +140,77 @@ def test_local_paths_for_programs_that_read_files(tmp_path, s3_url):
         path = lake.local_file("deid/s/series-1/a.dcm", work)
         assert open(path, "rb").read() == b"a"
         assert (path == lake.path("deid/s/series-1/a.dcm")) is lake.is_local
+
+
+def test_write_new_never_replaces_what_is_there(tmp_path, s3_url):
+    for lake in _lakes(tmp_path, s3_url, prefix="write-new"):
+        lake.write_new("audit/events/000000000001.json", b"first")
+        with pytest.raises(FileExistsError):
+            lake.write_new("audit/events/000000000001.json", b"second")
+        assert lake.read_bytes("audit/events/000000000001.json") == b"first"
+        assert lake.find("audit") == ["audit/events/000000000001.json"]
+    assert not [p for p in (tmp_path / "local").rglob(".tmp-*")]
+
+
+def test_write_new_from_many_writers_at_once_has_one_winner(tmp_path, s3_url):
+    """20 threads, each with its own client, create one name at once: one succeeds, 19 are refused."""
+    import threading
+
+    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_url},
+            "skip_instance_cache": True}
+    def race(lakes):
+        go, won, refused = threading.Barrier(len(lakes)), [], []
+
+        def create(i):
+            go.wait()
+            try:
+                lakes[i].write_new("audit/events/000000000007.json", f"writer {i}".encode())
+                won.append(i)
+            except FileExistsError:
+                refused.append(i)
+
+        threads = [threading.Thread(target=create, args=(i,)) for i in range(len(lakes))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return won, refused
+
+    for url in (str(tmp_path / "local"), "s3://lake/write-new-race"):
+        lakes = [Lake(url, opts if url.startswith("s3") else {}) for _ in range(20)]
+        won, refused = race(lakes)
+        assert len(won) == 1 and len(refused) == 19, (url, won, refused)
+        assert lakes[0].read_bytes("audit/events/000000000007.json") == f"writer {won[0]}".encode()
+
+
+def test_a_lake_sees_what_another_client_wrote_after_it_listed(s3_url):
+    """s3fs caches listings and answers exists() from them: the lake must ask the store instead."""
+    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_url}}
+    ours = Lake("s3://lake/fresh", opts)
+    theirs = Lake("s3://lake/fresh", dict(opts, skip_instance_cache=True))    # another machine
+    ours.write_text("audit/events/000000000001.json", "{}")
+    assert ours.listdir("audit/events") == ["000000000001.json"]
+    assert ours.find("audit") == ["audit/events/000000000001.json"]
+    theirs.write_text("audit/events/000000000002.json", "{}")
+    theirs.write_text("audit/head.json", "{}")
+    assert ours.exists("audit/events/000000000002.json") and ours.exists("audit/head.json")
+    assert ours.listdir("audit/events") == ["000000000001.json", "000000000002.json"]
+    assert ours.listdir("audit") == ["events", "head.json"]
+    assert ours.find("audit") == ["audit/events/000000000001.json", "audit/events/000000000002.json",
+                                  "audit/head.json"]
+
+
+def test_a_lock_that_cannot_be_had_is_a_retryable_infrastructure_failure(s3_url):
+    from data_contracts.reasons import REASONS
+    from tasks.errors import is_transient
+    from tasks.lake.storage import LockTimeout
+
+    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_url}}
+    lake = Lake("s3://lake/lock-timeout", opts)
+    with lake.lock("table-qc-site-a"):
+        with pytest.raises(LockTimeout, match=r"lock 'table-qc-site-a' still held after 1 s") as err:
+            with lake.lock("table-qc-site-a", timeout=1):
+                pass
+    assert is_transient(err.value) and REASONS[err.value.code].category == "infrastructure"
+    with lake.lock("table-qc-site-a", timeout=1):    # released on leaving the block
+        pass
