@@ -415,7 +415,7 @@ class Lake:
         idempotent upserts). ``ttl`` bounds that window from below: only a stall longer than
         it can open it. Audit events use :meth:`write_new`, so even then no sequence number is
         written twice. The store must honour ``If-None-Match`` on PUT and ``If-Match`` on PUT
-        and DELETE (AWS S3 does since 2024/2025, as do moto and MinIO).
+        and DELETE (AWS S3 does since 2024/2025, and moto; check another S3-compatible store).
 
         Parameters
         ----------
