@@ -21,7 +21,7 @@ from __future__ import annotations
 from prefect import flow
 
 from data_contracts.trial import TrialConfig, load_trial
-from flows.runtime import flow_run_id
+from flows.runtime import flow_run_id, load_secrets, trial_secrets
 from pipelines.registry import get_spec, names
 from tasks.bids.convert import convert_study_task
 from tasks.bids.deface import deface_study_task, verify_brain_untouched_task
@@ -40,6 +40,7 @@ def process_study(study_key: str, site: str, trial_file: str | None = None, lake
                   pipelines: list[str] | None = None, trial: TrialConfig | None = None) -> list[SeriesQC]:
     """Process one received study (see module docstring)."""
     trial = trial or load_trial(trial_file or "trial.yaml")
+    load_secrets(trial_secrets(trial, lake_url))  # from Prefect Secret blocks when not in the environment
     lake = open_lake(lake_url)
     study = read_study(lake, site, study_key)
     specs = [get_spec(name) for name in (pipelines or names())]

@@ -21,7 +21,7 @@ from prefect.events import emit_event
 from prefect.utilities.annotations import quote
 
 from data_contracts.trial import TrialConfig, load_trial
-from flows.runtime import flow_run_id
+from flows.runtime import flow_run_id, load_secrets, trial_secrets
 from tasks.intake.custody import QuarantineRecord, quarantine_files_task, release_inbox, take_custody_task
 from tasks.intake.identify import AttributionError
 from tasks.intake.inventory import ReceivedFile, inventory_task, upload_id
@@ -58,6 +58,7 @@ def receive_study(upload: str, site: str, trial_file: str | None = None, lake_ur
     """Receive one upload from one site (see module docstring)."""
     log = get_run_logger()
     trial = trial or load_trial(trial_file or "trial.yaml")
+    load_secrets(trial_secrets(trial, lake_url))  # from Prefect Secret blocks when not in the environment
     trial.site(site)  # an unknown site stops here, before anything is written
     lake = open_lake(lake_url)
     path = Path(upload)

@@ -160,3 +160,49 @@ def task_runner(kind: str = "threads", address: str | None = None, workers: int 
             return DaskTaskRunner(address=address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
     raise ValueError(f"unknown task runner {kind!r}; choose one of {RUNNERS}")
+
+
+#: Secrets a worker may need: the trial's keys, the audit key, S3 credentials.
+SECRET_ENVS = ("CORELAB_DEID_KEY", "CORELAB_PSEUDONYM_KEY", "CORELAB_AUDIT_KEY", "AWS_ACCESS_KEY_ID",
+               "AWS_SECRET_ACCESS_KEY")
+
+
+def secret_block_name(env: str) -> str:
+    """The Prefect Secret block a secret is read from when its variable is not set: ``corelab-deid-key``."""
+    return env.lower().replace("_", "-")
+
+
+def trial_secrets(trial: Any, lake_url: str | None) -> tuple[str, ...]:
+    """The secrets a run of ``trial`` on ``lake_url`` needs (S3 credentials only for an S3 lake)."""
+    names = [trial.deidentification.secret_env, "CORELAB_AUDIT_KEY"]
+    if trial.subjects.mode == "pseudonym":
+        names.append(trial.subjects.secret_env)
+    if (lake_url or os.environ.get("CORELAB_LAKE") or "").startswith("s3://"):
+        names += ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+    return tuple(dict.fromkeys(names))
+
+
+def load_secrets(names: tuple[str, ...] = SECRET_ENVS) -> list[str]:
+    """Put each secret that the environment lacks into it, from the Prefect Secret block of its name.
+
+    Secrets reach a worker either in its environment or as Prefect Secret blocks (``prefect block
+    create secret``, or ``Secret(value=...).save("corelab-deid-key")``), never as flow parameters,
+    which the server stores and shows. Only this process's environment is set; nothing is logged but
+    the names. Returns the names read from blocks.
+    """
+    from prefect.blocks.system import Secret
+
+    loaded = []
+    for env in names:
+        if os.environ.get(env):
+            continue
+        try:
+            value = Secret.load(secret_block_name(env)).get()
+        except (ValueError, RuntimeError):  # no such block, or no API to ask
+            continue
+        if value:
+            os.environ[env] = str(value)
+            loaded.append(env)
+    if loaded:
+        logging.getLogger(LOGGER).info("secrets read from Prefect Secret blocks: %s", ", ".join(loaded))
+    return loaded

@@ -24,6 +24,24 @@ DaskAddressOpt = typer.Option(None, "--dask-address",
                               help="scheduler of a running Dask cluster (default: a local one of 2 workers)")
 
 
+def authenticated_user() -> str:
+    """Who runs this command, as the operating system authenticated them: ``name@host``.
+
+    The account of the effective user id (``pwd``), not the ``USER``/``LOGNAME`` variables
+    (``getpass.getuser`` reads those first: anyone can set them). A human decision (a QC override,
+    a model promotion) is recorded under this name; there is no free-text ``--by``. Each person
+    reviews under an account of their own (on a shared server, ``sudo -u``/``ssh`` as themselves).
+    """
+    import pwd
+    import socket
+
+    try:
+        name = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a container without a passwd entry for this uid
+        name = f"uid{os.geteuid()}"
+    return f"{name}@{socket.gethostname()}"
+
+
 def trial_path(trial: Optional[Path]) -> Path:
     return Path(trial or os.environ.get("CORELAB_TRIAL") or "trial.yaml")
 

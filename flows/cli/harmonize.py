@@ -14,7 +14,7 @@ Lake mode (the trial's QC-passed ``biomarkers``; runs the Prefect flow ``harmoni
 The trial's promoted model (what the nightly ``harmonize-nightly-apply`` applies, and
 ``apply`` in lake mode without a MODEL_ID)::
 
-    corelab harmonize promote MODEL_ID --by NAME [--trial trial.yaml] [--lake LAKE]
+    corelab harmonize promote MODEL_ID [--trial trial.yaml] [--lake LAKE]   (as the authenticated user)
     corelab harmonize current [--trial trial.yaml] [--lake LAKE]    (or: promote --show)
 
 Models are stored in the lake (``--lake``, else $CORELAB_LAKE, else ./corelab-lake)
@@ -24,7 +24,6 @@ refused; the message says why and what to change.
 
 from __future__ import annotations
 
-import getpass
 from pathlib import Path
 from typing import Optional
 
@@ -33,7 +32,7 @@ from pydantic import ValidationError
 
 from data_contracts.harmonization_settings import HarmonizationSettings
 from data_contracts.trial import TrialConfigError, load_trial
-from flows.cli.common import TrialOpt, fail, trial_path
+from flows.cli.common import TrialOpt, authenticated_user, fail, trial_path
 from harmonization import model_store, service
 from harmonization.errors import HarmonizationError
 from tasks.lake.storage import open_lake
@@ -144,13 +143,6 @@ def _trial_id(trial: Optional[Path]) -> str:
         fail(str(exc))
 
 
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no login name (a container without a passwd entry)
-        return "unknown"
-
-
 def _show(lake: Optional[str], trial: Optional[Path]) -> None:
     store, trial_id = open_lake(lake), _trial_id(trial)
     try:
@@ -166,7 +158,6 @@ def _show(lake: Optional[str], trial: Optional[Path]) -> None:
 @app.command()
 def promote(
     model_id: Optional[str] = typer.Argument(None, help="id of a stored model of the trial (hm-...)"),
-    by: Optional[str] = typer.Option(None, "--by", help="who promotes it (default: the login name)"),
     show: bool = typer.Option(False, "--show", help="only print the trial's promoted model"),
     trial: Optional[Path] = TrialOpt,
     lake: Optional[str] = typer.Option(None, help="lake holding the models"),
@@ -179,7 +170,7 @@ def promote(
         fail("promote needs MODEL_ID (or --show); `corelab harmonize models` lists them")
     store, trial_id = open_lake(lake), _trial_id(trial)
     try:
-        promotion, changed = model_store.promote(store, model_id, trial_id, by or _user())
+        promotion, changed = model_store.promote(store, model_id, trial_id, authenticated_user())
     except HarmonizationError as exc:
         fail(f"not promoted: {exc}")
     if changed:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from flows.cli.common import LakeOpt, console, err, fail, lake_url
+from flows.cli.common import LakeOpt, authenticated_user, console, err, fail, lake_url
 
 qc_app = typer.Typer(no_args_is_help=True, help="QC verdicts and reviewer overrides.")
 export_app = typer.Typer(no_args_is_help=True, help="Tables for data managers and statisticians.")
@@ -19,17 +19,17 @@ def qc_override(
     series: str = typer.Argument(..., help="SeriesInstanceUID (or a unique prefix) of a processed series"),
     verdict: str = typer.Option(..., "--verdict", help="pass or fail"),
     reason: str = typer.Option(..., "--reason", help="why (kept with the decision)"),
-    by: str = typer.Option(..., "--by", help="the reviewer's name"),
     confirm_head: bool = typer.Option(
         False, "--confirm-head",
         help="passing a series the gate failed as not a head: you looked, and the object is a head"),
     lake: Optional[str] = LakeOpt,
 ) -> None:
-    """Record a reviewer's verdict; the biomarkers table follows it."""
+    """Record a reviewer's verdict (as the authenticated user running it); the biomarkers table follows it."""
     from tasks.lake.storage import open_lake
     from tasks.qc.overrides import OverrideError, override
 
     try:
+        by = authenticated_user()
         event = override(open_lake(lake_url(lake)), series, verdict, reason, by, confirm_head=confirm_head)
     except OverrideError as exc:
         fail(str(exc))

@@ -17,6 +17,7 @@ import pytest
 from nibabel.processing import resample_from_to
 
 from data_contracts.qc_settings import QCSettings
+from flows.cli.common import authenticated_user
 from flows.process_study import process_study
 from flows.receive_study import receive_study
 from pipelines.registry import get_spec
@@ -207,13 +208,13 @@ def test_passing_a_series_failed_as_not_a_head_needs_the_reviewer_to_confirm_it(
     with pytest.raises(OverrideError, match="failed the head check: .*--confirm-head"):
         override(lake, uid, "pass", "looks fine", "Dr Reviewer")
     res = CliRunner().invoke(app, ["qc", "override", uid, "--verdict", "pass", "--reason", "looks fine",
-                                   "--by", "Dr R", "--lake", lake.url])
+                                   "--lake", lake.url])
     assert res.exit_code == 2 and "--confirm-head" in res.output and "Traceback" not in res.output
     assert {p: lake.read_bytes(p) for p in lake.find("tables")} == before       # nothing was changed
     # Failing it again needs no confirmation.
     assert override(lake, uid, "fail", "agree: not a head", "Dr Reviewer")["overrides_not_a_head"] == []
     res = CliRunner().invoke(app, ["qc", "override", uid, "--verdict", "pass", "--reason", "a head, on review",
-                                   "--by", "Dr R", "--confirm-head", "--lake", lake.url])
+                                   "--confirm-head", "--lake", lake.url])
     assert res.exit_code == 0, res.output
     assert "biomarkers added 5" in res.output and "this overrides the head check (not_a_head)" in res.output
     qc = read_table(lake, "qc")
@@ -232,12 +233,17 @@ def test_override_from_the_cli_and_for_a_pipeline_not_registered_here(scratch, m
     lake, results = scratch
     _, (sp,) = results["siemens-xa30"]
     uid = sp.run.series_uid
-    res = CliRunner().invoke(app, ["qc", "override", uid, "--verdict", "fail", "--reason", "artefact", "--by", "Dr R",
+    res = CliRunner().invoke(app, ["qc", "override", uid, "--verdict", "fail", "--reason", "artefact",
                                    "--lake", lake.url])
-    assert res.exit_code == 0 and "PASS -> FAIL by Dr R; biomarkers added 0, withdrawn 5" in res.output
+    me = authenticated_user()   # the OS account running the command is the reviewer, never free text
+    assert res.exit_code == 0 and f"PASS -> FAIL by {me}; biomarkers added 0, withdrawn 5" in res.output
+    assert set(read_table(lake, "qc").query("series_uid == @uid").override_by) == {me}
+    assert read_events(lake)[-1]["actor"] == me
+    assert CliRunner().invoke(app, ["qc", "override", uid, "--verdict", "fail", "--reason", "x", "--by", "Dr R",
+                                    "--lake", lake.url]).exit_code == 2          # no free-text reviewer
     before = {p: lake.read_bytes(p) for p in lake.find("tables")}
     monkeypatch.setattr(reg, "BUILTIN", {})       # a process where anat is not registered
-    res = CliRunner().invoke(app, ["qc", "override", uid, "--verdict", "pass", "--reason", "fine", "--by", "Dr S",
+    res = CliRunner().invoke(app, ["qc", "override", uid, "--verdict", "pass", "--reason", "fine",
                                    "--lake", lake.url])
     assert res.exit_code == 2 and "pipeline 'anat' is not registered here" in res.output
     assert {p: lake.read_bytes(p) for p in lake.find("tables")} == before     # nothing was changed

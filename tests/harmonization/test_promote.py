@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from flows.cli.common import authenticated_user
 from flows.cli.harmonize import app
 from harmonization import combat, model_store, service
 from harmonization import lake as lake_io
@@ -98,24 +99,25 @@ def test_promote_show_and_refuse(world, abide):
     assert "no harmonization model is promoted for trial ABIDEH" in shown.output
     assert first in shown.output  # what could be promoted
 
-    res = _cli("promote", first, "--by", "dr-stat", *where)
+    me = authenticated_user()                      # the OS account running the command, never free text
+    res = _cli("promote", first, *where)
     assert res.exit_code == 0, res.output
     pointer = json.loads(lake.read_text("models/harmonization/current/ABIDEH.json"))
     assert {k: pointer[k] for k in ("model_id", "trial_id", "actor", "previous")} == \
-        {"model_id": first, "trial_id": "ABIDEH", "actor": "dr-stat", "previous": None}
+        {"model_id": first, "trial_id": "ABIDEH", "actor": me, "previous": None}
     age = datetime.now(timezone.utc) - datetime.fromisoformat(pointer["promoted_at"])
     assert timedelta(0) <= age < timedelta(minutes=5)
     event = read_events(lake)[-1]
-    assert (event["action"], event["actor"]) == ("model_promoted", "dr-stat")
+    assert (event["action"], event["actor"]) == ("model_promoted", me)
     assert event["details"]["model_id"] == first and event["details"]["trial_id"] == "ABIDEH"
     assert verify_chain(lake).ok
     for command in (["current"], ["promote", "--show"]):
         res = _cli(*command, *where)
-        assert res.exit_code == 0 and first in res.output and "by dr-stat" in res.output, res.output
+        assert res.exit_code == 0 and first in res.output and f"by {me}" in res.output, res.output
 
     # the same model again: nothing rewritten, nothing audited
     before = _snapshot(lake)
-    res = _cli("promote", first, "--by", "someone-else", *where)
+    res = _cli("promote", first, *where)
     assert res.exit_code == 0 and "already promoted, nothing changed" in res.output
     assert _snapshot(lake) == before
 
@@ -128,7 +130,7 @@ def test_promote_show_and_refuse(world, abide):
                           ("latest", "'latest' is not a harmonization model id"),
                           (other, f"model {other} belongs to trial OTHER, not to trial ABIDEH"),
                           (table_model, f"model {table_model} records no trial")]:
-        res = _cli("promote", model_id, "--by", "dr-stat", *where)
+        res = _cli("promote", model_id, *where)
         assert res.exit_code == 2, res.output
         assert f"not promoted: {why}" in " ".join(res.output.split())
         assert "Traceback" not in res.output and res.exception.__class__ is SystemExit
@@ -137,7 +139,7 @@ def test_promote_show_and_refuse(world, abide):
 
     # a second model of the trial replaces the first; the pointer and the audit say which
     second = _stored(root, lake, "ABIDEH", SETTINGS.model_copy(update={"covariates": ["AGE", "SEX"]}))
-    res = _cli("promote", second, "--by", "dr-stat", *where)
+    res = _cli("promote", second, *where)
     assert res.exit_code == 0 and f"(replacing {first})" in res.output
     assert model_store.current(lake, "ABIDEH").previous == first
     assert read_events(lake)[-1]["details"]["previous"] == first
