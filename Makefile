@@ -35,11 +35,14 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-# Programs the tests talk to as real peers: dcmtk's storescu/echoscu (Debian package dcmtk).
+# Programs the tests talk to as real peers: dcmtk's storescu/echoscu (Debian package dcmtk) and
+# Orthanc playing a site's PACS (Debian package orthanc; the tests run their own Orthanc process).
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 services:
 	@command -v storescu >/dev/null && command -v echoscu >/dev/null || \
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y dcmtk; }
+	@command -v Orthanc >/dev/null || test -x /usr/sbin/Orthanc || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y orthanc; }
 
 test: lint services
 	$(PY) -m pytest -q
