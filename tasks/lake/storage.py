@@ -269,18 +269,8 @@ class Lake:
         """Write ``data`` atomically at ``rel``; returns the relative path."""
         target = self.path(rel)
         if self.is_local:
-            folder = posixpath.dirname(target)
-            os.makedirs(folder, exist_ok=True)
-            tmp = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}")
-            try:
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
+            with _durable_temp(target, data) as tmp:
                 os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
         else:
             self.fs.pipe_file(target, data)  # one PUT: all or nothing
         return rel
@@ -348,14 +338,7 @@ class Lake:
                     if _s3_code(exc) != "ConditionalRequestConflict" or attempt == 4:
                         raise
                     time.sleep(random.uniform(0.05, 0.2))
-        folder = posixpath.dirname(target)
-        os.makedirs(folder, exist_ok=True)
-        tmp = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+        with _durable_temp(target, data) as tmp:
             try:
                 os.link(tmp, target)
             except OSError as exc:   # a file system without hard links: exclusive create, then rename
@@ -363,9 +346,6 @@ class Lake:
                     raise
                 os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
                 os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return rel
 
     @_io
@@ -613,6 +593,23 @@ def _lease_body(data: bytes) -> dict[str, Any]:
         return dict(body, expires=float(body["expires"]))
     except (ValueError, TypeError, KeyError):
         return {}
+
+
+@contextlib.contextmanager
+def _durable_temp(target: str, data: bytes) -> Iterator[str]:
+    """``data`` in a temporary file beside ``target``, on disk (fsynced); removed after unless moved."""
+    folder = posixpath.dirname(target)
+    os.makedirs(folder, exist_ok=True)
+    tmp = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        yield tmp
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:
