@@ -164,11 +164,14 @@ def _method(learning_rate: float) -> sitk.ImageRegistrationMethod:
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.2, 1)  # fixed seed, one thread: the same input gives the same mask
+    reg.SetMetricSamplingPercentage(0.2, 1)  # fixed seed, one work unit: the same input gives the same mask
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learning_rate, 1e-3, 200, relaxationFactor=0.6)
     reg.SetOptimizerScalesFromPhysicalShift()
+    # One thread is not enough: with more than one work unit (the default is one per core) the
+    # same images gave 5 different transforms in 6 calls on 2 cores; with one, the same every time.
     reg.SetNumberOfThreads(1)
+    reg.SetNumberOfWorkUnits(1)
     return reg
 
 
