@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,23 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def stage_bids_image(lake: Lake, bids_image: str, tmp: Path) -> Path:
+    """A local path of a BIDS image inside its dataset, as the pipeline sees it on a local lake.
+
+    On an object store the image is copied to ``tmp`` at its own path below ``bids/``, beside the
+    dataset's ``dataset_description.json``, so a pipeline that names its raw source (``RawSources``
+    ``bids:raw:sub-.../anat/...``) finds the dataset root as it does on disk.
+    """
+    if lake.is_local:
+        return Path(lake.path(bids_image))
+    folder = tmp / posixpath.dirname(bids_image)
+    folder.mkdir(parents=True, exist_ok=True)
+    description = "bids/dataset_description.json"
+    if lake.exists(description):
+        lake.local_file(description, tmp / "bids")
+    return Path(lake.local_file(bids_image, folder))
+
+
 def run_on_image(lake: Lake, spec: PipelineSpec, bids_image: str, subject: str, session: str,
                  series_uid: str, backend: str, allow_version_mismatch: bool = False,
                  threads: int | None = None) -> PipelineRun:
@@ -98,7 +116,7 @@ def run_on_image(lake: Lake, spec: PipelineSpec, bids_image: str, subject: str, 
         # Object stores get a local working folder, uploaded when the run is complete.
         work = Path(lake.path(root)) if lake.is_local else tmp_path / "deriv"
         # refusals (digest, stale lock, versions) and a missing engine raise ContainerRunError
-        record = run_pipeline(spec, Path(lake.local_file(bids_image, tmp_path)), work, subject, session,
+        record = run_pipeline(spec, stage_bids_image(lake, bids_image, tmp_path), work, subject, session,
                               backend=backend, entities=entities, threads=threads,
                               allow_version_mismatch=allow_version_mismatch)
         if record.exit_code == ENGINE_ERROR_EXIT and backend in OCI_ENGINES:

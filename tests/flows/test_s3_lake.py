@@ -50,7 +50,7 @@ from tests.data import shared_path
 pytestmark = [pytest.mark.prefect, pytest.mark.pipeline]
 
 BUCKET = "corelab-s3-path"       # moto keeps one store per process: a bucket of this module's own
-INPUTS = {"siemens-xa30": ("dcm_qa_xa30", "In"), "ge-nih": ("dcm_qa_nih", "In", "20180918GE")}
+INPUTS = {"siemens-xa30": ("dcm_qa_xa30", "In"), "ge-nih": ("dcm_qa_nih", "In", "20180918GE", "mr_0004")}
 COMPARED = ("studies", "series", "deviations", "queries", "qc", "biomarkers")
 STORES = ("bids", "deid", "derivatives")
 
@@ -65,11 +65,9 @@ RUN_COLUMNS = {"created_at", "received_at", "flow_run_id"}
 # the inputs' keys (paths) differ; the inputs' sha256 and the measures it printed do not.
 PROVENANCE_RUN_KEYS = {"run_id", "started_at", "finished_at", "duration_s"}
 PROVENANCE_PATH_KEYS = {"command", "command_line", "stdout_tail", "inputs"}
-# Known S3 defect (tasks/run/derivatives.py, not this test's to fix): for an S3 lake the BIDS image
-# is copied flat into a temporary folder, outside any dataset, so the anat pipeline cannot name it
-# as a BIDS URI and its sidecars' RawSources hold the bare file name instead of
-# "bids:raw:sub-.../anat/..._T1w.nii.gz".
-S3_RAW_SOURCES_BUG = "RawSources"
+# The anat sidecars name their raw image as a BIDS URI ("bids:raw:sub-.../anat/..._T1w.nii.gz"): on
+# S3 too, because the image is staged inside its dataset (found by this test: it was a bare name).
+RAW_SOURCES = "RawSources"
 
 
 def _sha256(data: bytes) -> str:
@@ -174,41 +172,30 @@ def _provenance(data: bytes, drop: set[str]) -> dict:
     return out
 
 
-def _without(data: bytes, key: str) -> dict:
-    return {k: v for k, v in json.loads(data).items() if k != key}
-
-
 def test_bids_deid_and_derivatives_hold_the_same_files(lakes):
     disk, s3 = lakes["files"]["disk"], lakes["files"]["s3"]
     assert sorted(disk) == sorted(s3)
     for store in STORES:
         assert any(p.startswith(store + "/") for p in disk), f"nothing under {store}/"
     differ = sorted(p for p in disk if disk[p] != s3[p])
-    provenance = [p for p in differ if p.endswith("_provenance.json")]
-    sidecars = [p for p in differ if p not in provenance]
-    assert len(provenance) == 1                      # one pipeline run: the XA30 T1 through anat
-    (p,) = provenance
+    (p,) = differ                                    # one pipeline run: the XA30 T1 through anat
+    assert p.endswith("_provenance.json")
     drop = PROVENANCE_RUN_KEYS | PROVENANCE_PATH_KEYS
     assert _provenance(disk[p], drop) == _provenance(s3[p], drop)
-    # everything else is byte-identical, but for the known S3 defect (see the xfail test below)
-    assert all(p.endswith(".json") and S3_RAW_SOURCES_BUG in json.loads(disk[p]) for p in sidecars), sidecars
-    for p in sidecars:
-        assert _without(disk[p], S3_RAW_SOURCES_BUG) == _without(s3[p], S3_RAW_SOURCES_BUG), p
+    # everything else is byte-identical (the anat sidecars' RawSources included: the image is staged
+    # inside its dataset on S3 too)
     images = [p for p in disk if p.endswith(".nii.gz")]
     assert images and all(disk[p] == s3[p] for p in images)
     print(f"{len(disk)} files under {', '.join(STORES)}: same paths; {len(disk) - len(differ)} byte-identical "
-          f"({len(images)} NIfTI), {len(sidecars)} sidecars differ only in {S3_RAW_SOURCES_BUG}, "
-          f"1 provenance record only in {sorted(drop)}")
+          f"({len(images)} NIfTI), 1 provenance record only in {sorted(drop)}")
 
 
-@pytest.mark.xfail(strict=True, reason="S3 lake: tasks/run/derivatives.py stages the BIDS image flat in a temporary "
-                                       "folder, so the anat sidecars' RawSources lose the bids:raw: URI")
 def test_derivative_sidecars_name_the_raw_image_as_on_disk(lakes):
     disk, s3 = lakes["files"]["disk"], lakes["files"]["s3"]
-    sidecars = [p for p in disk if p.endswith(".json") and S3_RAW_SOURCES_BUG in json.loads(disk[p])]
-    assert sidecars and all(json.loads(disk[p])[S3_RAW_SOURCES_BUG][0].startswith("bids:raw:sub-") for p in sidecars)
-    assert {p: json.loads(s3[p])[S3_RAW_SOURCES_BUG] for p in sidecars} == \
-           {p: json.loads(disk[p])[S3_RAW_SOURCES_BUG] for p in sidecars}
+    sidecars = [p for p in disk if p.endswith(".json") and RAW_SOURCES in json.loads(disk[p])]
+    assert sidecars and all(json.loads(disk[p])[RAW_SOURCES][0].startswith("bids:raw:sub-") for p in sidecars)
+    assert {p: json.loads(s3[p])[RAW_SOURCES] for p in sidecars} == \
+           {p: json.loads(disk[p])[RAW_SOURCES] for p in sidecars}
 
 
 def test_audit_verify_passes_on_both_and_the_logs_tell_the_same_story(lakes):
