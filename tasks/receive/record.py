@@ -19,7 +19,7 @@ from tasks.deid.verify import Matcher, check_no_phi
 from tasks.errors import TRANSIENT_RETRIES
 from tasks.intake.custody import QuarantineRecord
 from tasks.lake import tables
-from tasks.lake.audit import append_event
+from tasks.lake.audit import append_event, read_events
 from tasks.lake.storage import Lake
 from tasks.lake.studies import Study
 from tasks.lake.versions import corelab_version
@@ -111,7 +111,18 @@ def series_rows(o: StudyOutcome) -> list[dict[str, Any]]:
 
 
 def record_study(lake: Lake, outcome: StudyOutcome, matcher: Matcher) -> dict[str, int]:
-    """Write the study's rows (checked for PHI first) and its audit events."""
+    """Write the study's rows (checked for PHI first) and its audit event; the ``studies`` row last.
+
+    The ``studies`` row is what says a study was received: intake takes a study that has one as
+    already received and records nothing more (:func:`tasks.receive.study.receive_one_study`).
+    So it is written only once everything else of the study is: a run killed before it leaves a
+    study that the next attempt records whole (the other rows are upserts by their keys, and
+    their keys do not change between attempts). Its audit event comes before it too; an attempt
+    that finds series rows of this study already written (an earlier attempt got that far) looks
+    for that attempt's ``study_received`` first and, when it is there, logs
+    ``study_record_resumed`` instead: a crash never logs a study's receipt twice, and the log's
+    head moves past an append the crash cut short.
+    """
     study = outcome.study
     deviations = deviation_rows(study, outcome.all_findings, outcome.received_at)
     rows = {
@@ -121,10 +132,6 @@ def record_study(lake: Lake, outcome: StudyOutcome, matcher: Matcher) -> dict[st
         "queries": query_rows(study, deviations),
     }
     check_no_phi(f"tables for study {study.study_key[:12]}", rows, [matcher])
-    counts = {}
-    for table, table_rows in rows.items():
-        if table_rows:
-            counts[table] = tables.write_rows(lake, table, study.site, table_rows)
     event = {
         "study_key": study.study_key, "site": study.site, "subject": study.subject,
         "session": study.session, "status": outcome.status, "n_files": outcome.n_files,
@@ -133,8 +140,31 @@ def record_study(lake: Lake, outcome: StudyOutcome, matcher: Matcher) -> dict[st
         "quarantined_sha256": [q.sha256 for q in outcome.quarantined],
     }
     check_no_phi("audit event", event, [matcher])
-    append_event(lake, "study_received", **event)
+    resumed = _partly_recorded(lake, study)
+    counts = {}
+    for table in ("series", "deviations", "queries"):
+        if rows[table]:
+            counts[table] = tables.write_rows(lake, table, study.site, rows[table])
+    if resumed and _received_event(lake, study):
+        # the receipt is in the log already (perhaps beyond its head, an append cut short): an
+        # event saying the recording was completed takes it up, and no receipt is logged twice
+        append_event(lake, "study_record_resumed", study_key=study.study_key, site=study.site)
+    else:
+        append_event(lake, "study_received", **event)
+    counts["studies"] = tables.write_rows(lake, "studies", study.site, rows["studies"])
     return counts
+
+
+def _partly_recorded(lake: Lake, study: Study) -> bool:
+    """Whether an earlier attempt wrote series rows of this study (and then stopped before its studies row)."""
+    series = tables.read_table(lake, "series", [study.site])
+    return bool(len(series)) and bool((series["study_key"] == study.study_key).any())
+
+
+def _received_event(lake: Lake, study: Study) -> bool:
+    """Whether the audit log holds this study's ``study_received`` (only asked after an interrupted attempt)."""
+    return any(e.get("action") == "study_received" and e.get("details", {}).get("study_key") == study.study_key
+               for e in read_events(lake))
 
 
 @task(name="record-study", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
