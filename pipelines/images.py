@@ -12,9 +12,26 @@ and loaded into another engine (``podman save | docker load`` keeps it), or re-t
 runner starts images by this ID, so the image that runs is the one that was checked.
 
 The lock is TOML, one ``[images.<key>]`` table per image, written only by
-``corelab containers build``. Next to the digest it keeps the sha256 of the Containerfile,
-of the hash-pinned requirements lock and of the pipeline's source folders that made the image,
-so a definition changed after the build is seen (:func:`definition_drift`).
+``corelab containers build`` (and ``check-reproducible``, ``export``, ``sif``, which add to the
+entry of the same digest). Next to the digest it keeps the sha256 of the Containerfile, of the
+hash-pinned requirements lock and of the pipeline's source folders that made the image, so a
+definition changed after the build is seen (:func:`definition_drift`).
+
+Optional fields
+---------------
+``reproducible``
+    ``true`` when a rebuild from a clean cache (a podman storage of its own, no layer cache)
+    gave the same image ID; ``false`` when it did not, and then ``differs`` lists what differed
+    (``corelab containers check-reproducible``). Absent: never checked.
+``differs``
+    What a clean rebuild changed: config fields and, per layer, which files and how.
+``rebuilt_digest``
+    The image ID the last clean rebuild gave.
+``archive_sha256``
+    The sha256 of ``<key>-<id12>.oci.tar`` written by ``corelab containers export`` (``podman
+    save --format oci-archive``); ``corelab containers load`` loads only that file.
+``sif_sha256``
+    The SIF file of ``corelab containers sif``.
 """
 
 from __future__ import annotations
@@ -35,6 +52,7 @@ CONTAINERS = REPO / "containers"
 LOCK_PATH = CONTAINERS / "lock"
 LOCK_FORMAT = 1
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_OPTIONAL = ("sif_sha256", "archive_sha256", "reproducible", "rebuilt_digest", "differs")
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 _LOCK_HEADER = """\
 # Pinned pipeline images. Written by `corelab containers build`; do not edit by hand.
@@ -64,6 +82,10 @@ class LockedImage:
     engine: str
     built_at: str
     sif_sha256: str = ""
+    archive_sha256: str = ""
+    reproducible: bool | None = None
+    rebuilt_digest: str = ""
+    differs: tuple[str, ...] = ()
 
     @property
     def reference(self) -> str:
@@ -170,12 +192,17 @@ def read_lock(path: Path = LOCK_PATH) -> dict[str, LockedImage]:
     images = {}
     for key, entry in data.get("images", {}).items():
         missing = sorted(f.name for f in fields(LockedImage)
-                         if f.name not in ("key", "sif_sha256") and f.name not in entry)
+                         if f.name not in ("key", *_OPTIONAL) and f.name not in entry)
         extra = sorted(set(entry) - known)
         if missing or extra:
             raise LockError(f"{path}: image {key!r} has missing fields {missing} / unknown {extra}")
         if not _DIGEST.match(entry["digest"]):
             raise LockError(f"{path}: image {key!r} digest {entry['digest']!r} is not sha256:<64 hex>")
+        if "reproducible" in entry and not isinstance(entry["reproducible"], bool):
+            raise LockError(f"{path}: image {key!r} reproducible must be true or false")
+        if not isinstance(entry.get("differs", []), list):
+            raise LockError(f"{path}: image {key!r} differs must be a list of strings")
+        entry["differs"] = tuple(str(d) for d in entry.get("differs", ()))
         images[key] = LockedImage(key=key, **entry)
     return images
 
@@ -196,9 +223,10 @@ def write_lock_entry(entry: LockedImage, path: Path = LOCK_PATH) -> None:
     for key in sorted(images):
         lines.append(f"[images.{key}]")
         for name, value in asdict(images[key]).items():
-            if name != "key" and value != "":
-                # A JSON string is a valid TOML basic string.
-                lines.append(f"{name} = {json.dumps(value)}")
+            if name != "key" and value not in ("", None, ()):
+                # A JSON string is a valid TOML basic string; a JSON list of them a TOML array,
+                # JSON true/false TOML booleans.
+                lines.append(f"{name} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")
         lines.append("")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".lock.")
     with os.fdopen(fd, "w") as fh:

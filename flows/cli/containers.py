@@ -13,12 +13,24 @@ from pathlib import Path
 import typer
 
 from flows.cli.common import fail
-from pipelines.image_build import DEFAULT_BASE, BuildError, build_image, export_sif, lock_requirements, podman_env
-from pipelines.images import LOCK_PATH, REPO, LockError, definition_drift, read_lock
+from pipelines.image_build import (
+    CACHE,
+    DEFAULT_BASE,
+    BuildError,
+    build_image,
+    check_reproducible,
+    export_archive,
+    export_sif,
+    load_archive,
+    lock_requirements,
+    podman_env,
+)
+from pipelines.images import LOCK_PATH, REPO, LockedImage, LockError, definition_drift, read_lock
 from pipelines.registry import UnknownPipeline, spec_for_image
 
-app = typer.Typer(help="Pinned pipeline images: build, lock, verify (`corelab -v containers ...` logs each "
-                       "command before it runs).", no_args_is_help=True)
+app = typer.Typer(help="Pinned pipeline images: build, lock, verify, check a clean rebuild, export and "
+                       "load (`corelab -v containers ...` logs each command before it runs).",
+                  no_args_is_help=True)
 
 
 @app.command()
@@ -55,6 +67,52 @@ def sif(image: str = typer.Argument("anat"), lock: Path = typer.Option(LOCK_PATH
     typer.echo(f"{image}: {path} recorded in {lock}")
 
 
+@app.command("check-reproducible")
+def check_reproducible_cmd(image: str = typer.Argument("anat"), lock: Path = typer.Option(LOCK_PATH),
+                           fresh_base: bool = typer.Option(False, help="Also run debootstrap again "
+                                                           "(as another machine would) instead of "
+                                                           "reusing the cached rootfs tarball."),
+                           record: bool = typer.Option(True, help="Write the outcome into the lock.")) -> None:
+    """Rebuild IMAGE from a clean cache (an empty podman store) and compare with the locked digest.
+
+    Records reproducible = true/false (and what differed) in the lock. Exits 1 when it differs.
+    """
+    try:
+        result = check_reproducible(spec_for_image(image), lock, fresh_base=fresh_base, record=record)
+    except (BuildError, LockError, UnknownPipeline) as err:
+        fail(str(err))
+    typer.echo(f"{image}: locked {result.locked}, clean rebuild {result.rebuilt} "
+               f"({result.seconds:.0f} s): " + ("reproducible" if result.reproducible else
+                                                  "NOT reproducible"))
+    for line in result.differs:
+        typer.echo(f"  differs: {line}")
+    if not result.reproducible:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(image: str = typer.Argument("anat"), out: Path = typer.Option(CACHE, help="Folder for the "
+                                                                         "<image>-<id12>.oci.tar file."),
+           lock: Path = typer.Option(LOCK_PATH)) -> None:
+    """Save the locked IMAGE as an OCI archive (podman save) and record its sha256 in the lock."""
+    try:
+        path = export_archive(image, lock, out)
+    except (BuildError, LockError) as err:
+        fail(str(err))
+    typer.echo(f"{image}: {path} recorded in {lock}")
+
+
+@app.command()
+def load(archive: Path = typer.Argument(..., help="An archive written by `corelab containers export`."),
+         lock: Path = typer.Option(LOCK_PATH)) -> None:
+    """Load ARCHIVE into podman only if the lock records its sha256 and it is the locked image."""
+    try:
+        entry = load_archive(archive, lock)
+    except (BuildError, LockError) as err:
+        fail(str(err), code=1)
+    typer.echo(f"{entry.key}: loaded {entry.tagged} = {entry.digest}")
+
+
 @app.command("list")
 def list_images(lock: Path = typer.Option(LOCK_PATH)) -> None:
     """The locked images: key, reference, pipeline version, build time."""
@@ -75,7 +133,8 @@ def verify(image: list[str] = typer.Argument(None, help="Image keys (default: al
     """Check that each locked image matches its definition (and podman's copy of it).
 
     Exits 1 when a definition or the pipeline's code changed since the build, or when
-    podman's image differs from the locked digest.
+    podman's image differs from the locked digest. An image whose clean rebuild gave another
+    digest (``check-reproducible``) is said so on its line.
     """
     try:
         images = read_lock(repo / "containers" / "lock")
@@ -84,9 +143,19 @@ def verify(image: list[str] = typer.Argument(None, help="Image keys (default: al
     except (LockError, UnknownPipeline) as err:
         fail(str(err))
     for key, found in problems.items():
-        typer.echo(f"{key}: " + ("ok" if not found else "; ".join(found)))
+        note = _reproducibility(images[key]) if key in images else ""
+        typer.echo(f"{key}: " + ("ok" if not found else "; ".join(found)) + note)
     if any(problems.values()):
         raise typer.Exit(1)
+
+
+def _reproducibility(entry: LockedImage) -> str:
+    if entry.reproducible is None:
+        return ""
+    if entry.reproducible:
+        return " (reproducible: a clean rebuild gave the same digest)"
+    return (f"; NOT reproducible: a clean rebuild gave {entry.rebuilt_digest or 'another digest'}, "
+            f"differing in: {' | '.join(entry.differs) or 'unknown'}")
 
 
 def _problems(key: str, images: dict, engine: bool, repo: Path) -> list[str]:

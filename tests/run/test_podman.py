@@ -6,6 +6,11 @@ test), runs the anatomical pipeline on one real T1 from ../shared/data in the co
 with the ``local`` backend, and compares: same output files, same voxels, same measures
 within 1e-6. Also checks that the real engine's digest is what the build recorded and that a
 run against a lock that pins another digest is refused.
+
+Provenance: a rebuild from a clean cache (an empty podman store, no layer cache) gives the same
+image ID, and on the same base the committed lock's; the image exported as an OCI archive loads
+into an empty store ("another site") as the locked image, twice exported gives the same bytes,
+and an archive with one byte changed, or one that loads as another image, is refused.
 """
 
 from __future__ import annotations
@@ -20,9 +25,29 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
-from pipelines.image_build import build_image, podman_env
-from pipelines.images import LOCK_PATH, containerfile_path, read_lock, requirements_path, sha256_file, write_lock_entry
+from pipelines.image_build import (
+    SOURCE_DATE_EPOCH,
+    ArchiveRefused,
+    Reproduction,
+    build_image,
+    check_reproducible,
+    export_archive,
+    image_differences,
+    load_archive,
+    podman_env,
+    storage_conf,
+)
+from pipelines.images import (
+    LOCK_PATH,
+    REPO,
+    containerfile_path,
+    read_lock,
+    requirements_path,
+    sha256_file,
+    write_lock_entry,
+)
 from pipelines.registry import get_spec
 from tasks.run.runner import DigestMismatch, run_pipeline
 from tests.data import shared_path
@@ -128,3 +153,138 @@ def test_real_engine_refuses_an_image_the_lock_does_not_pin(locked, t1, tmp_path
         run_pipeline(get_spec("anat"), t1, tmp_path / "out", "xa30", "1", backend="podman",
                      lock_path=other)
     assert not (tmp_path / "out").exists()
+
+
+# --- provenance: a clean rebuild, export and load -------------------------------------------------
+
+def podman_in(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def rebuilt(locked) -> Reproduction:
+    lock, _ = locked
+    return check_reproducible(get_spec("anat"), lock)
+
+
+def test_a_clean_rebuild_gives_the_same_digest(rebuilt, locked):
+    lock, entry = locked
+    assert rebuilt.locked == entry.digest
+    assert rebuilt.rebuilt == entry.digest, "\n".join(rebuilt.differs)
+    assert rebuilt.differs == ()
+    recorded = read_lock(lock)["anat"]
+    assert recorded.reproducible is True and recorded.rebuilt_digest == entry.digest
+    assert recorded.digest == entry.digest
+
+
+def test_on_the_same_base_the_build_gives_the_committed_digest(locked):
+    """Another machine (CI's, a site's) builds what containers/lock pins, unless its Debian base differs.
+
+    The base is debootstrap from the Debian mirror: a point release changes packages and so the
+    base; then the lock is rebuilt, which this says instead of failing.
+    """
+    _, entry = locked
+    committed = read_lock(LOCK_PATH)["anat"]
+    if entry.base != committed.base or entry.engine != committed.engine:
+        pytest.skip(f"this machine's base/engine ({entry.base}, {entry.engine}) is not the locked "
+                    f"({committed.base}, {committed.engine}): rebuild the lock")
+    assert entry.digest == committed.digest
+    assert committed.reproducible is True
+
+
+@pytest.fixture
+def other_site(tmp_path):
+    """An empty podman image store, as on another site's machine."""
+    root = tmp_path / "store"
+    root.mkdir()
+    env = podman_env(storage_conf=storage_conf(root))
+    yield env
+    podman_in(env, "rmi", "--all", "--force")
+
+
+@pytest.fixture(scope="module")
+def exported(locked, tmp_path_factory) -> Path:
+    lock, _ = locked
+    return export_archive("anat", lock, tmp_path_factory.mktemp("export"))
+
+
+def test_export_then_load_elsewhere_gives_the_locked_image(locked, exported, other_site, tmp_path):
+    lock, entry = locked
+    assert exported.name == f"anat-{entry.digest.removeprefix('sha256:')[:12]}.oci.tar"
+    assert read_lock(lock)["anat"].archive_sha256 == sha256_file(exported)
+    # Exported again: the same bytes (podman's own save differs in the archive's mtimes).
+    again = export_archive("anat", lock, tmp_path / "again")
+    assert sha256_file(again) == sha256_file(exported)
+    assert podman_in(other_site, "image", "exists", entry.tagged).returncode == 1
+    loaded = load_archive(exported, lock, env=other_site)
+    assert loaded.digest == entry.digest
+    inspect = podman_in(other_site, "image", "inspect", "--format", "{{.Id}}", entry.tagged)
+    assert "sha256:" + inspect.stdout.strip() == entry.digest
+
+
+def test_a_tampered_archive_is_refused(locked, exported, other_site, tmp_path):
+    lock, _ = locked
+    bad = tmp_path / exported.name
+    shutil.copy(exported, bad)
+    with open(bad, "r+b") as fh:        # one byte, inside a layer blob
+        fh.seek(bad.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ArchiveRefused, match="is not an archive"):
+        load_archive(bad, lock, env=other_site)
+    assert podman_in(other_site, "images", "--quiet").stdout.strip() == ""   # nothing loaded
+    import flows.cli.containers as cli
+
+    result = CliRunner().invoke(cli.app, ["load", str(bad), "--lock", str(lock)])
+    assert result.exit_code == 1
+    assert "refusing to load" in result.output and str(bad) in result.output.replace("\n", "")
+    assert "Traceback" not in result.output
+
+
+def test_an_archive_that_loads_as_another_image_is_refused(locked, exported, other_site, tmp_path):
+    lock, entry = locked
+    other = tmp_path / "lock"
+    write_lock_entry(replace(read_lock(lock)["anat"], digest="sha256:" + "1" * 64), other)
+    with pytest.raises(ArchiveRefused, match=f"loaded as {entry.digest}, not the locked sha256:1111"):
+        load_archive(exported, other, env=other_site)
+    assert podman_in(other_site, "image", "exists", entry.tagged).returncode == 1
+
+
+def test_differences_between_two_builds_are_named_and_verify_says_so(locked, tmp_path):
+    """Two builds of one Containerfile at different timestamps: image_differences names the config's
+    created time and the layer's file mtimes; a lock that records them makes `verify` say so."""
+    lock, entry = locked
+    env = podman_env()
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "Containerfile").write_text(
+        f"FROM {entry.base.split('@')[0]}\nRUN echo corelab > /opt/marker\n")
+    layouts = []
+    for n, stamp in enumerate((SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH + 86400)):
+        tag = f"localhost/corelab-difftest:{n}"
+        subprocess.run(["podman", "build", "--quiet", "--network", "none", "--pull=never", "--no-cache",
+                        "--timestamp", str(stamp), "-t", tag, str(tmp_path / "ctx")],
+                       env=env, check=True, capture_output=True)
+        layouts.append(tmp_path / f"oci{n}")
+        subprocess.run(["podman", "save", "--format", "oci-dir", "-o", str(layouts[-1]), tag],
+                       env=env, check=True, capture_output=True)
+        subprocess.run(["podman", "rmi", tag], env=env, capture_output=True)
+    differs = image_differences(*layouts)
+    assert any(d.startswith("config created:") for d in differs), differs
+    layer = [d for d in differs if d.startswith("layer ")]
+    assert len(layer) == 1 and "echo corelab > /opt/marker" in layer[0] and "files' mtime" in layer[0], differs
+    assert "content" not in layer[0], differs
+
+    repo = tmp_path / "repo"
+    for folder in ("containers/anat", *get_spec("anat").sources):
+        shutil.copytree(REPO / folder, repo / folder)
+    write_lock_entry(replace(read_lock(lock)["anat"], reproducible=False,
+                             rebuilt_digest="sha256:" + "2" * 64, differs=tuple(differs)),
+                     repo / "containers" / "lock")
+    import flows.cli.containers as cli
+
+    result = CliRunner().invoke(cli.app, ["verify", "anat", "--no-engine", "--repo", str(repo)])
+    assert result.exit_code == 0, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("anat: ok; NOT reproducible: a clean rebuild gave sha256:2222")
+    assert "config created" in line and "files' mtime" in line
