@@ -18,7 +18,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
 from data_contracts.trial import TrialConfig, load_trial
-from flows.process_study import process_study
 from pipelines.registry import get_spec, names
 from tasks.lake.storage import open_lake
 from tasks.qc.due import studies_due
@@ -27,7 +26,13 @@ from tasks.qc.record import clear_retryable
 
 @task(name="process-study", cache_policy=NO_CACHE)
 def process_study_run(study_key: str, site: str, lake_url: str, backend: str, trial: TrialConfig) -> int:
-    """One study's ``process_study`` run (a subflow): the number of series it judged; its error, if any."""
+    """One study's ``process_study`` run (a subflow): the number of series it judged; its error, if any.
+
+    The flow is imported here, not at the top: on a Dask worker this task arrives pickled by value,
+    and a module-level flow object would travel without the names its annotations need.
+    """
+    from flows.process_study import process_study
+
     return len(process_study(study_key, site, lake_url=lake_url, backend=backend, trial=trial))
 
 

@@ -1,8 +1,9 @@
 """Flow ``process_study``: a received study becomes BIDS, pinned-pipeline derivatives,
 QC verdicts and biomarker rows.
 
-Inputs: the study key (or a unique prefix), its site, the trial file, the lake and
-the container backend. Outputs: ``bids/`` images and tables, a defaced copy of each head image
+Inputs: the study key (or a unique prefix), its site, the trial file, the lake, the
+container backend and the threads each pipeline run may use (default: the pipeline's own).
+Outputs: ``bids/`` images and tables, a defaced copy of each head image
 (``derivatives/deface-<version>/``, its brain check done once a pipeline made a brain mask),
 ``derivatives/<pipeline>-<version>/`` with each run's provenance, rows in ``qc`` and (PASS/WARN only) ``biomarkers``,
 deviations and site queries for failures, audit events. Returns one
@@ -37,7 +38,8 @@ from tasks.run.engines import ContainerRunError
 @flow(name="process_study")
 def process_study(study_key: str, site: str, trial_file: str | None = None, lake_url: str | None = None,
                   backend: str = "local", allow_version_mismatch: bool = False,
-                  pipelines: list[str] | None = None, trial: TrialConfig | None = None) -> list[SeriesQC]:
+                  pipelines: list[str] | None = None, trial: TrialConfig | None = None,
+                  threads: int | None = None) -> list[SeriesQC]:
     """Process one received study (see module docstring)."""
     trial = trial or load_trial(trial_file or "trial.yaml")
     load_secrets(trial_secrets(trial, lake_url))  # from Prefect Secret blocks when not in the environment
@@ -54,7 +56,7 @@ def process_study(study_key: str, site: str, trial_file: str | None = None, lake
             if any(q.matches(image.removeprefix("bids/")) for q in spec.inputs)]
     # 3. skip what this pipeline version already judged; 4. run the others side by side
     runs = {(spec.name, uid): run_on_image_task.submit(lake, spec, image, study.subject, study.session, uid,
-                                                        backend, allow_version_mismatch)
+                                                        backend, allow_version_mismatch, threads)
             for spec, uid, image in work if not skip_if_judged(lake, study, spec, uid)}
     done: list[SeriesQC] = []
     not_run: list[NotRun] = []

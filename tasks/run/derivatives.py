@@ -191,5 +191,7 @@ def measures_table(data: bytes) -> list[dict[str, Any]]:
 
 @task(name="run-pipeline", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def run_on_image_task(lake: Lake, spec: PipelineSpec, bids_image: str, subject: str, session: str,
-                      series_uid: str, backend: str, allow_version_mismatch: bool = False) -> PipelineRun:
-    return run_on_image(lake, spec, bids_image, subject, session, series_uid, backend, allow_version_mismatch)
+                      series_uid: str, backend: str, allow_version_mismatch: bool = False,
+                      threads: int | None = None) -> PipelineRun:
+    return run_on_image(lake, spec, bids_image, subject, session, series_uid, backend, allow_version_mismatch,
+                        threads)

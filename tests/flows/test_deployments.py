@@ -98,3 +98,24 @@ def test_nightly_goes_on_after_a_study_fails_and_ends_red(prefect_harness, tmp_p
     ge = read_table(lake, "studies").query("site == 'ge-nih'").iloc[0]
     assert lake.find(f"bids/sub-{ge.subject}/ses-baseline/func")          # the other study was processed
     assert read_table(lake, "qc").empty                                   # and the crash left no verdict
+
+
+@pytest.mark.prefect
+def test_the_nightly_run_spreads_its_studies_over_dask(prefect_harness, tmp_path):
+    """Each due study is a process_study subflow in a task: on a Dask worker (a separate process) the task
+    arrives pickled and must still find the flow and its parameter types."""
+    from flows.runtime import task_runner
+
+    trial = load_trial(DEMO_TRIAL)
+    lake = Lake(str(tmp_path / "lake")).init()
+    for site, parts in (("ge-nih", ("dcm_qa_nih", "In", "20180918GE", "mr_0004")),
+                        ("siemens-nih", ("dcm_qa_nih", "In", "20180918Si", "mr_0003"))):
+        o = receive_one_study(Upload(trial, site, "u", lake), inventory_upload(shared_path(*parts)).accepted)
+        record_study(lake, o, o.matcher)
+    trial_file = tmp_path / "trial.yaml"
+    trial_file.write_text(DEMO_TRIAL.read_text())
+    nightly = nightly_reprocess.with_options(task_runner=task_runner("dask", workers=2))
+    counts = nightly(lake.url, str(trial_file), backend="local")
+    assert counts == {"studies_due": 2, "series_processed": 0, "retried": 0, "failed": 0}   # no pipeline takes EPI
+    assert {p.split("/")[1] for p in lake.find("bids") if p.endswith(".nii.gz")} == \
+        set(read_table(lake, "studies").subject.map("sub-{}".format))
