@@ -22,6 +22,7 @@ killed later, while it receives the study its receiver acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -87,6 +88,7 @@ class Child:
                                          cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         self.left: dict[int, str] = {}   # what of its process group outlived it
+        STARTED.append(self)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -102,7 +104,8 @@ class Child:
             time.sleep(0.5)
             self.left = _group(self.proc.pid)
             if self.left:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
         return rc
 
     def killed(self, timeout: float = 300) -> "Child":
@@ -112,10 +115,28 @@ class Child:
             f"{self.point} {self.n}: exit {rc}, not killed there:\n{self.output()[-3000:]}"
         return self
 
+    def stop(self) -> None:
+        """End the child's whole process group, whatever state a failed test left it in."""
+        if _group(self.proc.pid) or self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):   # gone meanwhile
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
     def succeeded(self, timeout: float = 300) -> "Child":
         rc = self.wait(timeout)
         assert rc == 0, f"exit {rc}:\n{self.output()[-3000:]}"
         return self
+
+
+STARTED: list[Child] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_child_left():
+    """Whatever a test does or fails to do, no child (nor what it left behind) outlives the module."""
+    yield
+    for child in STARTED:
+        child.stop()
 
 
 @pytest.fixture(scope="module")
