@@ -215,6 +215,9 @@ def test_export_then_load_elsewhere_gives_the_locked_image(locked, exported, oth
     # Exported again: the same bytes (podman's own save differs in the archive's mtimes).
     again = export_archive("anat", lock, tmp_path / "again")
     assert sha256_file(again) == sha256_file(exported)
+    committed = read_lock(LOCK_PATH)["anat"]
+    if committed.digest == entry.digest and committed.archive_sha256:   # the image the lock pins
+        assert sha256_file(exported) == committed.archive_sha256
     assert podman_in(other_site, "image", "exists", entry.tagged).returncode == 1
     loaded = load_archive(exported, lock, env=other_site)
     assert loaded.digest == entry.digest
