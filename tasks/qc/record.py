@@ -92,7 +92,12 @@ def series_scanner_epoch(lake: Lake, site: str, series_uid: str) -> str:
 
 
 def record_series(lake: Lake, trial: TrialConfig, study: Study, sq: SeriesQC, flow_run_id: str | None) -> str:
-    """qc rows, biomarkers for PASS/WARN, and for a FAIL a deviation, a site query and an audit event."""
+    """qc rows, biomarkers for PASS/WARN, and for a FAIL a deviation, a site query and an audit event.
+
+    The qc rows go last: their verdict row is what :func:`skip_if_judged` and the nightly selection
+    read as "done", so a process killed before it leaves the series to be judged again (its
+    biomarker, deviation and query rows are upserts by key), never judged without its biomarkers.
+    """
     now = datetime.now(timezone.utc)
     run = sq.run
     status = sq.verdict.status if sq.verdict else "FAIL"
@@ -101,7 +106,6 @@ def record_series(lake: Lake, trial: TrialConfig, study: Study, sq: SeriesQC, fl
     bio = biomarker_rows(run, study, epoch, status, flow_run_id, now)
     check_no_phi("processing rows", {"qc": qc, "biomarkers": bio},
                  load_fingerprints(lake, trial, study.site, study.subject, study.session))
-    tables.write_rows(lake, "qc", study.site, qc)
     if bio:
         tables.write_rows(lake, "biomarkers", study.site, bio)
     if status == "FAIL":
@@ -116,6 +120,7 @@ def record_series(lake: Lake, trial: TrialConfig, study: Study, sq: SeriesQC, fl
     append_event(lake, "series_processed", series_uid=run.series_uid, study_key=study.study_key,
                  pipeline=run.pipeline, version=run.version, digest=run.digest, verdict=status,
                  input_sha256=run.input_sha256, biomarkers=len(bio))
+    tables.write_rows(lake, "qc", study.site, qc)
     return status
 
 

@@ -231,7 +231,7 @@ def execute(record: RunRecord, plan: Plan, backend: str, timeout_s: float | None
     record.started_at = started.isoformat()
     try:
         proc = subprocess.run(plan.command, env=plan.env, cwd=plan.cwd, capture_output=True,
-                              text=True, timeout=timeout_s)
+                              text=True, timeout=timeout_s, preexec_fn=_die_with_parent)
         record.exit_code, out, err = proc.returncode, proc.stdout, proc.stderr
         if proc.returncode != 0:
             last = (err.strip().splitlines() or ["(no stderr)"])[-1]
@@ -245,6 +245,20 @@ def execute(record: RunRecord, plan: Plan, backend: str, timeout_s: float | None
     record.duration_s = round((finished - started).total_seconds(), 3)
     record.stdout_tail, record.stderr_tail = out[-TAIL:], err[-TAIL:]
     return record
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it when the thread that started it dies (Linux prctl).
+
+    A flow killed with -9 must not leave its pipeline writing into ``derivatives/`` unsupervised
+    while a restart runs the same pipeline into the same folder. ``subprocess.run`` blocks the
+    starting thread until the child ends, so the signal fires only when the process is gone.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def _text(data: bytes | str | None) -> str:

@@ -271,7 +271,8 @@ def killed_four_times(env, reference, tmp_path_factory):
 
     1. ``ingest --no-process`` killed before the de-identified file is renamed into ``deid/``;
     2. ``ingest`` again (receive, then process) killed while the pipeline subprocess runs;
-    3. ``process`` again killed right after the ``qc`` partition is written (biomarkers not yet);
+    3. ``process`` again killed right after its first table write of the series' record (the
+       biomarkers; the qc rows, which mark the series done, are written last);
     4. ``process`` again, to the end.
     """
     study_key, _, _ = reference
@@ -314,9 +315,11 @@ def test_a_pipeline_run_killed_and_run_again_gives_the_clean_verdicts(killed_fou
     _, _, ref = reference
     killed = killed_four_times["after_pipeline_kill"]
     assert read_table(killed, "qc").empty and read_table(killed, "biomarkers").empty
-    # the next run ran the pipeline again (killed only after writing its qc rows)
+    # the next run ran the pipeline again and was killed after its first write of the series' record:
+    # the biomarkers are the clean run's, and no qc verdict marks the series done yet
     lake = killed_four_times["after_qc_kill"]
-    assert_same_rows(lake, ref, "qc")
+    assert_same_rows(lake, ref, "biomarkers")
+    assert read_table(lake, "qc").empty
     assert_same_rows(killed_four_times["final"], ref, "qc", *RECEIVE_TABLES)
 
 
@@ -328,18 +331,11 @@ def test_after_four_kills_the_lake_reads_and_its_audit_verifies(killed_four_time
     assert_audit_verifies(lake, env)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tasks/run/runner.py execute(): the pipeline subprocess is not tied to the flow's process; "
-    "killed with it, the pipeline runs on and writes into derivatives/ unsupervised"))
 def test_no_pipeline_process_outlives_the_flow_killed_while_it_ran(killed_four_times):
     left = killed_four_times["pipeline_left"]
     assert not [cmd for cmd in left.values() if "pipelines.anat" in cmd], left
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tasks/qc/record.py record_series(): the qc rows (whose verdict row skip_if_judged reads as "
-    "'done') are written before the biomarkers and the audit event; killed between them, the "
-    "series is never recorded whole"))
 def test_a_kill_between_the_qc_and_biomarker_writes_loses_no_biomarker(killed_four_times, reference):
     _, _, ref = reference
     lake = killed_four_times["final"]
