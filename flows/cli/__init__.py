@@ -5,7 +5,7 @@ display     the tables printed after an ingest and after processing
 study       ingest, process, protocol infer
 tables      qc override, export biomarkers, audit verify
 harmonize   harmonize fit | apply | models
-containers  containers build | verify | list | sif | lock-requirements
+containers  containers build | verify | list | sif | lock-requirements | check-reproducible | export | load
 demo        the demo on the shared real data (``make demo``)
 service     serve: the receiver, the upload watcher and the flows on a Prefect server
 
