@@ -32,7 +32,7 @@ def serve(
     """Run the core lab as a service: DICOM receiver, upload watcher, flows on a Prefect server.
 
     Against $PREFECT_API_URL when set, else a local `prefect server` this command starts and keeps
-    running (its database under $CORELAB_STATE, default ~/.corelab). Stop with Ctrl-C.
+    running (its database under $CORELAB_STATE, default .corelab in the home folder). Stop with Ctrl-C.
     """
     from data_contracts.trial import TrialConfigError, load_trial
     from flows.serve import serve as run_service
