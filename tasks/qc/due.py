@@ -23,14 +23,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from data_contracts.reasons import codes_in
 from data_contracts.trial import TrialConfig
 from pipelines.spec import PipelineSpec
 from tasks.bids.convert import existing_images, plan_session
 from tasks.lake import tables
 from tasks.lake.storage import Lake
-
-NOT_RUN = codes_in("infrastructure")
+from tasks.qc.record import NOT_RUN
 
 
 @dataclass(frozen=True)
