@@ -6,7 +6,8 @@ process as soon as a study is complete; ``process`` fires on ``corelab.study.rec
 the work pools of ``deployments/prefect.yaml`` run them (the service only receives and announces
 ``corelab.upload.ready``). An upload dropped in ``uploads/<site>/`` with a READY marker goes the same
 way. The series is GE's EPI (no pipeline takes it, so the process deployment's podman backend is
-never needed; tests/flows/test_deployments.py covers a worker without its engine).
+never needed). The last test puts a processing worker without any container engine on its own
+server and sends a T1 (the anat pipeline's podman backend cannot start): a red run, no verdict.
 """
 
 from __future__ import annotations
@@ -159,3 +160,53 @@ def test_the_deployments_file_on_workers_receives_and_processes_what_the_service
             assert service.stop() in (0, 130)
     assert os.path.isdir(lake / "deid")
 
+
+def _tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else f"({path.name}: none)"
+
+
+def test_a_worker_without_the_container_engine_fails_the_run_and_asks_the_site_nothing(tmp_path):
+    """The YAML's process deployment runs its pipelines in podman. On a worker where no container
+    engine is on PATH, the Siemens XA30 T1 sent by storescu is received, and its process run fails
+    (red, retryable by the nightly run) with no qc row, no qc_fail deviation and no site query."""
+    with prefect_server(tmp_path / "prefect") as server:       # its own server: no deployment, run or
+        _worker_without_engine(server, tmp_path)                # automation of another test is on it
+
+
+def _worker_without_engine(server: PrefectServer, tmp_path: Path) -> None:
+    lake = tmp_path / "lake"
+    env = {"CORELAB_HOME": str(REPO), "CORELAB_TRIAL": str(DEMO_TRIAL), "CORELAB_LAKE": str(lake),
+           "CORELAB_COVARIATES": str(tmp_path / "covariates.csv")}
+    for pool in ("corelab-intake", "corelab-processing"):
+        server.prefect("work-pool", "create", pool, "--type", "process", "--overwrite")
+    server.prefect("deploy", "--all", "--prefect-file", "deployments/prefect.yaml", env=server.env(**env))
+    bare = str(Path(sys.executable).parent)            # the venv's tools only: no podman, docker, apptainer
+    assert not any(shutil.which(e, path=bare) for e in ("podman", "docker", "apptainer"))
+    before = _runs(server)
+    with server.worker("corelab-intake", **env), server.worker("corelab-processing", PATH=bare, **env):
+        service = Service(server, tmp_path, "--receive", "event", "--no-serve-flows")
+        try:
+            folder = shared_path("dcm_qa_xa30", "In")
+            files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and not p.name.startswith("README"))
+            sent = subprocess.run(["storescu", "-aet", "PRISMA", "-aec", "CORELAB", "127.0.0.1", str(service.port),
+                                   *files], capture_output=True, text=True, timeout=120)
+            assert sent.returncode == 0, sent.stderr
+
+            def failed():
+                runs = _runs(server).get("process_study", [])
+                return runs if len(runs) > len(before.get("process_study", [])) and any(
+                    s in ("FAILED", "CRASHED") for s, _ in runs) else None
+
+            assert wait_for(failed, 300, every=2), (
+                f"runs: {_runs(server)}\nserve: {_tail(service.log)}\nintake worker: "
+                f"{_tail(server.home / 'worker-corelab-intake.log')}\nprocessing worker: "
+                f"{_tail(server.home / 'worker-corelab-processing.log')}\nserver errors: {server.errors()}")
+        finally:
+            assert service.stop() in (0, 130)
+    store = Lake(str(lake))
+    assert len(read_table(store, "studies")) == 1 and read_table(store, "qc").empty
+    assert "qc_fail" not in set(read_table(store, "deviations").kind) and read_table(store, "queries").empty
+    with server.client() as client:
+        (run,) = [r for r in client.read_flow_runs() if r.state_type.value == "FAILED"
+                  and "PipelinesNotRun" in (r.state.message or "")]
+        assert "podman" in run.state.message
