@@ -45,7 +45,7 @@ services:
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y orthanc; }
 
 test: lint services
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # Unit tests only: no Prefect server, no pipeline runs (under 3 minutes).
 test-fast: lint services

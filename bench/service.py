@@ -20,13 +20,16 @@ Prints one table, on the same input in one run:
      made distinct studies of distinct subjects by new UIDs and PatientIDs written with pydicom),
      received once, then ``nightly_reprocess`` (it selects them as never processed and runs
      process_study per study through its task runner) on a copy of that lake per runner: threads
-     with 1 worker (the serial reference), threads with 2, Dask (a LocalCluster of 2 one-thread
-     worker processes, started inside the timed run); local backend; studies/hour and the ratio to
-     the serial run (target >= 1.8x for Dask on 2 workers). Skipped, saying why, when the local
-     backend would refuse the anat pipeline in this tree (its definition differs from containers/lock).
+     with 1 worker (the serial reference), threads with 2, Dask on a LocalCluster of 2 one-thread
+     worker processes started inside the timed run, and Dask on a standing LocalCluster started
+     before it (``--dask-address``, as a core lab's cluster runs night after night; its workers
+     preload corelab's flows). Every pipeline run gets threads=1: one core per study. Local
+     backend; studies/hour and the ratio to the serial run (target >= 1.8x for Dask on 2 workers).
+     Skipped, saying why, when the local backend would refuse the anat pipeline in this tree (its
+     definition differs from containers/lock).
 The load average is printed at start and end: the figures mean something only on a quiet machine.
 
-Run: .venv/bin/python bench/service.py [--reps 3] [--idle 0.5] [--studies 4]   (or make bench)
+Run: .venv/bin/python bench/service.py [--reps 3] [--idle 0.5] [--studies 6] [--only PART]   (or make bench)
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ GE_SITE, GE_AET = "ge-nih", "GENIH"
 XA30_T1 = DATA / "dcm_qa_xa30" / "In" / "5_anat-T1w_acq-tfl"          # one enhanced MR instance
 XA30_SITE = "siemens-xa30"
 RUNNERS = (("threads", 1, "threads, 1 worker (serial ref)"), ("threads", 2, "threads, 2 workers"),
-           ("dask", 2, "dask LocalCluster, 2 workers"))
+           ("dask", 2, "dask, 2 workers, cluster started in the run"),
+           ("dask-address", 2, "dask, 2 workers, standing cluster (preloaded)"))
 
 
 # -- helpers -----------------------------------------------------------------
@@ -268,6 +272,22 @@ def local_backend_refusal() -> str:
     return "; ".join(local_mismatches(spec, entry, spec.definitions, spec.definitions.parent))
 
 
+@contextmanager
+def running_cluster(kind: str, workers: int) -> Iterator[str | None]:
+    """For ``dask-address``: a LocalCluster of ``workers`` one-thread processes started before the
+    timed run, as a core lab's standing cluster is, its workers preloading corelab's flows (Dask's
+    ``preload``: the imports a worker pays once when it starts, not in every night's run); its
+    address. None for the other runners."""
+    if kind != "dask-address":
+        yield None
+        return
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      preload=["flows.process_study"]) as cluster:
+        yield cluster.scheduler_address
+
+
 def studies_per_hour(trial, trial_file: str, tmp: Path, n: int) -> list[dict]:
     from flows.nightly import nightly_reprocess
     from flows.receive_study import receive_study
@@ -284,10 +304,12 @@ def studies_per_hour(trial, trial_file: str, tmp: Path, n: int) -> list[dict]:
     for kind, workers, label in RUNNERS:
         lake = tmp / f"anat-{kind}-{workers}"
         shutil.copytree(received.path(""), lake)
-        flow = nightly_reprocess.with_options(task_runner=task_runner(kind, workers=workers))
-        t = time.perf_counter()
-        state = flow(lake_url=str(lake), trial_file=trial_file, backend="local", return_state=True)
-        seconds = time.perf_counter() - t
+        with running_cluster(kind, workers) as address:
+            runner = task_runner("dask" if address else kind, address=address, workers=workers)
+            flow = nightly_reprocess.with_options(task_runner=runner)
+            t = time.perf_counter()
+            state = flow(lake_url=str(lake), trial_file=trial_file, backend="local", threads=1, return_state=True)
+            seconds = time.perf_counter() - t
         counts = state.result(raise_on_failure=False) if state.is_completed() else {}
         qc = read_table(Lake(str(lake)), "qc")
         judged = qc[qc["metric"] == "verdict"] if len(qc) else qc
@@ -310,7 +332,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=3, help="timed repetitions of parts 1 and 2 (median)")
     p.add_argument("--idle", type=float, default=0.5, help="the receiver's idle_s in part 2")
-    p.add_argument("--studies", type=int, default=4, help="XA30 T1 copies in part 3")
+    p.add_argument("--studies", type=int, default=6, help="XA30 T1 copies in part 3")
+    p.add_argument("--only", choices=("receive", "verdict", "anat"), help="run one part only")
     args = p.parse_args()
     trial_file = str(example_path())
     trial = load_trial(trial_file)
@@ -320,54 +343,65 @@ def main() -> None:
     # take both cores (inherited by the local backend's pipeline processes and Dask's workers)
     os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
+    want = {args.only} if args.only else {"receive", "verdict", "anat"}
+    rx: dict = {}
+    verdict: list[dict] = []
+    anat: list[dict] = []
+    server_s = float("nan")
     with tempfile.TemporaryDirectory(prefix="corelab-bench-service-") as tmp_name:
         tmp = Path(tmp_name)
-        print("1/3 receive throughput ...", flush=True)
-        rx = receive_throughput(trial, tmp, args.reps)
-        print("2/3 starting a local prefect server (as corelab serve does) ...", flush=True)
+        if "receive" in want:
+            print("1/3 receive throughput ...", flush=True)
+            rx = receive_throughput(trial, tmp, args.reps)
+        print("starting a local prefect server (as corelab serve does) ...", flush=True)
         t = time.perf_counter()
         server = start_local_server(tmp / "prefect")
         server_s = time.perf_counter() - t
         try:
             os.environ["PREFECT_API_URL"] = server.api_url     # as serve() does; Dask workers inherit it
             with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-                print("2/3 verdict latency ...", flush=True)
-                verdict = verdict_latency(trial, tmp, server.api_url, args.reps, args.idle)
-                refusal = local_backend_refusal()
+                if "verdict" in want:
+                    print("2/3 verdict latency ...", flush=True)
+                    verdict = verdict_latency(trial, tmp, server.api_url, args.reps, args.idle)
+                refusal = local_backend_refusal() if "anat" in want else ""
                 if refusal:
                     print(f"3/3 skipped: the local backend would refuse the anat pipeline here: {refusal}",
                           flush=True)
-                    anat = []
-                else:
+                elif "anat" in want:
                     print(f"3/3 studies/hour, {args.studies} studies x {len(RUNNERS)} runners ...", flush=True)
                     anat = studies_per_hour(trial, trial_file, tmp, args.studies)
                 drain()                  # logs and events of the runs, before their server goes
         finally:
             server.stop()
 
-    ref_rx = median(rx["storescp"])
-    ref_anat = anat[0]["seconds"] if anat and anat[0]["state"] == "COMPLETED" else None
-    total = median([v["total"] for v in verdict])
-    rows = [
-        ("1 receive", "dcmtk storescp (bare reference)", f"{ref_rx:.0f}", "instances/s", "1.00x", ""),
-        ("1 receive", "corelab DicomReceiver", f"{median(rx['corelab']):.0f}", "instances/s",
-         f"{median(rx['corelab']) / ref_rx:.2f}x", ">= 0.5x"),
-        ("1 receive", "  pynetdicom SCP writing nothing (its floor)", f"{median(rx['pynetdicom']):.0f}",
-         "instances/s", f"{median(rx['pynetdicom']) / ref_rx:.2f}x", ""),
-        ("1 receive", "  dcmtk defaults (Nagle on): storescp", f"{rx['storescp nagle'][0]:.0f}", "instances/s",
-         "", ""),
-        ("1 receive", "  dcmtk defaults (Nagle on): corelab", f"{rx['corelab nagle'][0]:.0f}", "instances/s",
-         f"{rx['corelab nagle'][0] / rx['storescp nagle'][0]:.2f}x", ""),
-        ("2 verdict", "receiver idle_s (configured)", f"{args.idle:.2f}", "s", "", ""),
-        ("2 verdict", "last instance -> hand-off to receive_study",
-         f"{median([v['handed'] for v in verdict]):.2f}", "s", "", ""),
-        ("2 verdict", "receive_study in the service's process",
-         f"{median([v['flow'] for v in verdict]):.2f}", "s", "", ""),
-        ("2 verdict", "last instance -> studies row", f"{total:.2f}", "s", "", "< 2 s"),
-        ("2 verdict", "  the same without idle_s", f"{total - args.idle:.2f}", "s", "", ""),
-    ]
-    if not anat:
+    rows: list[tuple[str, ...]] = []
+    if rx:
+        ref_rx = median(rx["storescp"])
+        rows += [
+            ("1 receive", "dcmtk storescp (bare reference)", f"{ref_rx:.0f}", "instances/s", "1.00x", ""),
+            ("1 receive", "corelab DicomReceiver", f"{median(rx['corelab']):.0f}", "instances/s",
+             f"{median(rx['corelab']) / ref_rx:.2f}x", ">= 0.5x"),
+            ("1 receive", "  pynetdicom SCP writing nothing (its floor)", f"{median(rx['pynetdicom']):.0f}",
+             "instances/s", f"{median(rx['pynetdicom']) / ref_rx:.2f}x", ""),
+            ("1 receive", "  dcmtk defaults (Nagle on): storescp", f"{rx['storescp nagle'][0]:.0f}",
+             "instances/s", "", ""),
+            ("1 receive", "  dcmtk defaults (Nagle on): corelab", f"{rx['corelab nagle'][0]:.0f}", "instances/s",
+             f"{rx['corelab nagle'][0] / rx['storescp nagle'][0]:.2f}x", ""),
+        ]
+    if verdict:
+        total = median([v["total"] for v in verdict])
+        rows += [
+            ("2 verdict", "receiver idle_s (configured)", f"{args.idle:.2f}", "s", "", ""),
+            ("2 verdict", "last instance -> hand-off to receive_study",
+             f"{median([v['handed'] for v in verdict]):.2f}", "s", "", ""),
+            ("2 verdict", "receive_study in the service's process",
+             f"{median([v['flow'] for v in verdict]):.2f}", "s", "", ""),
+            ("2 verdict", "last instance -> studies row", f"{total:.2f}", "s", "", "< 2 s"),
+            ("2 verdict", "  the same without idle_s", f"{total - args.idle:.2f}", "s", "", ""),
+        ]
+    if "anat" in want and not anat:
         rows.append(("3 anat", "not run: the local backend refuses anat here", "-", "studies/h", "", ""))
+    ref_anat = anat[0]["seconds"] if anat and anat[0]["state"] == "COMPLETED" else None
     for r in anat:
         ok = r["state"] == "COMPLETED"
         rows.append(("3 anat", r["label"], f"{args.studies * 3600 / r['seconds']:.1f}" if ok else "FAILED",
@@ -377,25 +411,27 @@ def main() -> None:
     for row in rows:
         print(f"{row[0]:10} {row[1]:45} {row[2]:>8} {row[3]:12} {row[4]:>7} {row[5]:>8}")
     print(f"\nload average at start {start_load}, at end {load()}; whole bench {time.perf_counter() - clock:.0f} s")
-    print("1: storescu and storescp run with TCP_NODELAY=1: with dcmtk 3.6.7's default (Nagle's algorithm on)\n"
-          "   each instance waits for a delayed ACK on each side (~90 ms an instance storescu -> storescp), and\n"
-          "   the figures measure that, not the receivers (the 'dcmtk defaults' rows, one send each);\n"
-          "   corelab fsyncs each instance and its folder before answering success, storescp does not")
-    print(f"   medians of {args.reps} sends each after one untimed send to each; instances/s per run: "
-          f"storescp {', '.join(f'{x:.0f}' for x in rx['storescp'])}; "
-          f"corelab {', '.join(f'{x:.0f}' for x in rx['corelab'])}; "
-          f"bare pynetdicom {', '.join(f'{x:.0f}' for x in rx['pynetdicom'])}")
-    print(f"2: local prefect server started in {server_s:.1f} s; one untimed warm-up pass first; per run "
-          f"(hand-off / receive_study / row, s): "
-          + "; ".join(f"{v['handed']:.2f} / {v['flow']:.2f} / {v['total']:.2f}" for v in verdict))
-    print(f"3: nightly_reprocess on {args.studies} received XA30 T1 studies, local backend; pipeline processes "
-          "get OMP_NUM_THREADS=OPENBLAS_NUM_THREADS=1, but process_study passes no thread count to the "
-          "anat pipeline (its spec has a 'threads' option), so its SimpleITK voxel-wise stages keep their "
-          "fixed 2 threads (N4 and registration always run on one): the ratio is bounded by that")
+    if rx:
+        print("1: storescu and storescp run with TCP_NODELAY=1: with dcmtk 3.6.7's default (Nagle's algorithm on)\n"
+              "   each instance waits for a delayed ACK on each side (~90 ms an instance storescu -> storescp), and\n"
+              "   the figures measure that, not the receivers (the 'dcmtk defaults' rows, one send each);\n"
+              "   corelab fsyncs each instance and its folder before answering success, storescp does not")
+        print(f"   medians of {args.reps} sends each after one untimed send to each; instances/s per run: "
+              f"storescp {', '.join(f'{x:.0f}' for x in rx['storescp'])}; "
+              f"corelab {', '.join(f'{x:.0f}' for x in rx['corelab'])}; "
+              f"bare pynetdicom {', '.join(f'{x:.0f}' for x in rx['pynetdicom'])}")
+    if verdict:
+        print(f"2: local prefect server started in {server_s:.1f} s; one untimed warm-up pass first; per run "
+              f"(hand-off / receive_study / row, s): "
+              + "; ".join(f"{v['handed']:.2f} / {v['flow']:.2f} / {v['total']:.2f}" for v in verdict))
+    if anat:
+        print(f"3: nightly_reprocess on {args.studies} received XA30 T1 studies, local backend, threads=1 for every "
+              "pipeline run in every runner (the anat pipeline's SimpleITK stages and, through "
+              "OMP_NUM_THREADS=OPENBLAS_NUM_THREADS=1, its BLAS): one core per study, so the ratio measures "
+              "how the runner spreads studies, not how a study's own threads share the cores")
     for r in anat:
-        print(f"   {r['label']:32} {r['seconds']:7.1f} s  {r['state']}  due {r['due']}, series {r['series']}, "
+        print(f"   {r['label']:45} {r['seconds']:7.1f} s  {r['state']}  due {r['due']}, series {r['series']}, "
               f"qc: {r['verdicts']}" + (f"  ({r['message']})" if r["state"] != "COMPLETED" else ""))
-
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,8 @@ from tasks.qc.record import clear_retryable
 
 
 @task(name="process-study", cache_policy=NO_CACHE)
-def process_study_run(study_key: str, site: str, lake_url: str, backend: str, trial: TrialConfig) -> int:
+def process_study_run(study_key: str, site: str, lake_url: str, backend: str, trial: TrialConfig,
+                      threads: int | None = None) -> int:
     """One study's ``process_study`` run (a subflow): the number of series it judged; its error, if any.
 
     The flow is imported here, not at the top: on a Dask worker this task arrives pickled by value,
@@ -33,12 +34,17 @@ def process_study_run(study_key: str, site: str, lake_url: str, backend: str, tr
     """
     from flows.process_study import process_study
 
-    return len(process_study(study_key, site, lake_url=lake_url, backend=backend, trial=trial))
+    return len(process_study(study_key, site, lake_url=lake_url, backend=backend, trial=trial, threads=threads))
 
 
 @flow(name="nightly_reprocess")
-def nightly_reprocess(lake_url: str, trial_file: str, backend: str = "local") -> dict[str, int]:
-    """Process whatever is new, failed-retryable or pipeline-changed (see module docstring)."""
+def nightly_reprocess(lake_url: str, trial_file: str, backend: str = "local",
+                      threads: int | None = None) -> dict[str, int]:
+    """Process whatever is new, failed-retryable or pipeline-changed (see module docstring).
+
+    ``threads``: the threads each pipeline run may use (default: the pipeline's own); with N
+    studies side by side on C cores, C / N keeps them from competing for the same cores.
+    """
     log = get_run_logger()
     trial = load_trial(trial_file)
     lake = open_lake(lake_url)
@@ -50,7 +56,7 @@ def nightly_reprocess(lake_url: str, trial_file: str, backend: str = "local") ->
     for d in due:
         log.info("study %s (%s) is due: %s", d.study_key[:16], d.site, "; ".join(d.reasons))
     # 3. side by side; one study's failure does not stop the others
-    futures = [process_study_run.submit(d.study_key, d.site, lake_url, backend, trial) for d in due]
+    futures = [process_study_run.submit(d.study_key, d.site, lake_url, backend, trial, threads) for d in due]
     processed, failed = 0, []
     for d, future in zip(due, futures):
         future.wait()
