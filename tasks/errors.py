@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from prefect.tasks import exponential_backoff
-
 from data_contracts.reasons import REASONS, Reason
 
 
@@ -57,7 +55,8 @@ def transient(task: Any, task_run: Any, state: Any) -> bool:
 # Task options for stages that read or write the lake, or call a container engine.
 TRANSIENT_RETRIES: dict[str, Any] = {
     "retries": 3,
-    "retry_delay_seconds": exponential_backoff(backoff_factor=2),   # 2, 4, 8 s
+    "retry_delay_seconds": [2, 4, 8],   # Prefect's exponential_backoff(2) for 3 retries, without importing
+                                        # Prefect here (this module is loaded by `corelab --help`)
     "retry_jitter_factor": 0.5,
     "retry_condition_fn": transient,
 }

@@ -64,9 +64,16 @@ def _service_api() -> contextlib.AbstractContextManager:
     return temporary_settings(updates={PREFECT_API_URL: url})
 
 
+def _help_only(args: list[str]) -> bool:
+    """Nothing will run: only help is printed (no Prefect settings, no server lookup: it answers at once)."""
+    return not args or "--help" in args
+
+
 def main() -> None:
     try:
-        with _service_api(), runtime.embedded_runs():
+        quick = _help_only(sys.argv[1:])
+        with (contextlib.nullcontext() if quick else _service_api()), \
+                (contextlib.nullcontext() if quick else runtime.embedded_runs()):
             app()
     except KeyboardInterrupt:
         sys.exit(130)

@@ -24,8 +24,10 @@ refused; the message says why and what to change.
 
 from __future__ import annotations
 
+# harmonization's model store and service are imported where a command uses them: they load
+# statsmodels, matplotlib and Prefect (2-3 s), and `corelab --help` must answer in under a second
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from pydantic import ValidationError
@@ -33,9 +35,11 @@ from pydantic import ValidationError
 from data_contracts.harmonization_settings import HarmonizationSettings
 from data_contracts.trial import TrialConfigError, load_trial
 from flows.cli.common import TrialOpt, authenticated_user, fail, trial_path
-from harmonization import model_store, service
 from harmonization.errors import HarmonizationError
 from tasks.lake.storage import open_lake
+
+if TYPE_CHECKING:
+    from harmonization import service
 
 app = typer.Typer(help="ComBat harmonization across sites (neuroHarmonize): fit, apply, promote, "
                        "list models.",
@@ -60,6 +64,7 @@ def _lake_flow(lake: Optional[str], trial: Optional[str], covariates_table: Opti
         fail("lake mode needs --trial FILE and --covariates-table FILE "
               "(or give --table FILE for table mode)")
     from flows.harmonize import harmonize  # the flow starts Prefect; only lake mode needs it
+    from harmonization import service
 
     try:
         summary = harmonize(lake_url=open_lake(lake).url, trial_file=trial,
@@ -95,6 +100,7 @@ def fit(
         return
     if not batch or not covariates or not out:
         fail("table mode needs --batch COL, --covariates A,B,C and --out FILE")
+    from harmonization import service
     try:
         settings = HarmonizationSettings(
             batch="site", covariates=_split(covariates), smooth_terms=_split(smooth),
@@ -129,6 +135,7 @@ def apply(
         return
     if not model_id or not out:
         fail("table mode needs MODEL_ID and --out FILE")
+    from harmonization import service
     try:
         outcome = service.apply_table(open_lake(lake), model_id, table, out, batch, report)
     except HarmonizationError as exc:
@@ -144,6 +151,8 @@ def _trial_id(trial: Optional[Path]) -> str:
 
 
 def _show(lake: Optional[str], trial: Optional[Path]) -> None:
+    from harmonization import model_store
+
     store, trial_id = open_lake(lake), _trial_id(trial)
     try:
         promoted = model_store.current(store, trial_id)
@@ -168,6 +177,8 @@ def promote(
         return
     if not model_id:
         fail("promote needs MODEL_ID (or --show); `corelab harmonize models` lists them")
+    from harmonization import model_store
+
     store, trial_id = open_lake(lake), _trial_id(trial)
     try:
         promotion, changed = model_store.promote(store, model_id, trial_id, authenticated_user())
@@ -189,6 +200,8 @@ def current(trial: Optional[Path] = TrialOpt,
 @app.command("models")
 def list_models(lake: Optional[str] = typer.Option(None, help="lake holding the models")) -> None:
     """List the stored harmonization models."""
+    from harmonization import model_store
+
     for m in model_store.list_models(open_lake(lake)):
         typer.echo(f"{m['model_id']}  {m['trial_id'] or '(table)':<12}  {m['method']:<10}  {m['created_at']}  "
                    f"{m['batches']} batches  {m['features']} features  {m['rows']} rows")
