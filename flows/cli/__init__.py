@@ -8,6 +8,7 @@ harmonize   harmonize fit | apply | models
 containers  containers build | verify | list | sif | lock-requirements | check-reproducible | export | load
 demo        the demo on the shared real data (``make demo``)
 service     serve: the receiver, the upload watcher and the flows on a Prefect server
+report      status (the trial per site, on the console) and report sites (the site dashboard)
 
 Exit codes: 0 when the study was accepted (with or without deviations), 1 when nothing was
 accepted (or an audit chain is broken), 2 for a bad command, trial file, site or path.
@@ -25,7 +26,7 @@ import typer
 from rich.markup import escape
 
 from flows import runtime
-from flows.cli import containers, demo, harmonize, service, study, tables
+from flows.cli import containers, demo, harmonize, report, service, study, tables
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="corelab: an imaging core lab in a box for multi-site MRI trials.")
@@ -41,6 +42,8 @@ app.command()(study.ingest)
 app.command()(study.process)
 app.command()(demo.demo)
 app.command()(service.serve)
+app.command()(report.status)
+app.add_typer(report.report_app, name="report")
 app.add_typer(study.protocol_app, name="protocol")
 app.add_typer(tables.audit_app, name="audit")
 app.add_typer(tables.qc_app, name="qc")

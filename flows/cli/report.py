@@ -1,0 +1,79 @@
+"""``corelab status`` and ``corelab report sites``: the trial's state without duckdb or a notebook."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from flows.cli.common import LakeOpt, TrialOpt, console, fail, lake_url, trial_path
+
+report_app = typer.Typer(no_args_is_help=True, help="Pages for the people running the trial (HTML in the lake).")
+AsOfOpt = typer.Option(None, "--as-of", help="the moment to report on (ISO date or time, UTC; default now)")
+
+
+def _load(trial: Optional[Path], lake: Optional[str]):
+    from data_contracts.trial import TrialConfigError, load_trial
+    from tasks.lake.storage import open_lake
+
+    try:
+        config = load_trial(trial_path(trial))
+    except TrialConfigError as exc:
+        fail(str(exc))
+    return config, open_lake(lake_url(lake))
+
+
+def _as_of(text: Optional[str]) -> Optional[datetime]:
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        fail(f"--as-of {text!r} is not an ISO date or time (e.g. 2027-03-01 or 2027-03-01T12:00)")
+
+
+def _cell(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return str(x)
+
+
+def status(trial: Optional[Path] = TrialOpt, lake: Optional[str] = LakeOpt,
+           as_of: Optional[str] = AsOfOpt) -> None:
+    """Per site: studies, visits received and missing, series by QC verdict, open queries, last upload."""
+    from tasks.report.status import LakeTables, site_table, trial_totals, utc
+
+    config, store = _load(trial, lake)
+    sites = site_table(config, LakeTables.read(store), utc(_as_of(as_of)))
+    table = Table(title=f"{config.trial_id}: {store.url}", title_justify="left")
+    for col in ("site", "studies", "visits recv/exp", "missing", "PASS", "WARN", "FAIL", "open queries",
+                "overdue", "last upload"):
+        table.add_column(col, justify="left" if col == "site" else "right")
+    for r in sites.to_dict("records"):
+        last = "–" if r["last_upload"] is None or str(r["last_upload"]) == "NaT" else f"{r['last_upload']:%Y-%m-%d}"
+        table.add_row(r["site"], str(r["studies"]), f"{r['received_visits']}/{r['expected_visits']}",
+                      str(r["missing_visits"]), str(r["qc_pass"]), str(r["qc_warn"]), str(r["qc_fail"]),
+                      str(r["open_queries"]), str(r["overdue_queries"]), last)
+    totals = trial_totals(sites)
+    if totals:
+        table.add_row("trial", str(totals["studies"]), f"{totals['received_visits']}/{totals['expected_visits']}",
+                      str(totals["missing_visits"]), str(totals["qc_pass"]), str(totals["qc_warn"]),
+                      str(totals["qc_fail"]), str(totals["open_queries"]), str(totals["overdue_queries"]), "",
+                      style="bold")
+    console.print(table)
+
+
+@report_app.command("sites")
+def report_sites(trial: Optional[Path] = TrialOpt, lake: Optional[str] = LakeOpt,
+                 as_of: Optional[str] = AsOfOpt) -> None:
+    """Write the site dashboard (reports/sites.html in the lake) from the Parquet tables."""
+    from tasks.lake.versions import corelab_version
+    from tasks.report.sites_page import write_sites_page
+
+    config, store = _load(trial, lake)
+    rel = write_sites_page(store, config, _as_of(as_of), version=corelab_version())
+    console.print(f"site dashboard: {store.path(rel)}", highlight=False)

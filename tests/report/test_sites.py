@@ -1,0 +1,198 @@
+"""The site dashboard and `corelab status` on a real lake, checked against duckdb on the same Parquet.
+
+The lake: GE's EPI (site ge-nih, a study with minor protocol deviations), and at site
+siemens-xa30 the real XA30 T1 of two subjects made from it (new UIDs and PatientIDs), one of
+whom comes back for month06 (StudyDate + 182 days) and again on day 260, in no visit's window
+(month12 out of window: a major deviation and a site query); one XA30 study is processed
+(anat, local), so the qc table holds a verdict. At ``as_of`` = 200 days after receipt the
+second subject's month06 window (182 + 14 days) has closed: one missing visit; its month12
+(opens day 344) is not expected yet. Every figure of the page equals the same question asked of the Parquet files with
+duckdb, and the page written to the lake shows those rows.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from datetime import datetime, timedelta, timezone
+from html.parser import HTMLParser
+from pathlib import Path
+
+import duckdb
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.process_study import process_study
+from flows.receive_study import receive_study
+from tasks.lake.storage import Lake
+from tasks.report.sites_page import PAGE, write_sites_page
+from tasks.report.status import LakeTables, site_table, utc, visit_table
+from tests.data import shared_path
+from tests.helpers import DEMO_TRIAL
+
+pytestmark = [pytest.mark.prefect, pytest.mark.pipeline]
+XA30 = ("dcm_qa_xa30", "In", "5_anat-T1w_acq-tfl")
+GE = ("dcm_qa_nih", "In", "20180918GE", "mr_0004")
+
+
+def _xa30_copy(dest: Path, patient: str, days: int = 0, study_uid: str | None = None) -> Path:
+    """The XA30 T1 as a study of ``patient`` ``days`` after the original date."""
+    (src,) = [p for p in shared_path(*XA30).iterdir() if p.suffix == ".dcm"]
+    ds = pydicom.dcmread(src)
+    ds.PatientID, ds.PatientName = patient, f"{patient}^TEST"
+    shifted = (datetime.strptime(ds.StudyDate, "%Y%m%d") + timedelta(days=days)).strftime("%Y%m%d")
+    for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+        if kw in ds:
+            setattr(ds, kw, shifted)
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dest.mkdir(parents=True)
+    ds.save_as(dest / "t1.dcm", enforce_file_format=True)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def lake(prefect_harness, tmp_path_factory, trial):
+    root = tmp_path_factory.mktemp("sites")
+    store = Lake(str(root / "lake")).init()
+    receive_study(str(shared_path(*GE)), "ge-nih", lake_url=store.url, trial=trial)
+    (a,) = receive_study(str(_xa30_copy(root / "a0", "SUBJ-A")), "siemens-xa30", lake_url=store.url, trial=trial)
+    receive_study(str(_xa30_copy(root / "b0", "SUBJ-B")), "siemens-xa30", lake_url=store.url, trial=trial)
+    receive_study(str(_xa30_copy(root / "a6", "SUBJ-A", days=182)), "siemens-xa30", lake_url=store.url,
+                  trial=trial)
+    # day 260 is in no window: month12 out of window, a major deviation, a site query
+    receive_study(str(_xa30_copy(root / "a9", "SUBJ-A", days=260)), "siemens-xa30", lake_url=store.url,
+                  trial=trial)
+    process_study(a.study.study_key, "siemens-xa30", lake_url=store.url, trial=trial)
+    return store
+
+
+def _duck(lake: Lake, table: str) -> str:
+    """The table's partitions for duckdb (an empty query when the lake holds none of it yet)."""
+    if not list(Path(lake.root, "tables", table).glob("site=*/*.parquet")):
+        return "(select null::varchar site, null::varchar verdict, null::varchar status where false)"
+    return f"read_parquet('{lake.root}/tables/{table}/site=*/*.parquet', hive_partitioning=true, union_by_name=true)"
+
+
+def test_every_site_figure_equals_duckdb_on_the_same_parquet(lake, trial):
+    as_of = utc(datetime.now(timezone.utc) + timedelta(days=200))
+    sites = site_table(trial, LakeTables.read(lake), as_of).set_index("site")
+    con = duckdb.connect()
+    studies = con.sql(f"select site, count(*) n, count(distinct subject) subjects from {_duck(lake, 'studies')} "
+                      "group by site").df().set_index("site")
+    series = con.sql(f"select site, count(*) n from {_duck(lake, 'series')} group by site").df().set_index("site")
+    deviating = con.sql(f"select site, count(distinct study_key) n from {_duck(lake, 'deviations')} "
+                        "group by site").df().set_index("site")
+    verdicts = con.sql(f"""
+        select site, verdict, count(*) n from (
+          select site, verdict, row_number() over (partition by series_uid, pipeline_name
+                                                   order by created_at desc) r
+          from {_duck(lake, 'qc')} where metric = 'verdict') where r = 1 group by site, verdict""").df()
+    queries = con.sql(f"select site, count(*) n from {_duck(lake, 'queries')} where status = 'open' "
+                      "group by site").df().set_index("site")
+    assert set(studies.index) == {"ge-nih", "siemens-xa30"}
+    for site in studies.index:
+        row = sites.loc[site]
+        assert row["studies"] == studies.loc[site, "n"] and row["subjects"] == studies.loc[site, "subjects"]
+        assert row["series"] == series.loc[site, "n"]
+        n_dev = deviating.loc[site, "n"] if site in deviating.index else 0
+        assert row["deviation_rate"] == pytest.approx(n_dev / studies.loc[site, "n"])
+        for verdict in ("PASS", "WARN", "FAIL"):
+            n = verdicts[(verdicts.site == site) & (verdicts.verdict == verdict)]["n"].sum()
+            assert row[f"qc_{verdict.lower()}"] == n
+        assert row["open_queries"] == (queries.loc[site, "n"] if site in queries.index else 0)
+    # the lake holds what the scenario planted
+    assert sites.loc["siemens-xa30", "subjects"] == 2 and sites.loc["siemens-xa30", "studies"] == 4
+    assert sites.loc["siemens-xa30", ["qc_pass", "qc_warn", "qc_fail"]].sum() == 1
+    assert sites.loc["ge-nih", "deviation_rate"] == 1.0 and sites.loc["siemens-xa30", "open_queries"] >= 1
+    assert sites.loc["siemens-xa30", "deviation_rate"] == pytest.approx(1 / 4)
+
+
+def test_visits_are_expected_by_their_windows_and_a_closed_window_is_missing(lake, trial):
+    tables = LakeTables.read(lake)
+    now = datetime.now(timezone.utc)
+    xa = lambda as_of: visit_table(trial, tables, utc(as_of)).query("site == 'siemens-xa30'").set_index("visit")  # noqa: E731
+    early = xa(now + timedelta(days=10))           # baselines, and what arrived (all of it did today)
+    assert early.loc["baseline", ["expected", "received", "missing"]].tolist() == [2, 2, 0]
+    assert early.loc["month06", ["expected", "received", "missing", "due"]].tolist() == [1, 1, 0, 0]
+    within = xa(now + timedelta(days=175))         # month06 window open: A received, B due
+    assert within.loc["month06", ["expected", "received", "missing", "due"]].tolist() == [2, 1, 0, 1]
+    late = xa(now + timedelta(days=200))           # window closed: B's month06 is missing
+    assert late.loc["month06", ["expected", "received", "missing", "due"]].tolist() == [2, 1, 1, 0]
+    # A's day-260 study took month12 (out of window): received early; B's month12 is not expected yet
+    assert late.loc["month12", ["expected", "received", "missing"]].tolist() == [1, 1, 0]
+
+
+class _Rows(HTMLParser):
+    """The text of each row of the table with id ``table_id``."""
+
+    def __init__(self, table_id: str) -> None:
+        super().__init__()
+        self.table_id, self.inside, self.rows, self.cell = table_id, False, [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table" and dict(attrs).get("id") == self.table_id:
+            self.inside = True
+        elif self.inside and tag == "tr":
+            self.rows.append([])
+        elif self.inside and tag in ("td", "th"):
+            self.cell = ""
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self.inside = False
+        elif self.inside and tag in ("td", "th") and self.cell is not None:
+            self.rows[-1].append(self.cell.strip())
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+
+
+def _table(html: str, table_id: str) -> list[list[str]]:
+    p = _Rows(table_id)
+    p.feed(html)
+    return p.rows
+
+
+def test_the_page_in_the_lake_shows_the_sites_the_missing_visit_and_the_epochs(lake, trial, tmp_path):
+    copy = Lake(str(tmp_path / "lake"))
+    shutil.copytree(lake.root, copy.root)
+    as_of = datetime.now(timezone.utc) + timedelta(days=200)
+    assert write_sites_page(copy, trial, as_of, version="test") == PAGE
+    html = Path(copy.path(PAGE)).read_text()
+    sites = {r[0]: r for r in _table(html, "sites")[1:]}
+    expected = site_table(trial, LakeTables.read(copy), utc(as_of)).set_index("site")
+    assert set(sites) == {s.id for s in trial.sites} | {"trial"}
+    for site in ("ge-nih", "siemens-xa30"):
+        assert sites[site][2] == str(expected.loc[site, "studies"])
+        assert sites[site][4] == f"{expected.loc[site, 'received_visits']} / {expected.loc[site, 'expected_visits']}"
+    missing = _table(html, "missing")[1:]          # GE's subject and XA30's second subject, at month06
+    assert sorted((r[0], r[2]) for r in missing) == [("ge-nih", "month06"), ("siemens-xa30", "month06")]
+    epochs = _table(html, "epochs")[1:]
+    assert {r[0] for r in epochs} == {"ge-nih", "siemens-xa30"}
+    assert "<svg" in html and "<script" not in html            # self-contained: nothing fetched, nothing run
+    assert not re.search(r'(src|href)="(https?:)?//', html)
+    queries = _table(html, "queries")[1:]
+    assert queries and all(r[0] == "siemens-xa30" and r[2] == "month12" for r in queries)
+
+
+def test_status_and_report_commands(lake, tmp_path):
+    copy = tmp_path / "lake"
+    shutil.copytree(lake.root, copy)
+    runner = CliRunner()
+    out = runner.invoke(app, ["status", "--trial", str(DEMO_TRIAL), "--lake", str(copy)], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    lines = {line.split("│")[1].strip(): line for line in out.output.splitlines() if line.count("│") > 5}
+    assert "siemens-xa30" in lines and "ge-nih" in lines and "trial" in lines
+    done = runner.invoke(app, ["report", "sites", "--trial", str(DEMO_TRIAL), "--lake", str(copy),
+                               "--as-of", "2031-01-01"])
+    assert done.exit_code == 0, done.output
+    assert (copy / "reports" / "sites.html").stat().st_size > 1000
+    bad = runner.invoke(app, ["report", "sites", "--trial", str(DEMO_TRIAL), "--lake", str(copy), "--as-of", "soon"])
+    assert bad.exit_code == 2 and "not an ISO date" in bad.output
