@@ -43,6 +43,8 @@ services:
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y dcmtk; }
 	@command -v Orthanc >/dev/null || test -x /usr/sbin/Orthanc || \
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y orthanc; }
+	@command -v chromium >/dev/null || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
 
 test: lint services
 	$(PY) -m pytest -q --durations=25

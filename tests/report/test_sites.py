@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 from datetime import datetime, timedelta, timezone
 from html.parser import HTMLParser
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
@@ -196,3 +199,37 @@ def test_status_and_report_commands(lake, tmp_path):
     assert (copy / "reports" / "sites.html").stat().st_size > 1000
     bad = runner.invoke(app, ["report", "sites", "--trial", str(DEMO_TRIAL), "--lake", str(copy), "--as-of", "soon"])
     assert bad.exit_code == 2 and "not an ISO date" in bad.output
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.fail("chromium is not installed: make services installs it (Debian package chromium)")
+    return subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_chromium_shows_the_dashboard_a_person_reads(lake, trial, tmp_path):
+    """What a person sees, through a real browser: the DOM Chromium built from the page has the site
+    table with the planted missing visits and the query, the epoch timeline is drawn (one bar per
+    epoch), and a screenshot under the lake's reports/ is a page, not a blank."""
+    copy = Lake(str(tmp_path / "lake"))
+    shutil.copytree(lake.root, copy.root)
+    write_sites_page(copy, trial, datetime.now(timezone.utc) + timedelta(days=200), version="test")
+    url = Path(copy.path(PAGE)).as_uri()
+    dom = _chromium("--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    sites = {r[0]: r for r in _table(dom.stdout, "sites")[1:]}
+    assert sites["siemens-xa30"][5] == "1" and sites["ge-nih"][5] == "1"       # missing visits
+    assert sites["siemens-xa30"][10] == "1"                                     # open queries
+    svg = dom.stdout[dom.stdout.index("<svg"):dom.stdout.index("</svg>")]
+    # matplotlib draws the figure, the axes and its 4 spines as patches, then one bar per epoch
+    assert svg.count('<g id="patch_') == 6 + len(_table(dom.stdout, "epochs")[1:])
+    shot = Path(copy.path("reports/screenshots/sites.png"))
+    shot.parent.mkdir(parents=True)
+    done = _chromium("--window-size=1400,1800", f"--screenshot={shot}", url)
+    assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape == (1800, 1400)
+    rows_with_ink = (pixels < 128).any(axis=1).mean()
+    assert rows_with_ink > 0.2, f"only {rows_with_ink:.0%} of the screenshot's rows hold anything dark"
