@@ -8,7 +8,8 @@ pipeline version other than the current one. Nothing else is touched. The select
 ``process_study`` in parallel through the flow's task runner (threads by default, Dask when the
 caller gives a DaskTaskRunner). A study whose processing fails (storage or an engine down past the
 task's retries, a pipeline that could not start) leaves no verdict: tonight's run goes on with
-the other studies and ends Failed (red), and tomorrow's selects it again. Returns counts.
+the other studies and ends Failed (red), and tomorrow's selects it again. Last, it writes the
+site dashboard (``reports/sites.html``) from the tables as they stand. Returns counts.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from prefect.states import Failed
 
 from data_contracts.trial import TrialConfig, load_trial
 from pipelines.registry import get_spec, names
+from tasks.errors import TRANSIENT_RETRIES
 from tasks.lake.storage import open_lake
 from tasks.qc.due import studies_due
 from tasks.qc.record import clear_retryable
+from tasks.report.sites_page import write_sites_page
 
 
 @task(name="process-study", cache_policy=NO_CACHE)
@@ -35,6 +38,14 @@ def process_study_run(study_key: str, site: str, lake_url: str, backend: str, tr
     from flows.process_study import process_study
 
     return len(process_study(study_key, site, lake_url=lake_url, backend=backend, trial=trial, threads=threads))
+
+
+@task(name="refresh-sites-page", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def refresh_sites_page(lake_url: str, trial: TrialConfig) -> str:
+    """Write reports/sites.html from the lake's tables; its lake path."""
+    from tasks.lake.versions import corelab_version
+
+    return write_sites_page(open_lake(lake_url), trial, version=corelab_version())
 
 
 @flow(name="nightly_reprocess")
@@ -69,6 +80,9 @@ def nightly_reprocess(lake_url: str, trial_file: str, backend: str = "local",
                       state.type.value.lower(), state.message)
     counts = {"studies_due": len(due), "series_processed": processed, "retried": retried,
               "failed": len(failed)}
+    # 4. the site dashboard, refreshed from tonight's tables
+    page = refresh_sites_page(lake_url, trial)
+    log.info("site dashboard refreshed: %s", page)
     log.info("%d series processed (%d withdrawn verdicts retried) in %d due studies, %d failed",
              processed, retried, len(due), len(failed))
     if failed:  # red in Prefect: a night with work left undone is not a success

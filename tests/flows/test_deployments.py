@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from pathlib import Path
 
 import pytest
 import yaml
@@ -68,6 +69,8 @@ def test_a_worker_without_its_engine_fails_the_run_and_the_nightly_retries_it(pr
     trial_file.write_text(DEMO_TRIAL.read_text())
     counts = nightly_reprocess(lake.url, str(trial_file), backend="local")
     assert counts == {"studies_due": 1, "series_processed": 1, "retried": 0, "failed": 0}
+    page = Path(lake.path("reports/sites.html")).read_text()      # the night refreshed the dashboard
+    assert "100 % (1)" in page.split('data-site="siemens-xa30"')[1].split("</tr>")[0]   # its PASS
     (verdict,) = read_table(lake, "qc").query("metric == 'verdict'").itertuples()
     assert verdict.verdict == "PASS" and verdict.backend == "local" and verdict.container_digest is None
     assert len(verdict.environment_sha256) == 64
