@@ -9,7 +9,8 @@ pipeline version other than the current one. Nothing else is touched. The select
 caller gives a DaskTaskRunner). A study whose processing fails (storage or an engine down past the
 task's retries, a pipeline that could not start) leaves no verdict: tonight's run goes on with
 the other studies and ends Failed (red), and tomorrow's selects it again. Last, it writes the
-site dashboard (``reports/sites.html``) from the tables as they stand. Returns counts.
+site dashboard (``reports/sites.html``) from the tables as they stand, and a QC review page
+for each series judged since the last night. Returns counts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tasks.errors import TRANSIENT_RETRIES
 from tasks.lake.storage import open_lake
 from tasks.qc.due import studies_due
 from tasks.qc.record import clear_retryable
+from tasks.report.qc_page import write_qc_pages
 from tasks.report.sites_page import write_sites_page
 
 
@@ -42,10 +44,12 @@ def process_study_run(study_key: str, site: str, lake_url: str, backend: str, tr
 
 @task(name="refresh-sites-page", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def refresh_sites_page(lake_url: str, trial: TrialConfig) -> str:
-    """Write reports/sites.html from the lake's tables; its lake path."""
+    """Write the QC pages of newly judged series, then reports/sites.html (linking them); its lake path."""
     from tasks.lake.versions import corelab_version
 
-    return write_sites_page(open_lake(lake_url), trial, version=corelab_version())
+    lake = open_lake(lake_url)
+    write_qc_pages(lake, version=corelab_version(), only_missing=True)
+    return write_sites_page(lake, trial, version=corelab_version())
 
 
 @flow(name="nightly_reprocess")

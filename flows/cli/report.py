@@ -77,3 +77,23 @@ def report_sites(trial: Optional[Path] = TrialOpt, lake: Optional[str] = LakeOpt
     config, store = _load(trial, lake)
     rel = write_sites_page(store, config, _as_of(as_of), version=corelab_version())
     console.print(f"site dashboard: {store.path(rel)}", highlight=False)
+
+
+@report_app.command("qc")
+def report_qc(series: Optional[str] = typer.Argument(
+                  None, help="SeriesInstanceUID or a prefix of it (default: every processed series)"),
+              lake: Optional[str] = LakeOpt) -> None:
+    """Write the QC review page of a processed series (reports/qc/<series>.html in the lake)."""
+    from tasks.lake.storage import open_lake
+    from tasks.lake.versions import corelab_version
+    from tasks.report.qc_page import QCPageError, write_qc_pages
+
+    store = open_lake(lake_url(lake))
+    try:
+        pages = write_qc_pages(store, series, version=corelab_version())
+    except QCPageError as exc:
+        fail(str(exc))
+    if not pages:
+        console.print("no processed series in the qc table: nothing to review yet")
+    for rel in pages:
+        console.print(f"QC page: {store.path(rel)}", highlight=False)

@@ -2,4 +2,5 @@
 
 status       the trial's state per site and visit (pure functions of the tables)
 sites_page   the site dashboard, reports/sites.html (self-contained HTML)
+qc_page      a QC review page per processed series, reports/qc/<series>.html
 """

@@ -12,7 +12,10 @@ duckdb, and the page written to the lake shows those rows.
 
 from __future__ import annotations
 
+import base64
+import io
 import re
+import shlex
 import shutil
 import subprocess
 from datetime import datetime, timedelta, timezone
@@ -27,10 +30,12 @@ from PIL import Image
 from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
+from data_contracts.trial import load_trial
 from flows.cli import app
 from flows.process_study import process_study
 from flows.receive_study import receive_study
 from tasks.lake.storage import Lake
+from tasks.lake.tables import read_table
 from tasks.report.sites_page import PAGE, write_sites_page
 from tasks.report.status import LakeTables, site_table, utc, visit_table
 from tests.data import shared_path
@@ -233,3 +238,66 @@ def test_chromium_shows_the_dashboard_a_person_reads(lake, trial, tmp_path):
     assert pixels.shape == (1800, 1400)
     rows_with_ink = (pixels < 128).any(axis=1).mean()
     assert rows_with_ink > 0.2, f"only {rows_with_ink:.0%} of the screenshot's rows hold anything dark"
+
+
+def _images(dom: str) -> list[np.ndarray]:
+    """The PNG data-URI images of a page, decoded."""
+    uris = re.findall(r'<img src="data:image/png;base64,([^"]+)"', dom)
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(u))).convert("RGB")) for u in uris]
+
+
+def test_the_qc_page_shows_what_a_reviewer_decides_from_and_its_command_records_the_decision(lake, tmp_path):
+    copy = tmp_path / "lake"
+    shutil.copytree(lake.root, copy)
+    store = Lake(str(copy))
+    qc = read_table(store, "qc")
+    (uid,) = set(qc["series_uid"])
+    runner = CliRunner()
+    done = runner.invoke(app, ["report", "qc", uid[:20], "--lake", str(copy)])
+    assert done.exit_code == 0, done.output
+    page = copy / "reports" / "qc" / f"{uid}.html"
+    dom = _chromium("--dump-dom", page.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    assert re.search(r'id="verdict-anat">PASS<', html)
+    # every metric of the run, with its value, as the qc table holds it
+    rows = {r[0]: r for r in _table(html, "metrics-anat")[1:]}
+    metrics = qc[qc["metric"] != "verdict"].set_index("metric")
+    assert set(rows) == set(metrics.index)
+    for m, r in rows.items():
+        assert float(r[1]) == pytest.approx(metrics.loc[m, "value"], rel=1e-2), m
+        assert r[2].startswith(metrics.loc[m, "status"])
+    provenance = {r[0]: r[1] for r in _table(html, "provenance-anat")}
+    assert provenance["input sha256"] == metrics["input_sha256"].iloc[0]
+    assert provenance["backend"] == "local" and provenance["flow run"] == metrics["flow_run_id"].iloc[0]
+    # the mosaics and the strip plot are real pictures: the mask's outline is drawn in red
+    images = _images(html)
+    assert len(images) == 4                                  # axial + sagittal mask, segmentation, metrics
+    for img in images:
+        assert img.shape[0] > 100 and img.std() > 20, "an image of the page is blank"
+    red = (images[0][..., 0] > 200) & (images[0][..., 1] < 60) & (images[0][..., 2] < 60)
+    assert red.sum() > 200, "the brain mask's outline is not on the axial mosaic"
+    shot = copy / "reports" / "screenshots" / f"qc-{uid}.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    assert _chromium("--window-size=1300,2600", f"--screenshot={shot}", page.as_uri()).returncode == 0
+    assert (np.asarray(Image.open(shot).convert("L")) < 128).any(axis=1).mean() > 0.3
+    # the page's command, run as printed (with a reason), records the decision
+    command = re.search(r'<pre id="command-anat">([^<]+)</pre>', html).group(1)
+    words = shlex.split(command.replace("&lt;what you saw&gt;", "motion in the frontal slices"))
+    assert words[:3] == ["corelab", "qc", "override"] and words[3] == uid
+    done = runner.invoke(app, [*words[1:], "--lake", str(copy)])
+    assert done.exit_code == 0, done.output
+    assert read_table(store, "qc").query("metric == 'verdict'")["verdict"].tolist() == ["FAIL"]
+    assert runner.invoke(app, ["report", "qc", uid, "--lake", str(copy)]).exit_code == 0
+    again = page.read_text()
+    assert 'id="verdict-anat">FAIL<' in again and "motion in the frontal slices" in again
+    # the dashboard links the page
+    write_sites_page(store, load_trial(DEMO_TRIAL))
+    sites = (copy / "reports" / "sites.html").read_text()
+    assert f'href="qc/{uid}.html"' in sites
+
+
+def test_a_qc_page_for_a_series_never_processed_is_refused_in_one_line(lake):
+    done = CliRunner().invoke(app, ["report", "qc", "1.2.3.4.5", "--lake", str(lake.root)])
+    assert done.exit_code == 2 and "no processed series '1.2.3.4.5'" in done.output
+    assert "Traceback" not in done.output
