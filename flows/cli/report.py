@@ -97,3 +97,53 @@ def report_qc(series: Optional[str] = typer.Argument(
         console.print("no processed series in the qc table: nothing to review yet")
     for rel in pages:
         console.print(f"QC page: {store.path(rel)}", highlight=False)
+
+
+def studies(site: Optional[str] = typer.Option(None, "--site", help="only this site"),
+            lake: Optional[str] = LakeOpt) -> None:
+    """Every received study: site, subject, visit, when, its series, deviations and QC verdicts."""
+    from tasks.lake.storage import open_lake
+    from tasks.report.status import LakeTables, latest_verdicts
+
+    tables = LakeTables.read(open_lake(lake_url(lake)))
+    st = tables.studies if site is None else tables.studies[tables.studies["site"] == site]
+    verdicts = latest_verdicts(tables.qc)
+    table = Table(title=f"{len(st)} studies", title_justify="left")
+    for col in ("site", "subject", "visit", "received", "series", "deviations", "QC", "study"):
+        table.add_column(col)
+    for r in st.sort_values(["site", "subject", "received_at"]).itertuples():
+        v = verdicts[verdicts["study_key"] == r.study_key]["verdict"].value_counts()
+        n_dev = int((tables.deviations["study_key"] == r.study_key).sum())
+        table.add_row(r.site, r.subject, r.session, f"{r.received_at:%Y-%m-%d %H:%M}", str(r.n_series), str(n_dev),
+                      " ".join(f"{k} {n}" for k, n in sorted(v.items())) or "–", r.study_key[:16])
+    console.print(table)
+
+
+def qc_list(site: Optional[str] = typer.Option(None, "--site", help="only this site"),
+            verdict: Optional[str] = typer.Option(None, "--verdict", help="only PASS, WARN or FAIL"),
+            lake: Optional[str] = LakeOpt) -> None:
+    """Each processed series' latest verdict per pipeline, by the id `corelab qc override` takes."""
+    from tasks.lake.storage import open_lake
+    from tasks.lake.tables import read_table
+    from tasks.report.status import VERDICTS, latest_verdicts
+
+    if verdict is not None and verdict.upper() not in VERDICTS:
+        fail(f"--verdict {verdict!r}: choose one of {', '.join(VERDICTS)}")
+    qc = read_table(open_lake(lake_url(lake)), "qc")
+    rows = latest_verdicts(qc)
+    if site is not None:
+        rows = rows[rows["site"] == site]
+    if verdict is not None:
+        rows = rows[rows["verdict"] == verdict.upper()]
+    table = Table(title=f"{len(rows)} series", title_justify="left")
+    for col in ("series (for qc override)", "site", "subject", "visit", "pipeline", "verdict", "why"):
+        table.add_column(col, overflow="fold")
+    for r in rows.sort_values(["site", "subject", "session"]).itertuples():
+        why = qc[(qc["series_uid"] == r.series_uid) & (qc["pipeline_name"] == r.pipeline_name)
+                 & (qc["flow_run_id"] == r.flow_run_id) & (qc["metric"] != "verdict") & (qc["status"] != "PASS")]
+        reasons = "; ".join(f"{w.metric}: {w.reason or w.status}" for w in why.itertuples())
+        if r.override_by is not None and str(r.override_by) not in ("", "nan", "None"):
+            reasons = f"override by {r.override_by} ({r.automatic_verdict} -> {r.verdict}): {r.override_reason}"
+        table.add_row(r.series_uid, r.site, r.subject, r.session, f"{r.pipeline_name} {r.pipeline_version}",
+                      r.verdict, reasons or "–")
+    console.print(table)

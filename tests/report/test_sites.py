@@ -301,3 +301,26 @@ def test_a_qc_page_for_a_series_never_processed_is_refused_in_one_line(lake):
     done = CliRunner().invoke(app, ["report", "qc", "1.2.3.4.5", "--lake", str(lake.root)])
     assert done.exit_code == 2 and "no processed series '1.2.3.4.5'" in done.output
     assert "Traceback" not in done.output
+
+
+def test_studies_and_qc_list_show_the_lake_by_the_ids_the_commands_take(lake, tmp_path):
+    copy = tmp_path / "lake"
+    shutil.copytree(lake.root, copy)
+    runner, env = CliRunner(), {"COLUMNS": "250"}
+    out = runner.invoke(app, ["studies", "--lake", str(copy), "--site", "siemens-xa30"], env=env)
+    assert out.exit_code == 0, out.output
+    rows = [line.split("│")[1:-1] for line in out.output.splitlines() if line.startswith("│")]
+    studies = read_table(Lake(str(copy)), "studies").query("site == 'siemens-xa30'")
+    assert sorted(r[2].strip() for r in rows) == sorted(studies["session"])
+    assert sum(r[6].strip() == "PASS 1" for r in rows) == 1
+    qc = read_table(Lake(str(copy)), "qc")
+    (uid,) = set(qc["series_uid"])
+    listed = runner.invoke(app, ["qc", "list", "--lake", str(copy), "--verdict", "pass"], env=env)
+    assert listed.exit_code == 0 and uid in listed.output and "PASS" in listed.output
+    assert uid not in runner.invoke(app, ["qc", "list", "--lake", str(copy), "--verdict", "FAIL"], env=env).output
+    assert runner.invoke(app, ["qc", "override", uid, "--verdict", "fail", "--reason", "ghosting",
+                               "--lake", str(copy)]).exit_code == 0
+    failed = runner.invoke(app, ["qc", "list", "--lake", str(copy), "--verdict", "FAIL"], env=env)
+    assert uid in failed.output and "PASS -> FAIL" in failed.output and "ghosting" in failed.output
+    bad = runner.invoke(app, ["qc", "list", "--lake", str(copy), "--verdict", "maybe"])
+    assert bad.exit_code == 2 and "choose one of PASS, WARN, FAIL" in bad.output
