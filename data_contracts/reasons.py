@@ -114,6 +114,8 @@ REASONS: dict[str, Reason] = {r.code: r for r in (
     Reason("lake_path_invalid", "contract", False, "a lake path is absolute or leaves the lake"),
     Reason("export_refused", "contract", False, "the export cannot be made as asked"),
     Reason("override_invalid", "contract", False, "a reviewer override names no processed series or is incomplete"),
+    Reason("query_invalid", "contract", False,
+           "a query step names no query or several, lacks its text, or the query's state does not allow it"),
 )}
 
 CODES = frozenset(REASONS)

@@ -169,7 +169,9 @@ DEVIATIONS = TableSchema(
 
 QUERIES = TableSchema(
     name="queries",
-    version="1.0",
+    # 1.1: a query's life: answered (by the site: a comment, a re-send), resolved (by the core lab, or
+    # by itself when a re-sent series passes), escalated (past its due date); who and when of each step
+    version="1.1",
     schema=_s(
         ("query_id", pa.string()),
         ("study_key", pa.string()),
@@ -179,10 +181,18 @@ QUERIES = TableSchema(
         ("status", pa.string()),
         ("message", pa.string()),
         ("created_at", UTC_TS),
+        ("answer", pa.string()),
+        ("answered_by", pa.string()),
+        ("answered_at", UTC_TS),
+        ("resolution", pa.string()),
+        ("resolved_by", pa.string()),
+        ("resolved_at", UTC_TS),
+        ("escalated_at", UTC_TS),
     ),
     primary_key=("query_id",),
     required=("query_id", "study_key", "status", "message", "created_at"),
-    allowed={"status": frozenset({"open", "answered", "closed"})},
+    # closed: withdrawn by corelab (the deviation it asked about was an infrastructure failure)
+    allowed={"status": frozenset({"open", "answered", "escalated", "resolved", "closed"})},
 )
 
 QC = TableSchema(

@@ -307,6 +307,9 @@ class TrialConfig(Strict):
     subjects: SubjectIds
     deidentification: Deidentification = Field(default_factory=Deidentification)
     qc: QCSettings = Field(default_factory=QCSettings)
+    query_due_working_days: int = Field(5, ge=1, le=60,
+                                        description="working days (Mon-Fri) a site has to answer a query "
+                                                    "before it is escalated")
     harmonization: HarmonizationSettings = Field(default_factory=HarmonizationSettings)
 
     @model_validator(mode="after")

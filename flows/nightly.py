@@ -8,9 +8,10 @@ pipeline version other than the current one. Nothing else is touched. The select
 ``process_study`` in parallel through the flow's task runner (threads by default, Dask when the
 caller gives a DaskTaskRunner). A study whose processing fails (storage or an engine down past the
 task's retries, a pipeline that could not start) leaves no verdict: tonight's run goes on with
-the other studies and ends Failed (red), and tomorrow's selects it again. Last, it writes the
-site dashboard (``reports/sites.html``) from the tables as they stand, and a QC review page
-for each series judged since the last night. Returns counts.
+the other studies and ends Failed (red), and tomorrow's selects it again. Last, site queries past
+their due date are escalated, and it writes the site dashboard (``reports/sites.html``) from the
+tables as they stand, with a QC review page for each series judged since the last night.
+Returns counts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pipelines.registry import get_spec, names
 from tasks.errors import TRANSIENT_RETRIES
 from tasks.lake.storage import open_lake
 from tasks.qc.due import studies_due
+from tasks.qc.queries import escalate_overdue
 from tasks.qc.record import clear_retryable
 from tasks.report.qc_page import write_qc_pages
 from tasks.report.sites_page import write_sites_page
@@ -84,7 +86,11 @@ def nightly_reprocess(lake_url: str, trial_file: str, backend: str = "local",
                       state.type.value.lower(), state.message)
     counts = {"studies_due": len(due), "series_processed": processed, "retried": retried,
               "failed": len(failed)}
-    # 4. the site dashboard, refreshed from tonight's tables
+    # 4. queries past their due date are escalated (they head every list and the dashboard)
+    escalated = escalate_overdue(lake, trial)
+    if escalated:
+        log.warning("%d overdue site queries escalated: %s", len(escalated), ", ".join(escalated))
+    # 5. the site dashboard, refreshed from tonight's tables
     page = refresh_sites_page(lake_url, trial)
     log.info("site dashboard refreshed: %s", page)
     log.info("%d series processed (%d withdrawn verdicts retried) in %d due studies, %d failed",

@@ -8,7 +8,7 @@ harmonize   harmonize fit | apply | models
 containers  containers build | verify | list | sif | lock-requirements | check-reproducible | export | load
 demo        the demo on the shared real data (``make demo``)
 service     serve: the receiver, the upload watcher and the flows on a Prefect server
-report      status, studies, qc list (the console); report sites (the dashboard), report qc (review pages)
+report      status, studies, qc list, queries list|answer|resolve; report sites (dashboard), report qc (pages)
 
 Exit codes: 0 when the study was accepted (with or without deviations), 1 when nothing was
 accepted (or an audit chain is broken), 2 for a bad command, trial file, site or path.
@@ -46,6 +46,7 @@ app.command()(report.status)
 app.command()(report.studies)
 tables.qc_app.command("list")(report.qc_list)
 app.add_typer(report.report_app, name="report")
+app.add_typer(report.queries_app, name="queries")
 app.add_typer(study.protocol_app, name="protocol")
 app.add_typer(tables.audit_app, name="audit")
 app.add_typer(tables.qc_app, name="qc")

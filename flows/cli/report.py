@@ -13,6 +13,7 @@ from rich.table import Table
 from flows.cli.common import LakeOpt, TrialOpt, console, fail, lake_url, trial_path
 
 report_app = typer.Typer(no_args_is_help=True, help="Pages for the people running the trial (HTML in the lake).")
+queries_app = typer.Typer(no_args_is_help=True, help="Site queries: list, answer (for a site), resolve.")
 AsOfOpt = typer.Option(None, "--as-of", help="the moment to report on (ISO date or time, UTC; default now)")
 
 
@@ -147,3 +148,63 @@ def qc_list(site: Optional[str] = typer.Option(None, "--site", help="only this s
         table.add_row(r.series_uid, r.site, r.subject, r.session, f"{r.pipeline_name} {r.pipeline_version}",
                       r.verdict, reasons or "–")
     console.print(table)
+
+
+@queries_app.command("list")
+def queries_list(site: Optional[str] = typer.Option(None, "--site", help="only this site"),
+                 every: bool = typer.Option(False, "--all", help="resolved and closed ones too"),
+                 trial: Optional[Path] = TrialOpt, lake: Optional[str] = LakeOpt) -> None:
+    """Queries, overdue and escalated first, by the id answer and resolve take."""
+    from tasks.lake.tables import read_table
+    from tasks.report.status import LakeTables, open_queries, utc
+
+    config, store = _load(trial, lake)
+    if every:
+        rows = read_table(store, "queries").sort_values("created_at", ascending=False)
+        rows = rows.assign(due=None, overdue=False, age_days=None)
+    else:
+        rows = open_queries(LakeTables.read(store), utc(), config.query_due_working_days)
+    if site is not None:
+        rows = rows[rows["site"] == site]
+    table = Table(title=f"{len(rows)} queries", title_justify="left")
+    for col in ("query", "site", "subject", "visit", "status", "due", "question", "answer / resolution"):
+        table.add_column(col, overflow="fold")
+    for r in rows.to_dict("records"):
+        due = "" if r.get("due") is None or str(r.get("due")) == "NaT" else f"{r['due']:%Y-%m-%d}"
+        status = r["status"] + (" (overdue)" if r.get("overdue") and r["status"] != "escalated" else "")
+        table.add_row(r["query_id"], r["site"], r["subject"], r["session"], status, due, r["message"],
+                      _cell(r.get("resolution") if every and r.get("resolution") else r.get("answer")))
+    console.print(table)
+
+
+@queries_app.command("answer")
+def queries_answer(query: str = typer.Argument(..., help="query id (or a unique prefix)"),
+                   text: str = typer.Option(..., "--text", help="the site's answer"),
+                   resent: bool = typer.Option(False, "--resent", help="the site sent the series again"),
+                   lake: Optional[str] = LakeOpt) -> None:
+    """Record a site's answer (as the authenticated user running it)."""
+    from flows.cli.common import authenticated_user
+    from tasks.lake.storage import open_lake
+    from tasks.qc.queries import QueryError, answer
+
+    try:
+        row = answer(open_lake(lake_url(lake)), query, text, authenticated_user(), resent)
+    except QueryError as exc:
+        fail(str(exc))
+    console.print(f"query {row['query_id']}: answered by {row['answered_by']}", highlight=False)
+
+
+@queries_app.command("resolve")
+def queries_resolve(query: str = typer.Argument(..., help="query id (or a unique prefix)"),
+                    resolution: str = typer.Option(..., "--resolution", help="why the question is settled"),
+                    lake: Optional[str] = LakeOpt) -> None:
+    """Resolve a query (as the authenticated user running it)."""
+    from flows.cli.common import authenticated_user
+    from tasks.lake.storage import open_lake
+    from tasks.qc.queries import QueryError, resolve
+
+    try:
+        row = resolve(open_lake(lake_url(lake)), query, resolution, authenticated_user())
+    except QueryError as exc:
+        fail(str(exc))
+    console.print(f"query {row['query_id']}: resolved by {row['resolved_by']}", highlight=False)

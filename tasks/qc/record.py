@@ -31,6 +31,7 @@ from tasks.lake.audit import append_event
 from tasks.lake.storage import Lake
 from tasks.lake.studies import Study, read_study
 from tasks.qc.measure import SeriesQC
+from tasks.qc.queries import resolve_by_resend
 from tasks.run.derivatives import PipelineRun
 
 log = logging.getLogger("corelab.qc")
@@ -97,6 +98,7 @@ def record_series(lake: Lake, trial: TrialConfig, study: Study, sq: SeriesQC, fl
     The qc rows go last: their verdict row is what :func:`skip_if_judged` and the nightly selection
     read as "done", so a process killed before it leaves the series to be judged again (its
     biomarker, deviation and query rows are upserts by key), never judged without its biomarkers.
+    A PASS then resolves the FAIL queries a re-send of the series answers (:mod:`tasks.qc.queries`).
     """
     now = datetime.now(timezone.utc)
     run = sq.run
@@ -121,6 +123,13 @@ def record_series(lake: Lake, trial: TrialConfig, study: Study, sq: SeriesQC, fl
                  pipeline=run.pipeline, version=run.version, digest=run.digest, verdict=status,
                  input_sha256=run.input_sha256, biomarkers=len(bio))
     tables.write_rows(lake, "qc", study.site, qc)
+    if status == "PASS":  # a re-send that passes answers the FAIL queries of its kind in this visit
+        series = tables.read_table(lake, "series", [study.site])
+        kind = series.loc[series["series_uid"] == run.series_uid, "series_type"]
+        if len(kind) and kind.iloc[0]:
+            for qid in resolve_by_resend(lake, study.site, study.subject, study.session, str(kind.iloc[0]),
+                                         run.pipeline, run.series_uid):
+                log.info("query %s resolved: a re-sent series passed", qid)
     return status
 
 

@@ -22,7 +22,6 @@ from jinja2 import Environment, select_autoescape
 from data_contracts.trial import TrialConfig
 from tasks.lake.storage import Lake
 from tasks.report.status import (
-    QUERY_DUE_DAYS,
     LakeTables,
     open_queries,
     scanner_epochs,
@@ -85,12 +84,11 @@ def _num(x: float) -> str:
 
 
 def render_sites_page(trial: TrialConfig, tables: LakeTables, as_of: datetime | None = None,
-                      version: str = "", qc_pages: dict[str, str] | None = None,
-                      due_days: int | None = None) -> str:
+                      version: str = "", qc_pages: dict[str, str] | None = None) -> str:
     """The dashboard's HTML for the state of ``tables`` at ``as_of`` (now by default)."""
     now = utc(as_of)
-    due = due_days if due_days is not None else QUERY_DUE_DAYS
-    sites = site_table(trial, tables, now, due)
+    due = trial.query_due_working_days
+    sites = site_table(trial, tables, now)
     visits = visit_table(trial, tables, now)
     exp = visit_expectations(trial, tables, now)
     epochs = scanner_epochs(tables)

@@ -13,8 +13,9 @@ A site sends within days of the scan, so the window closes a few days late at mo
 Definitions (each shown on the dashboard beside its figure):
 - deviation rate: studies with at least one protocol deviation / studies received;
 - QC: each series' latest verdict per pipeline (after any reviewer override), PASS / WARN / FAIL;
-- an open query's age: days since it was raised; overdue when older than the trial's
-  ``queries_due_days`` (default 5 working days = 7 calendar days).
+- open queries: every query not resolved yet (open, answered by the site, escalated); its age in
+  days since it was raised; overdue once past its due date (the trial's
+  ``query_due_working_days``, Monday to Friday) or escalated.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import pandas as pd
 from data_contracts.trial import TrialConfig
 from tasks.lake.storage import Lake
 from tasks.lake.tables import read_table
+from tasks.qc.queries import UNRESOLVED, due_date
 
 TABLE_NAMES = ("studies", "series", "deviations", "queries", "qc")
 VERDICTS = ("PASS", "WARN", "FAIL")
-QUERY_DUE_DAYS = 7   # 5 working days
 
 
 @dataclass(frozen=True)
@@ -117,23 +118,24 @@ def visit_table(trial: TrialConfig, tables: LakeTables, as_of: pd.Timestamp) -> 
     return pd.DataFrame(out, columns=["site", "visit", "expected", "received", "missing", "due"])
 
 
-def open_queries(tables: LakeTables, as_of: pd.Timestamp, due_days: int = QUERY_DUE_DAYS) -> pd.DataFrame:
-    """Open queries, overdue first and oldest first, with their age in days."""
+def open_queries(tables: LakeTables, as_of: pd.Timestamp, working_days: int = 5) -> pd.DataFrame:
+    """Unresolved queries, overdue (or escalated) first and oldest first, with age and due date."""
     q = tables.queries
-    q = q[q["status"] == "open"]
-    cols = ["site", "query_id", "subject", "session", "age_days", "overdue", "message"]
+    q = q[q["status"].isin(UNRESOLVED)]
+    cols = ["site", "query_id", "subject", "session", "status", "age_days", "due", "overdue", "message", "answer"]
     if q.empty:
         return pd.DataFrame(columns=cols)
-    age = (as_of - _ts(q["created_at"])).dt.total_seconds() / 86400
-    q = q.assign(age_days=age.round(1), overdue=age > due_days)
+    created = _ts(q["created_at"])
+    due = created.map(lambda t: due_date(t, working_days))
+    age = (as_of - created).dt.total_seconds() / 86400
+    q = q.assign(age_days=age.round(1), due=due, overdue=(as_of > due) | (q["status"] == "escalated"))
     return q.sort_values(["overdue", "age_days"], ascending=[False, False])[cols].reset_index(drop=True)
 
 
-def site_table(trial: TrialConfig, tables: LakeTables, as_of: pd.Timestamp,
-               due_days: int = QUERY_DUE_DAYS) -> pd.DataFrame:
+def site_table(trial: TrialConfig, tables: LakeTables, as_of: pd.Timestamp) -> pd.DataFrame:
     """One row per site: what arrived, how it fared, what is open (see the module's definitions)."""
     verdicts = latest_verdicts(tables.qc)
-    queries = open_queries(tables, as_of, due_days)
+    queries = open_queries(tables, as_of, trial.query_due_working_days)
     visits = visit_table(trial, tables, as_of)
     studies = tables.studies
     rows = []

@@ -34,9 +34,11 @@ from data_contracts.trial import load_trial
 from flows.cli import app
 from flows.process_study import process_study
 from flows.receive_study import receive_study
+from tasks.lake.audit import read_events
 from tasks.lake.storage import Lake
 from tasks.lake.tables import read_table
-from tasks.report.sites_page import PAGE, write_sites_page
+from tasks.qc.queries import escalate_overdue
+from tasks.report.sites_page import PAGE, render_sites_page, write_sites_page
 from tasks.report.status import LakeTables, site_table, utc, visit_table
 from tests.data import shared_path
 from tests.helpers import DEMO_TRIAL
@@ -324,3 +326,69 @@ def test_studies_and_qc_list_show_the_lake_by_the_ids_the_commands_take(lake, tm
     assert uid in failed.output and "PASS -> FAIL" in failed.output and "ghosting" in failed.output
     bad = runner.invoke(app, ["qc", "list", "--lake", str(copy), "--verdict", "maybe"])
     assert bad.exit_code == 2 and "choose one of PASS, WARN, FAIL" in bad.output
+
+
+def _cut_copy(dest: Path, patient: str, study_uid: str) -> Path:
+    """The XA30 T1 of ``patient`` with its last 35 % of frames blanked: a scan cut short."""
+    folder = _xa30_copy(dest, patient, study_uid=study_uid)
+    ds = pydicom.dcmread(folder / "t1.dcm")
+    pixels = ds.pixel_array.copy()
+    pixels[int(len(pixels) * 0.65):] = 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(folder / "t1.dcm", enforce_file_format=True)
+    return folder
+
+
+def test_a_query_is_answered_resolved_and_escalated_with_who_and_when(lake, trial, tmp_path):
+    copy = Lake(str(tmp_path / "lake"))
+    shutil.copytree(lake.root, copy.root)
+    runner, env = CliRunner(), {"COLUMNS": "250"}
+    (qid,) = read_table(copy, "queries")["query_id"]
+    listed = runner.invoke(app, ["queries", "list", "--trial", str(DEMO_TRIAL), "--lake", str(copy.root)], env=env)
+    assert listed.exit_code == 0 and qid in listed.output and "open" in listed.output
+    done = runner.invoke(app, ["queries", "answer", qid[:8], "--text", "the visit was late; patient was ill",
+                               "--lake", str(copy.root)])
+    assert done.exit_code == 0, done.output
+    row = read_table(copy, "queries").iloc[0]
+    assert row["status"] == "answered" and row["answered_by"] and row["answer"].startswith("the visit was late")
+    # nobody resolved it: 5 working days later the nightly escalation takes it, and it heads the lists
+    assert escalate_overdue(copy, trial, now=datetime.now(timezone.utc) + timedelta(days=3)) == []
+    assert escalate_overdue(copy, trial, now=datetime.now(timezone.utc) + timedelta(days=8)) == [qid]
+    assert read_table(copy, "queries").iloc[0]["status"] == "escalated"
+    page = render_sites_page(trial, LakeTables.read(copy))
+    assert "escalated" in _table(page, "queries")[1]
+    done = runner.invoke(app, ["queries", "resolve", qid, "--resolution", "accepted out of window",
+                               "--lake", str(copy.root)])
+    assert done.exit_code == 0, done.output
+    row = read_table(copy, "queries").iloc[0]
+    assert row["status"] == "resolved" and row["resolution"] == "accepted out of window"
+    events = [e for e in read_events(copy) if e["action"].startswith("query_")]
+    assert [e["action"] for e in events] == ["query_answered", "query_escalated", "query_resolved"]
+    assert events[0]["actor"] == row["answered_by"] == events[2]["actor"] == row["resolved_by"]
+    assert events[1]["actor"] == "corelab"
+    again = runner.invoke(app, ["queries", "resolve", qid, "--resolution", "twice", "--lake", str(copy.root)])
+    assert again.exit_code == 2 and "resolved already" in again.output
+    assert runner.invoke(app, ["queries", "answer", "QX", "--text", "x", "--lake", str(copy.root)]).exit_code == 2
+
+
+def test_a_resent_series_that_passes_resolves_the_query_its_failure_raised(lake, trial, tmp_path):
+    """A site's T1 cut short FAILs the QC gate (a query goes to the site); the site sends the full
+    scan again in the same study; it passes, and the query resolves itself, audited."""
+    copy = Lake(str(tmp_path / "lake"))
+    shutil.copytree(lake.root, copy.root)
+    study_uid = generate_uid()
+    (cut,) = receive_study(str(_cut_copy(tmp_path / "cut", "SUBJ-D", study_uid)), "siemens-xa30",
+                           lake_url=copy.url, trial=trial)
+    (sq,) = process_study(cut.study.study_key, "siemens-xa30", lake_url=copy.url, trial=trial)
+    assert sq.verdict.status == "FAIL", sq.verdict.reasons
+    (q,) = read_table(copy, "queries").query("subject == @cut.study.subject").itertuples()
+    assert q.status == "open" and "QC FAIL" in q.message
+    (full,) = receive_study(str(_xa30_copy(tmp_path / "full", "SUBJ-D", study_uid=study_uid)), "siemens-xa30",
+                            lake_url=copy.url, trial=trial)
+    assert full.study.session == cut.study.session                        # the same visit, re-sent
+    (sq,) = process_study(full.study.study_key, "siemens-xa30", lake_url=copy.url, trial=trial)
+    assert sq.verdict.status == "PASS"
+    (q,) = read_table(copy, "queries").query("query_id == @q.query_id").itertuples()
+    assert q.status == "resolved" and q.resolved_by == "corelab" and sq.run.series_uid in q.resolution
+    (event,) = [e for e in read_events(copy) if e["action"] == "query_resolved"]
+    assert event["details"]["query_id"] == q.query_id
