@@ -3,7 +3,8 @@
 Inputs
     lake_url: the lake; trial_file: the trial YAML (its ``harmonization:``
     section); covariates_file: a CSV/TSV/Parquet keyed by ``subject`` (and
-    optionally ``session``) holding the covariates; mode: ``fit`` (fit a new
+    optionally ``session``) holding the covariates, or none (or empty): the
+    lake's own studies table (age, sex, weight, height from the headers); mode: ``fit`` (fit a new
     model on the reference set, then apply it) or ``apply`` (apply the frozen
     model ``model_id``; without one, the trial's promoted model, as the nightly
     deployment does); only_new: skip scans the model already harmonized.
@@ -24,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from data_contracts.trial import load_trial
 from harmonization import model_store
-from harmonization.lake import read_biomarkers_task, read_covariates, select_rows
+from harmonization.lake import covariates_from_studies, read_biomarkers_task, read_covariates, select_rows
 from harmonization.service import apply_lake_task, fit_lake_task, skipped, summary_markdown
 from tasks.lake.storage import open_lake
 
@@ -33,7 +34,7 @@ ARTIFACT = "harmonization-summary"
 
 
 @flow(name="harmonize")
-def harmonize(lake_url: str, trial_file: str, covariates_file: str,
+def harmonize(lake_url: str, trial_file: str, covariates_file: str | None = None,
               mode: Literal["fit", "apply"] = "fit", model_id: str | None = None,
               only_new: bool = True) -> dict[str, Any]:
     """Fit a versioned ComBat model or apply a frozen one; write harmonized rows and a report."""
@@ -55,7 +56,8 @@ def harmonize(lake_url: str, trial_file: str, covariates_file: str,
             return summary
         model_id = promoted.model_id
         log.info("applying the promoted model: %s", promoted.describe())
-    covariates = read_covariates(covariates_file)
+    covariates = (read_covariates(covariates_file) if covariates_file
+                  else covariates_from_studies(lake, trial.trial_id))
     # 1. QC-passed biomarkers of this trial
     rows = select_rows(read_biomarkers_task(lake), trial.trial_id, QC_USABLE)
     # 2. a new model on the reference set, or the frozen one

@@ -56,6 +56,27 @@ def read_covariates(path: str) -> pd.DataFrame:
     return df
 
 
+#: covariate name -> the studies table's column it is read from when no covariate file is given
+#: (values the de-identification profile keeps from the DICOM headers: PatientAge, PatientSex, ...)
+HEADER_COVARIATES = {"AGE": "age_years", "SEX": "sex", "WEIGHT": "weight_kg", "HEIGHT": "height_m"}
+
+
+def covariates_from_studies(lake: Lake, trial_id: str) -> pd.DataFrame:
+    """Covariates keyed by subject and session from the lake's own ``studies`` table.
+
+    Age, sex, weight and height as the DICOM headers gave them (the trial keeps them through
+    de-identification). Two studies of one visit (a re-send) give one row: the first received.
+    """
+    studies = read_table(lake, "studies")
+    studies = studies[studies["trial_id"] == trial_id].sort_values("received_at")
+    df = pd.DataFrame({"subject": studies["subject"].astype(str), "session": studies["session"].astype(str),
+                       **{name: studies[col] for name, col in HEADER_COVARIATES.items()}})
+    df = df.drop_duplicates(["subject", "session"]).reset_index(drop=True)
+    df.attrs["source"] = ("the lake's studies table (age, sex, weight and height from the DICOM headers, "
+                          "kept by de-identification)")
+    return df
+
+
 def select_rows(biomarkers: pd.DataFrame, trial_id: str | None, qc_status: list[str],
                 sessions: list[str] | None = None) -> pd.DataFrame:
     """Rows of one trial with the given QC verdicts (and visits, when given)."""

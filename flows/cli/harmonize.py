@@ -41,6 +41,7 @@ from tasks.lake.storage import open_lake
 if TYPE_CHECKING:
     from harmonization import service
 
+COVARIATES_HELP = "covariates keyed by subject (lake mode; default: the studies table's age, sex, weight, height)"
 app = typer.Typer(help="ComBat harmonization across sites (neuroHarmonize): fit, apply, promote, "
                        "list models.",
                   no_args_is_help=True)
@@ -60,9 +61,9 @@ def _report(outcome: service.Outcome, verb: str) -> None:
 
 def _lake_flow(lake: Optional[str], trial: Optional[str], covariates_table: Optional[str],
                mode: str, model_id: Optional[str] = None, only_new: bool = True) -> None:
-    if not trial or not covariates_table:
-        fail("lake mode needs --trial FILE and --covariates-table FILE "
-              "(or give --table FILE for table mode)")
+    if not trial:
+        fail("lake mode needs --trial FILE (and --covariates-table FILE unless the covariates are the "
+             "headers' age and sex the studies table keeps), or give --table FILE for table mode")
     from flows.harmonize import harmonize  # the flow starts Prefect; only lake mode needs it
     from harmonization import service
 
@@ -92,7 +93,7 @@ def fit(
     report: Optional[str] = typer.Option(None, help="HTML report (a .json of it is written beside)"),
     lake: Optional[str] = typer.Option(None, help="lake holding the models (and biomarkers in lake mode)"),
     trial: Optional[str] = typer.Option(None, help="trial YAML (lake mode)"),
-    covariates_table: Optional[str] = typer.Option(None, help="covariates keyed by subject (lake mode)"),
+    covariates_table: Optional[str] = typer.Option(None, help=COVARIATES_HELP),
 ) -> None:
     """Fit a ComBat model, store it, and harmonize the rows it was fitted on."""
     if table is None:
@@ -126,7 +127,7 @@ def apply(
     report: Optional[str] = typer.Option(None, help="HTML report of the apply"),
     lake: Optional[str] = typer.Option(None, help="lake holding the model"),
     trial: Optional[str] = typer.Option(None, help="trial YAML (lake mode)"),
-    covariates_table: Optional[str] = typer.Option(None, help="covariates keyed by subject (lake mode)"),
+    covariates_table: Optional[str] = typer.Option(None, help=COVARIATES_HELP),
     all_rows: bool = typer.Option(False, "--all", help="lake mode: redo scans already harmonized"),
 ) -> None:
     """Apply a frozen model; rows from unseen sites are reported as needing a refit."""

@@ -34,6 +34,7 @@ from data_contracts.trial import load_trial
 from flows.cli import app
 from flows.process_study import process_study
 from flows.receive_study import receive_study
+from harmonization.lake import covariates_from_studies
 from tasks.lake.audit import read_events
 from tasks.lake.storage import Lake
 from tasks.lake.tables import read_table
@@ -392,3 +393,17 @@ def test_a_resent_series_that_passes_resolves_the_query_its_failure_raised(lake,
     assert q.status == "resolved" and q.resolved_by == "corelab" and sq.run.series_uid in q.resolution
     (event,) = [e for e in read_events(copy) if e["action"] == "query_resolved"]
     assert event["details"]["query_id"] == q.query_id
+
+
+def test_harmonization_covariates_come_from_the_headers_the_studies_table_kept(lake, trial):
+    """Without a covariate file, age and sex are the DICOM headers' (PatientAge, PatientSex), one row
+    per subject and visit: the statistician's batch and covariates both come from the lake."""
+    cov = covariates_from_studies(lake, trial.trial_id)
+    studies = read_table(lake, "studies")
+    assert len(cov) == len(studies.drop_duplicates(["subject", "session"])) == 5
+    (src,) = [p for p in shared_path(*XA30).iterdir() if p.suffix == ".dcm"]
+    header = pydicom.dcmread(src, stop_before_pixels=True)
+    xa = cov[cov["subject"].isin(studies.query("site == 'siemens-xa30'")["subject"])]
+    assert set(xa["SEX"]) == {str(header.PatientSex)}
+    assert set(xa["AGE"].round()) == {float(int(str(header.PatientAge)[:3]))}
+    assert "studies table" in cov.attrs["source"]
