@@ -1,0 +1,183 @@
+"""A virtual scanner: real anatomy made into new subjects and written as a vendor's scanner writes a T1.
+
+The virtual trial (issue 12) needs many subjects over several visits at several sites from the few
+real heads in ../shared/data. :func:`subject_head` makes a subject from a real head: a known scaling
+of the whole head with age (``AGE_VOLUME_SLOPE`` per year of volume about ``AGE_REF``; the planted
+age effect) and a small smooth random warp (a B-spline of ``WARP_MM`` displacement; the subject's
+own anatomy), resampled with SimpleITK onto the scanner's slice grid. :func:`write_t1_series` then
+writes it as classic single-frame MR slices the way the vendor's real series in ../shared/data is
+written: that series' own header (its private blocks included) is the template, and only what
+an acquisition changes is set per series and per slice (UIDs, geometry, pixel data and scaling,
+patient, dates, scanner software). A :class:`Scanner` carries what a site's scanner adds: a
+gradient-calibration error (the true voxel is ``calibration`` times the one the header states: a
+multiplicative effect on every volume), its contrast (``gamma`` on intensities: tissue boundaries
+move, an additive-like effect on tissue volumes), a bias field and a noise level.
+
+Written by hand because no kept library writes vendor-faithful DICOM from an array; pydicom writes
+each file, SimpleITK resamples.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import io
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+AGE_REF = 50.0
+AGE_VOLUME_SLOPE = -0.004      # head (and brain) volume: -0.4 % a year about AGE_REF
+WARP_MM = 1.5                  # standard deviation of the subject's B-spline displacements
+MESH = (4, 4, 4)               # B-spline mesh of the subject's warp
+# The real heads are stored with a compressed range (chris_t1 is uint8): resampled to 2 mm as they
+# are, the anat gate WARNs on tissue order (0.061, measured); intensities ** 1.6 give a 3 T MPRAGE's
+# GM/WM contrast (tissue order 0.29, every metric PASS, measured). A scanner's own gamma multiplies it.
+BASE_GAMMA = 1.6
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The slice grid of an acquisition: sagittal or axial slices of square pixels."""
+
+    orientation: tuple[float, ...]      # ImageOrientationPatient (row, column direction cosines, LPS)
+    spacing_mm: float = 2.0
+    matrix: int = 128                   # rows = columns
+    slices: int = 88
+
+    def directions(self) -> np.ndarray:
+        row, col = np.array(self.orientation[:3]), np.array(self.orientation[3:])
+        row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+        return np.column_stack([row, col, np.cross(row, col)])
+
+    def image(self, center: np.ndarray) -> sitk.Image:
+        """An empty SimpleITK image of this grid centred on ``center`` (LPS, mm)."""
+        d = self.directions()
+        size = np.array([self.matrix, self.matrix, self.slices])
+        origin = center - d @ (self.spacing_mm * (size - 1) / 2)
+        img = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
+        img.SetSpacing([self.spacing_mm] * 3)
+        img.SetDirection(d.flatten().tolist())
+        img.SetOrigin(origin.tolist())
+        return img
+
+
+@dataclass(frozen=True)
+class Scanner:
+    """A site's scanner: its vendor template and what it adds to every image it writes."""
+
+    vendor: str                          # key of TEMPLATES
+    software_versions: str
+    serial: str
+    calibration: float = 1.0             # true voxel / stated voxel (gradient calibration)
+    gamma: float = 1.0                   # contrast: intensities ** gamma
+    bias: float = 0.15                   # amplitude of the smooth multiplicative bias field
+    noise: float = 0.02                  # noise sd as a fraction of the brightest tissue
+    grid: Grid = field(default_factory=lambda: Grid(TEMPLATE_ORIENTATION["philips"]))
+
+
+@dataclass(frozen=True)
+class Person:
+    """Who is scanned: the PHI a real header would carry (de-identification must remove it)."""
+
+    patient_id: str
+    name: str
+    sex: str                             # M or F
+    birth_date: date
+    weight_kg: float = 75.0
+
+
+#: vendor -> a real classic single-frame series file of ../shared/data whose header is the template
+TEMPLATES = {"philips": ("dcm_qa_philips_enh", "In", "cl", "1301_0001.dcm.gz")}
+TEMPLATE_ORIENTATION = {"philips": (-0.0386, 0.99925, -0.00235, 0.06086, 0.0, -0.99815)}
+
+
+def read_template(data: Path, vendor: str) -> Dataset:
+    path = data.joinpath(*TEMPLATES[vendor])
+    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    ds.decode()
+    return ds
+
+
+def subject_head(source: sitk.Image, age: float, seed: int, grid: Grid) -> sitk.Image:
+    """A new subject from a real head: scaled for ``age``, warped by ``seed``, on ``grid``."""
+    src = sitk.Cast(source, sitk.sitkFloat32)
+    size = np.array(src.GetSize())
+    center = np.array(src.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2).tolist()))
+    linear = (1.0 + AGE_VOLUME_SLOPE * (age - AGE_REF)) ** (1 / 3)
+    scale = sitk.ScaleTransform(3, [1.0 / linear] * 3)     # output point -> input point: anatomy * linear
+    scale.SetCenter(center.tolist())
+    warp = sitk.BSplineTransformInitializer(src, list(MESH))
+    rng = np.random.default_rng(seed)
+    warp.SetParameters(rng.normal(0.0, WARP_MM, len(warp.GetParameters())).tolist())
+    composite = sitk.CompositeTransform([scale, warp])
+    return sitk.Resample(src, grid.image(center), composite, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def scanner_image(head: sitk.Image, scanner: Scanner, seed: int) -> np.ndarray:
+    """The voxel values the scanner stores: contrast, bias field, noise; array [slice, row, col], >= 0."""
+    a = sitk.GetArrayFromImage(head).astype(np.float64)
+    top = np.percentile(a[a > 0], 99) if (a > 0).any() else 1.0
+    a = np.clip(a / top, 0, None) ** (BASE_GAMMA * scanner.gamma)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in a.shape], indexing="ij")
+    rng = np.random.default_rng(seed)
+    c = rng.normal(0, 1, 6)
+    field = np.exp(scanner.bias * (c[0] * x + c[1] * y + c[2] * z + 0.5 * (c[3] * x * y + c[4] * y * z + c[5] * x * z)))
+    a = a * field
+    n1, n2 = rng.normal(0, scanner.noise, a.shape), rng.normal(0, scanner.noise, a.shape)
+    return np.sqrt((a + n1) ** 2 + n2 ** 2)                  # Rician, as magnitude images are
+
+
+def write_t1_series(out: Path, template: Dataset, head: sitk.Image, scanner: Scanner, person: Person,
+                    study_uid: str, scan_date: date, seed: int, series_number: int = 301) -> list[Path]:
+    """Write ``head`` as the vendor writes a T1: one classic MR file per slice in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    values = scanner_image(head, scanner, seed)
+    bits = int(template.BitsStored)
+    slope = float(template.get("RescaleSlope", 1.0) or 1.0)
+    stored = np.clip(np.round(values / values.max() * (2 ** bits - 1) * 0.9), 0, 2 ** bits - 1).astype(np.uint16)
+    d = np.array(head.GetDirection()).reshape(3, 3)
+    origin = np.array(head.GetOrigin())
+    stated = scanner.grid.spacing_mm / scanner.calibration   # what the header says one voxel is
+    series_uid, frame_uid = generate_uid(), generate_uid()
+    day = scan_date.strftime("%Y%m%d")
+    age = scan_date.year - person.birth_date.year - ((scan_date.month, scan_date.day)
+                                                       < (person.birth_date.month, person.birth_date.day))
+    files = []
+    for k in range(stored.shape[0]):
+        ds = copy.deepcopy(template)
+        position = origin + d[:, 2] * stated * k
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.PatientID, ds.PatientName, ds.PatientSex = person.patient_id, person.name, person.sex
+        ds.PatientBirthDate, ds.PatientAge = person.birth_date.strftime("%Y%m%d"), f"{age:03d}Y"
+        ds.PatientWeight = f"{person.weight_kg:.1f}"
+        for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+            setattr(ds, kw, day)
+        ds.AccessionNumber = f"A{abs(hash((person.patient_id, day))) % 10**8:08d}"
+        ds.SoftwareVersions, ds.DeviceSerialNumber = scanner.software_versions, scanner.serial
+        ds.SeriesNumber, ds.InstanceNumber = series_number, k + 1
+        ds.Rows, ds.Columns = stored.shape[1], stored.shape[2]
+        ds.PixelSpacing = [f"{stated:.6g}", f"{stated:.6g}"]
+        ds.SliceThickness = ds.SpacingBetweenSlices = f"{stated:.6g}"
+        ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*d[:, 0], *d[:, 1])]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+        ds.SliceLocation = f"{float(position @ d[:, 2]):.6f}"
+        ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}", "0"
+        for kw in ("LargestImagePixelValue", "SmallestImagePixelValue", "WindowCenter", "WindowWidth"):
+            if kw in ds:
+                delattr(ds, kw)
+        if (0x2001, 0x100A) in ds:                         # Philips: slice number (private)
+            ds[0x2001, 0x100A].value = k + 1
+        ds.PixelData = stored[k].tobytes()
+        path = out / f"IM{k + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
