@@ -10,7 +10,7 @@ caller gives a DaskTaskRunner). A study whose processing fails (storage or an en
 task's retries, a pipeline that could not start) leaves no verdict: tonight's run goes on with
 the other studies and ends Failed (red), and tomorrow's selects it again. Last, site queries past
 their due date are escalated, and it writes the site dashboard (``reports/sites.html``) from the
-tables as they stand, with a QC review page for each series judged since the last night.
+tables as they stand, with a QC review page for each series judged since their page was made.
 Returns counts.
 """
 
@@ -44,13 +44,19 @@ def process_study_run(study_key: str, site: str, lake_url: str, backend: str, tr
     return len(process_study(study_key, site, lake_url=lake_url, backend=backend, trial=trial, threads=threads))
 
 
+@task(name="escalate-overdue-queries", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def escalate_overdue_task(lake_url: str, trial: TrialConfig) -> list[str]:
+    return escalate_overdue(open_lake(lake_url), trial)
+
+
 @task(name="refresh-sites-page", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def refresh_sites_page(lake_url: str, trial: TrialConfig) -> str:
-    """Write the QC pages of newly judged series, then reports/sites.html (linking them); its lake path."""
+    """Write the QC pages of series judged or overridden since their page, then reports/sites.html
+    (linking them); its lake path."""
     from tasks.lake.versions import corelab_version
 
     lake = open_lake(lake_url)
-    write_qc_pages(lake, version=corelab_version(), only_missing=True)
+    write_qc_pages(lake, version=corelab_version(), only_changed=True)
     return write_sites_page(lake, trial, version=corelab_version())
 
 
@@ -87,7 +93,7 @@ def nightly_reprocess(lake_url: str, trial_file: str, backend: str = "local",
     counts = {"studies_due": len(due), "series_processed": processed, "retried": retried,
               "failed": len(failed)}
     # 4. queries past their due date are escalated (they head every list and the dashboard)
-    escalated = escalate_overdue(lake, trial)
+    escalated = escalate_overdue_task(lake_url, trial)
     if escalated:
         log.warning("%d overdue site queries escalated: %s", len(escalated), ", ".join(escalated))
     # 5. the site dashboard, refreshed from tonight's tables

@@ -49,7 +49,7 @@ def status(trial: Optional[Path] = TrialOpt, lake: Optional[str] = LakeOpt,
     from tasks.report.status import LakeTables, site_table, trial_totals, utc
 
     config, store = _load(trial, lake)
-    sites = site_table(config, LakeTables.read(store), utc(_as_of(as_of)))
+    sites = site_table(config, LakeTables.read(store, config.trial_id), utc(_as_of(as_of)))
     table = Table(title=f"{config.trial_id}: {store.url}", title_justify="left")
     for col in ("site", "studies", "visits recv/exp", "missing", "PASS", "WARN", "FAIL", "open queries",
                 "overdue", "last upload"):
@@ -77,7 +77,7 @@ def report_sites(trial: Optional[Path] = TrialOpt, lake: Optional[str] = LakeOpt
 
     config, store = _load(trial, lake)
     rel = write_sites_page(store, config, _as_of(as_of), version=corelab_version())
-    console.print(f"site dashboard: {store.path(rel)}", highlight=False)
+    console.print(f"site dashboard: {store.uri(rel)}", highlight=False)
 
 
 @report_app.command("qc")
@@ -97,7 +97,7 @@ def report_qc(series: Optional[str] = typer.Argument(
     if not pages:
         console.print("no processed series in the qc table: nothing to review yet")
     for rel in pages:
-        console.print(f"QC page: {store.path(rel)}", highlight=False)
+        console.print(f"QC page: {store.uri(rel)}", highlight=False)
 
 
 def studies(site: Optional[str] = typer.Option(None, "--site", help="only this site"),
@@ -163,7 +163,7 @@ def queries_list(site: Optional[str] = typer.Option(None, "--site", help="only t
         rows = read_table(store, "queries").sort_values("created_at", ascending=False)
         rows = rows.assign(due=None, overdue=False, age_days=None)
     else:
-        rows = open_queries(LakeTables.read(store), utc(), config.query_due_working_days)
+        rows = open_queries(LakeTables.read(store, config.trial_id), utc(), config.query_due_working_days)
     if site is not None:
         rows = rows[rows["site"] == site]
     table = Table(title=f"{len(rows)} queries", title_justify="left")

@@ -22,6 +22,8 @@ def qc_override(
     confirm_head: bool = typer.Option(
         False, "--confirm-head",
         help="passing a series the gate failed as not a head: you looked, and the object is a head"),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline",
+                                           help="the pipeline whose verdict this is (when several judged it)"),
     lake: Optional[str] = LakeOpt,
 ) -> None:
     """Record a reviewer's verdict (as the authenticated user running it); the biomarkers table follows it."""
@@ -30,7 +32,8 @@ def qc_override(
 
     try:
         by = authenticated_user()
-        event = override(open_lake(lake_url(lake)), series, verdict, reason, by, confirm_head=confirm_head)
+        event = override(open_lake(lake_url(lake)), series, verdict, reason, by, confirm_head=confirm_head,
+                         pipeline=pipeline)
     except OverrideError as exc:
         fail(str(exc))
     console.print(f"series {event['series_uid'][-12:]}: {event['automatic_verdict']} -> {event['verdict']} "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import hashlib
 import io
 from dataclasses import dataclass, field
 from datetime import date
@@ -159,9 +160,10 @@ def write_t1_series(out: Path, template: Dataset, head: sitk.Image, scanner: Sca
         ds.PatientID, ds.PatientName, ds.PatientSex = person.patient_id, person.name, person.sex
         ds.PatientBirthDate, ds.PatientAge = person.birth_date.strftime("%Y%m%d"), f"{age:03d}Y"
         ds.PatientWeight = f"{person.weight_kg:.1f}"
-        for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
-            setattr(ds, kw, day)
-        ds.AccessionNumber = f"A{abs(hash((person.patient_id, day))) % 10**8:08d}"
+        for el in ds:                                      # every date of the template is this scan's day
+            if el.VR == "DA" and el.tag != 0x00100030 and not el.tag.is_private:   # (the birth date below)
+                el.value = day
+        ds.AccessionNumber = "A" + hashlib.sha256(f"{person.patient_id}|{day}".encode()).hexdigest()[:10].upper()
         ds.SoftwareVersions, ds.DeviceSerialNumber = scanner.software_versions, scanner.serial
         ds.SeriesNumber, ds.InstanceNumber = series_number, k + 1
         ds.Rows, ds.Columns = stored.shape[1], stored.shape[2]

@@ -73,6 +73,10 @@ def record_findings(lake: Lake, study: Study, findings: list[Finding], now: date
     deviations = deviation_rows(study, findings, now or datetime.now(timezone.utc))
     tables.write_rows(lake, "deviations", study.site, deviations)
     queries = query_rows(study, deviations)
+    if queries:  # a query already raised keeps its life (answer, resolution, escalation); a withdrawn one reopens
+        existing = tables.read_table(lake, "queries", [study.site])
+        status = dict(zip(existing["query_id"], existing["status"])) if len(existing) else {}
+        queries = [q for q in queries if status.get(q["query_id"]) in (None, "closed")]
     if queries:
         tables.write_rows(lake, "queries", study.site, queries)
     count_deviations(lake, study)

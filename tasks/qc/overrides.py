@@ -23,6 +23,7 @@ from tasks.lake import tables
 from tasks.lake.audit import append_event
 from tasks.lake.storage import Lake
 from tasks.lake.studies import read_study
+from tasks.qc.queries import resolve_for_series
 from tasks.qc.record import biomarker_rows
 from tasks.run.derivatives import PipelineRun, derivatives_root, image_entities, lake_outputs, measures_table
 
@@ -33,20 +34,31 @@ class OverrideError(CorelabError, ValueError):
     code = "override_invalid"
 
 
-def _find_series(lake: Lake, series: str) -> pd.DataFrame:
+def _find_series(lake: Lake, series: str, pipeline: str | None = None) -> pd.DataFrame:
+    """The verdict row of one series' latest judgement (by ``pipeline`` when given).
+
+    A series judged by several versions of a pipeline is overridden in its newest judgement;
+    judged by several pipelines, ``pipeline`` says which.
+    """
     qc = tables.read_table(lake, "qc")
     rows = qc[(qc.metric == "verdict") & qc.series_uid.str.startswith(series)] if not qc.empty else qc
-    keys = rows[["series_uid", "pipeline_name", "pipeline_version"]].drop_duplicates()
-    if keys.empty:
-        raise OverrideError(f"no processed series {series!r} in the qc table")
-    if len(keys) > 1:
-        raise OverrideError(f"{series!r} names {len(keys)} processed series/pipeline versions; "
+    if pipeline is not None:
+        rows = rows[rows.pipeline_name == pipeline]
+    if rows.series_uid.nunique() > 1:
+        raise OverrideError(f"{series!r} names {rows.series_uid.nunique()} processed series; "
                             "give more of the SeriesInstanceUID")
-    return rows
+    if rows.empty:
+        raise OverrideError(f"no processed series {series!r}" + (f" judged by {pipeline}" if pipeline else "")
+                            + " in the qc table")
+    if rows.pipeline_name.nunique() > 1:
+        raise OverrideError(f"series {series!r} was judged by {', '.join(sorted(set(rows.pipeline_name)))}: "
+                            "say which with --pipeline")
+    newest = rows.assign(created_at=pd.to_datetime(rows.created_at, utc=True)).sort_values("created_at")
+    return rows[rows.pipeline_version == newest.pipeline_version.iloc[-1]]
 
 
 def override(lake: Lake, series: str, verdict: str, reason: str, by: str, *,
-             confirm_head: bool = False) -> dict[str, Any]:
+             confirm_head: bool = False, pipeline: str | None = None) -> dict[str, Any]:
     """Record a reviewer's verdict for a series and make the biomarkers follow it.
 
     Passing a series the gate failed as not a head (reason ``not_a_head``) needs
@@ -58,7 +70,7 @@ def override(lake: Lake, series: str, verdict: str, reason: str, by: str, *,
         raise OverrideError(f"verdict must be pass or fail, not {verdict.lower()!r}")
     if not reason.strip() or not by.strip():
         raise OverrideError("an override needs a reason and the reviewer's name")
-    (row,) = _find_series(lake, series).itertuples()
+    (row,) = _find_series(lake, series, pipeline).itertuples()
     site, uid = row.site, row.series_uid
     spec = _spec_of(row) if verdict == "PASS" else None   # before anything is written
     now = datetime.now(timezone.utc)
@@ -79,15 +91,18 @@ def override(lake: Lake, series: str, verdict: str, reason: str, by: str, *,
                for r in mine.to_dict("records")]
     tables.write_rows(lake, "qc", site, [_clean(r) for r in updated])
     withdrawn = added = 0
+    resolved: list[str] = []
     if verdict == "FAIL":
         withdrawn = tables.delete_rows(lake, "biomarkers", site, {
             "series_uid": uid, "pipeline_name": row.pipeline_name, "pipeline_version": row.pipeline_version})
     else:
         added = _restore_biomarkers(lake, site, row, spec, now)
+        # the site is no longer asked to re-send what the core lab accepted
+        resolved = resolve_for_series(lake, site, uid, row.pipeline_name, by, reason, now)
     event = {"series_uid": uid, "pipeline": row.pipeline_name, "version": row.pipeline_version,
              "verdict": verdict, "automatic_verdict": row.automatic_verdict, "reason": reason,
              "biomarkers_withdrawn": withdrawn, "biomarkers_added": added,
-             "overrides_not_a_head": not_a_head, "confirm_head": confirm_head}
+             "overrides_not_a_head": not_a_head, "confirm_head": confirm_head, "queries_resolved": resolved}
     append_event(lake, "qc_override", actor=by, **event)
     return event
 

@@ -46,7 +46,9 @@ def due_date(created_at: pd.Timestamp | datetime, working_days: int) -> pd.Times
     """The moment a query raised at ``created_at`` falls due: ``working_days`` Mon-Fri days later."""
     t = pd.Timestamp(created_at)
     t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
-    day = np.busday_offset(np.datetime64(t.date()), working_days, roll="forward")
+    # raised on a weekend: counted from the Friday before, so it is due at the same time of day
+    # on the 5th working day after it (Saturday -> the next Friday), never a day later
+    day = np.busday_offset(np.datetime64(t.date()), working_days, roll="backward")
     return pd.Timestamp(day).tz_localize("UTC") + (t - t.normalize())
 
 
@@ -62,10 +64,11 @@ def find_query(lake: Lake, query: str) -> Found:
     return Found(str(row.pop("site")), row)
 
 
-def _set(lake: Lake, found: Found, **changes) -> dict:
-    tables.update_rows(lake, "queries", found.site, {"query_id": found.row["query_id"]},
-                       lambda q: {**q, **changes})
-    return {**found.row, **changes}
+def _step(lake: Lake, site: str, query_id: str, allowed: tuple[str, ...], change) -> bool:
+    """Apply ``change`` to the query under its partition's lock if its status is still one of
+    ``allowed`` (another step may have moved it since it was read); whether it changed."""
+    return tables.update_rows(lake, "queries", site, {"query_id": query_id},
+                              lambda q: change(q) if q["status"] in allowed else q) > 0
 
 
 def answer(lake: Lake, query: str, text: str, by: str, resent: bool = False,
@@ -78,7 +81,12 @@ def answer(lake: Lake, query: str, text: str, by: str, resent: bool = False,
         raise QueryError("an answer needs its text (what the site did or says)")
     text = ("re-sent: " if resent else "") + text.strip()
     at = now or datetime.now(timezone.utc)
-    row = _set(lake, found, status="answered", answer=text, answered_by=by, answered_at=at)
+    # an escalated query stays escalated when the site answers (the answer is recorded with it)
+    changes = {"answer": text, "answered_by": by, "answered_at": at}
+    if not _step(lake, found.site, found.row["query_id"], UNRESOLVED,
+                 lambda q: {**q, **changes, "status": "escalated" if q["status"] == "escalated" else "answered"}):
+        raise QueryError(f"query {found.row['query_id']} changed meanwhile: nothing to answer")
+    row = {**found.row, **changes}
     append_event(lake, "query_answered", actor=by, site=found.site, query_id=row["query_id"],
                  study_key=row["study_key"], answer=text)
     return row
@@ -91,8 +99,11 @@ def resolve(lake: Lake, query: str, resolution: str, by: str, now: datetime | No
         raise QueryError(f"query {found.row['query_id']} is {found.row['status']} already")
     if not resolution.strip():
         raise QueryError("a resolution needs its text (why the question is settled)")
-    row = _set(lake, found, status="resolved", resolution=resolution.strip(), resolved_by=by,
-               resolved_at=now or datetime.now(timezone.utc))
+    changes = {"status": "resolved", "resolution": resolution.strip(), "resolved_by": by,
+               "resolved_at": now or datetime.now(timezone.utc)}
+    if not _step(lake, found.site, found.row["query_id"], UNRESOLVED, lambda q: {**q, **changes}):
+        raise QueryError(f"query {found.row['query_id']} changed meanwhile: resolved or withdrawn already")
+    row = {**found.row, **changes}
     append_event(lake, "query_resolved", actor=by, site=found.site, query_id=row["query_id"],
                  study_key=row["study_key"], resolution=row["resolution"])
     return row
@@ -108,8 +119,9 @@ def escalate_overdue(lake: Lake, trial: TrialConfig, now: datetime | None = None
         due = due_date(r.created_at, trial.query_due_working_days)
         if at <= due:
             continue
-        tables.update_rows(lake, "queries", r.site, {"query_id": r.query_id},
-                           lambda row, at=at: {**row, "status": "escalated", "escalated_at": at.to_pydatetime()})
+        if not _step(lake, r.site, r.query_id, ("open", "answered"),
+                     lambda row, at=at: {**row, "status": "escalated", "escalated_at": at.to_pydatetime()}):
+            continue
         append_event(lake, "query_escalated", actor="corelab", site=r.site, query_id=r.query_id,
                      study_key=r.study_key, due=due.isoformat())
         out.append(r.query_id)
@@ -139,10 +151,34 @@ def resolve_by_resend(lake: Lake, site: str, subject: str, session: str, series_
     at = now or datetime.now(timezone.utc)
     for r in q[q["deviation_id"].isin(set(failed["deviation_id"]))].itertuples():
         text = f"a re-sent {series_type} series of this visit passed {pipeline} QC: {passed_series}"
-        tables.update_rows(lake, "queries", site, {"query_id": r.query_id},
-                           lambda row, text=text: {**row, "status": "resolved", "resolution": text,
-                                                   "resolved_by": "corelab", "resolved_at": at})
+        if not _step(lake, site, r.query_id, UNRESOLVED,
+                     lambda row, text=text: {**row, "status": "resolved", "resolution": text,
+                                             "resolved_by": "corelab", "resolved_at": at}):
+            continue
         append_event(lake, "query_resolved", actor="corelab", site=site, query_id=r.query_id,
                      study_key=r.study_key, resolution=text)
+        out.append(r.query_id)
+    return out
+
+
+def resolve_for_series(lake: Lake, site: str, series_uid: str, pipeline: str, by: str, reason: str,
+                       now: datetime | None = None) -> list[str]:
+    """Resolve the unresolved QC FAIL queries of one series and pipeline (a reviewer passed it)."""
+    q = tables.read_table(lake, "queries", [site])
+    dev = tables.read_table(lake, "deviations", [site])
+    if q.empty or dev.empty:
+        return []
+    mine = set(dev.loc[(dev["kind"] == "qc_fail") & (dev["series_uid"] == series_uid)
+                       & (dev["parameter"] == pipeline), "deviation_id"])
+    out = []
+    at = now or datetime.now(timezone.utc)
+    text = f"the series was passed by a reviewer: {reason}"
+    for r in q[q["status"].isin(UNRESOLVED) & q["deviation_id"].isin(mine)].itertuples():
+        if not _step(lake, site, r.query_id, UNRESOLVED,
+                     lambda row: {**row, "status": "resolved", "resolution": text, "resolved_by": by,
+                                  "resolved_at": at}):
+            continue
+        append_event(lake, "query_resolved", actor=by, site=site, query_id=r.query_id, study_key=r.study_key,
+                     resolution=text)
         out.append(r.query_id)
     return out

@@ -13,8 +13,12 @@ Images are PNGs embedded as data URIs: the page opens from disk, without a serve
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
-from dataclasses import dataclass
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -28,6 +32,8 @@ from tasks.run.derivatives import derivatives_root, image_entities, lake_outputs
 
 TEMPLATE = Path(__file__).with_name("qc.html.j2")
 ROOT = "reports/qc"
+INDEX = f"{ROOT}/index.json"     # series -> stamp of the verdicts its page shows
+log = logging.getLogger("corelab.report")
 
 
 class QCPageError(ValueError):
@@ -87,16 +93,22 @@ def _png(fig) -> str:
 def mosaics(lake: Lake, j: Judged) -> list[tuple[str, str]]:
     """(caption, PNG data URI) of the pipeline's image with the mask and segmentation over it."""
     try:
-        spec = get_spec(j.pipeline)
+        spec = replace(get_spec(j.pipeline), version=j.version)   # the derivatives of the judged version
     except UnknownPipeline:
         return []
     subject, session = str(j.verdict["subject"]), str(j.verdict["session"])
     image = existing_images(lake, subject, session).get(j.series_uid)
     if image is None:
         return []
-    outputs = {k: lake.path(v) for k, v in lake_outputs(spec, subject, session, image_entities(image)).items()
-               if lake.exists(v)}
-    background = outputs.get("preproc") or lake.path(image)
+    with tempfile.TemporaryDirectory(prefix="corelab-qc-page-") as tmp:   # nibabel reads local files
+        outputs = {k: lake.local_file(v, tmp) for k, v in
+                   lake_outputs(spec, subject, session, image_entities(image)).items()
+                   if k in ("preproc", "brain_mask", "dseg") and lake.exists(v)}
+        background = outputs.get("preproc") or lake.local_file(image, tmp)
+        return _mosaics(lake, spec, outputs, background)
+
+
+def _mosaics(lake: Lake, spec, outputs: dict[str, str], background: str) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,8 +145,11 @@ def _dseg_labels(lake: Lake, spec) -> list[str]:
     rel = f"{derivatives_root(spec)}/dseg.tsv"
     if not lake.exists(rel):
         return []
-    table = pd.read_csv(io.StringIO(lake.read_text(rel)), sep="\t").sort_values("index")
-    return [str(a) for a in table.get("abbreviation", table["name"])]
+    table = pd.read_csv(io.StringIO(lake.read_text(rel)), sep="\t")
+    if "index" not in table.columns:
+        return []
+    names = table["abbreviation"] if "abbreviation" in table.columns else table.get("name")
+    return [] if names is None else [str(a) for a in names[table["index"].argsort()]]
 
 
 def metric_context(qc: pd.DataFrame, j: Judged) -> pd.DataFrame:
@@ -192,7 +207,7 @@ def strip_plot(qc: pd.DataFrame, j: Judged) -> str:
 
 def override_command(j: Judged) -> str:
     flip = "fail" if j.verdict["verdict"] != "FAIL" else "pass"
-    return f'corelab qc override {j.series_uid} --verdict {flip} --reason "<what you saw>"'
+    return f'corelab qc override {j.series_uid} --pipeline {j.pipeline} --verdict {flip} --reason "<what you saw>"'
 
 
 def _fmt(x, digits: int = 3) -> str:
@@ -228,10 +243,22 @@ def render_qc_page(lake: Lake, qc: pd.DataFrame, judged: list[Judged], version: 
         sections=[section(lake, qc, j) for j in judged], fmt=_fmt)
 
 
-def write_qc_pages(lake: Lake, series: str | None = None, version: str = "", only_missing: bool = False) -> list[str]:
+def _stamp(judged: list[Judged]) -> str:
+    """What a page shows changes only with these: each verdict row's pipeline, version, verdict and times."""
+    parts = []
+    for j in judged:
+        v = j.verdict
+        parts.append("|".join(str(v.get(k)) for k in ("pipeline_name", "pipeline_version", "verdict", "created_at",
+                                                      "override_by", "override_at")))
+    return hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()
+
+
+def write_qc_pages(lake: Lake, series: str | None = None, version: str = "", only_changed: bool = False) -> list[str]:
     """Write the page of every processed series (or those ``series`` is a prefix of); their lake paths.
 
-    ``only_missing``: only series without a page yet (what the nightly run adds).
+    ``only_changed``: only series whose verdicts changed since their page was written (new, re-judged
+    or overridden; what the nightly run refreshes). A series whose page cannot be made is logged and
+    skipped: the others are still written.
     """
     qc = read_table(lake, "qc")
     judged = judged_series(qc, series)
@@ -241,11 +268,20 @@ def write_qc_pages(lake: Lake, series: str | None = None, version: str = "", onl
     by_series: dict[str, list[Judged]] = {}
     for j in judged:
         by_series.setdefault(j.series_uid, []).append(j)
+    index = json.loads(lake.read_text(INDEX)) if lake.exists(INDEX) else {}
     written = []
     for uid, js in by_series.items():
-        if only_missing and lake.exists(page_path(uid)):
+        stamp = _stamp(js)
+        if only_changed and index.get(uid) == stamp and lake.exists(page_path(uid)):
             continue
-        html = render_qc_page(lake, qc, js, version)
+        try:
+            html = render_qc_page(lake, qc, js, version)
+        except Exception:  # one series' files (a missing or unreadable image) must not cost the others theirs
+            log.exception("the QC page of series %s could not be made", uid)
+            continue
         lake.write_bytes(page_path(uid), html.encode())
+        index[uid] = stamp
         written.append(page_path(uid))
+    if written:
+        lake.write_bytes(INDEX, json.dumps(index, sort_keys=True, indent=0).encode())
     return written

@@ -107,7 +107,7 @@ def render_sites_page(trial: TrialConfig, tables: LakeTables, as_of: datetime | 
 
 def write_sites_page(lake: Lake, trial: TrialConfig, as_of: datetime | None = None, version: str = "") -> str:
     """Render the dashboard from the lake's tables into ``reports/sites.html``; its lake path."""
-    tables = LakeTables.read(lake)
+    tables = LakeTables.read(lake, trial.trial_id)
     pages = {name.removesuffix(".html"): f"qc/{name}" for name in lake.listdir("reports/qc")
              if name.endswith(".html")}
     lake.write_bytes(PAGE, render_sites_page(trial, tables, as_of, version, pages).encode())

@@ -45,8 +45,13 @@ class LakeTables:
     qc: pd.DataFrame
 
     @classmethod
-    def read(cls, lake: Lake) -> "LakeTables":
-        return cls(**{name: read_table(lake, name) for name in TABLE_NAMES})
+    def read(cls, lake: Lake, trial_id: str | None = None) -> "LakeTables":
+        """The tables of ``lake`` (of one trial's studies only, when a lake holds several)."""
+        t = {name: read_table(lake, name) for name in TABLE_NAMES}
+        if trial_id is not None:
+            keys = set(t["studies"].loc[t["studies"]["trial_id"] == trial_id, "study_key"])
+            t = {name: df[df["study_key"].isin(keys)].reset_index(drop=True) for name, df in t.items()}
+        return cls(**t)
 
 
 def utc(ts: datetime | pd.Timestamp | str | None = None) -> pd.Timestamp:
@@ -84,6 +89,7 @@ def visit_expectations(trial: TrialConfig, tables: LakeTables, as_of: pd.Timesta
     open now) or ``future`` (window not open yet).
     """
     studies = tables.studies
+    studies = studies[studies["status"] != "rejected"]    # nothing usable arrived: the visit is not received
     cols = ["site", "subject", "visit", "opens", "closes", "received", "state"]
     if studies.empty:
         return pd.DataFrame(columns=cols)

@@ -32,7 +32,8 @@ print(json.dumps({"code": code, "heavy": [m for m in heavy if m in sys.modules]}
 
 
 @pytest.mark.parametrize("args", [["--help"], ["harmonize", "--help"], ["containers", "--help"],
-                                  ["qc", "--help"], ["ingest", "--help"], ["serve", "--help"]])
+                                  ["qc", "--help"], ["ingest", "--help"], ["serve", "--help"],
+                                  ["report", "--help"], ["queries", "--help"], ["status", "--help"]])
 def test_help_loads_no_heavy_library(args):
     done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args), json.dumps(HEAVY)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pandas as pd
 import pydicom
 import pytest
 from PIL import Image
@@ -35,10 +36,13 @@ from flows.cli import app
 from flows.process_study import process_study
 from flows.receive_study import receive_study
 from harmonization.lake import covariates_from_studies
+from tasks.conformance.findings import Finding, record_findings
 from tasks.lake.audit import read_events
 from tasks.lake.storage import Lake
-from tasks.lake.tables import read_table
-from tasks.qc.queries import escalate_overdue
+from tasks.lake.studies import read_study
+from tasks.lake.tables import read_table, update_rows, write_rows
+from tasks.qc.overrides import OverrideError, override
+from tasks.qc.queries import answer, escalate_overdue
 from tasks.report.sites_page import PAGE, render_sites_page, write_sites_page
 from tasks.report.status import LakeTables, site_table, utc, visit_table
 from tests.data import shared_path
@@ -103,8 +107,8 @@ def test_every_site_figure_equals_duckdb_on_the_same_parquet(lake, trial):
           select site, verdict, row_number() over (partition by series_uid, pipeline_name
                                                    order by created_at desc) r
           from {_duck(lake, 'qc')} where metric = 'verdict') where r = 1 group by site, verdict""").df()
-    queries = con.sql(f"select site, count(*) n from {_duck(lake, 'queries')} where status = 'open' "
-                      "group by site").df().set_index("site")
+    queries = con.sql(f"select site, count(*) n from {_duck(lake, 'queries')} "
+                      "where status in ('open', 'answered', 'escalated') group by site").df().set_index("site")
     assert set(studies.index) == {"ge-nih", "siemens-xa30"}
     for site in studies.index:
         row = sites.loc[site]
@@ -353,9 +357,12 @@ def test_a_query_is_answered_resolved_and_escalated_with_who_and_when(lake, tria
     row = read_table(copy, "queries").iloc[0]
     assert row["status"] == "answered" and row["answered_by"] and row["answer"].startswith("the visit was late")
     # nobody resolved it: 5 working days later the nightly escalation takes it, and it heads the lists
-    assert escalate_overdue(copy, trial, now=datetime.now(timezone.utc) + timedelta(days=3)) == []
-    assert escalate_overdue(copy, trial, now=datetime.now(timezone.utc) + timedelta(days=8)) == [qid]
-    assert read_table(copy, "queries").iloc[0]["status"] == "escalated"
+    assert escalate_overdue(copy, trial, now=datetime.now(timezone.utc) + timedelta(days=4)) == []   # < 5 working days
+    later = datetime.now(timezone.utc) + timedelta(days=10)                                     # > 5, any weekday
+    assert escalate_overdue(copy, trial, now=later) == [qid]
+    row = read_table(copy, "queries").iloc[0]
+    assert row["status"] == "escalated" and abs((row["escalated_at"] - later).total_seconds()) < 1
+    assert escalate_overdue(copy, trial, now=later + timedelta(days=1)) == []                 # once
     page = render_sites_page(trial, LakeTables.read(copy))
     assert "escalated" in _table(page, "queries")[1]
     done = runner.invoke(app, ["queries", "resolve", qid, "--resolution", "accepted out of window",
@@ -384,6 +391,13 @@ def test_a_resent_series_that_passes_resolves_the_query_its_failure_raised(lake,
     assert sq.verdict.status == "FAIL", sq.verdict.reasons
     (q,) = read_table(copy, "queries").query("subject == @cut.study.subject").itertuples()
     assert q.status == "open" and "QC FAIL" in q.message
+    # (on a copy) a reviewer who passes the series instead settles the query too, in their name
+    reviewed = Lake(str(tmp_path / "reviewed"))
+    shutil.copytree(copy.root, reviewed.root)
+    event = override(reviewed, sq.run.series_uid, "pass", "coverage enough for the endpoint", "reviewer-1")
+    assert event["queries_resolved"] == [q.query_id]
+    (r,) = read_table(reviewed, "queries").query("query_id == @q.query_id").itertuples()
+    assert (r.status, r.resolved_by) == ("resolved", "reviewer-1") and "coverage enough" in r.resolution
     (full,) = receive_study(str(_xa30_copy(tmp_path / "full", "SUBJ-D", study_uid=study_uid)), "siemens-xa30",
                             lake_url=copy.url, trial=trial)
     assert full.study.session == cut.study.session                        # the same visit, re-sent
@@ -407,3 +421,51 @@ def test_harmonization_covariates_come_from_the_headers_the_studies_table_kept(l
     assert set(xa["SEX"]) == {str(header.PatientSex)}
     assert set(xa["AGE"].round()) == {float(int(str(header.PatientAge)[:3]))}
     assert "studies table" in cov.attrs["source"]
+
+
+def test_a_query_raised_again_keeps_its_answer_and_a_withdrawn_one_reopens(lake, tmp_path):
+    """The same deviation found again (a series judged again by a new pipeline version) must not
+    blank the query's life; a query corelab withdrew (closed) is raised afresh."""
+    copy = Lake(str(tmp_path / "lake"))
+    shutil.copytree(lake.root, copy.root)
+    (q,) = read_table(copy, "queries").itertuples()
+    answer(copy, q.query_id, "the patient came late", "site-coordinator")
+    (dev,) = read_table(copy, "deviations").query("deviation_id == @q.deviation_id").itertuples()
+    study = read_study(copy, dev.site, dev.study_key)
+    again = Finding(kind=dev.kind, severity=dev.severity, message=dev.message, parameter=dev.parameter,
+                    expected=dev.expected, observed=dev.observed, series_key=dev.series_uid)
+    record_findings(copy, study, [again])
+    (row,) = read_table(copy, "queries").itertuples()
+    assert (row.status, row.answer, row.answered_by) == ("answered", "the patient came late", "site-coordinator")
+    update_rows(copy, "queries", dev.site, {"query_id": q.query_id}, lambda r: {**r, "status": "closed"})
+    record_findings(copy, study, [again])
+    (row,) = read_table(copy, "queries").itertuples()
+    assert row.status == "open"
+
+
+def test_the_override_a_page_prints_works_when_older_versions_or_other_pipelines_judged_the_series(lake, tmp_path):
+    """A series judged by an older anat version too is overridden in its newest judgement; judged by a
+    second pipeline, the override asks which (--pipeline), as the QC page's command says."""
+    copy = Lake(str(tmp_path / "lake"))
+    shutil.copytree(lake.root, copy.root)
+    qc = read_table(copy, "qc")
+    (site,) = set(qc["site"])
+    def plain(v):   # as a row is written: nulls as None, times as datetime
+        if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NaT:
+            return None
+        return v.to_pydatetime() if isinstance(v, pd.Timestamp) else v
+
+    rows = [{k: plain(v) for k, v in r.items()} for r in qc.drop(columns=["site"]).to_dict("records")]
+    older = [{**r, "pipeline_version": "0.0.9", "created_at": r["created_at"] - timedelta(days=30)} for r in rows]
+    write_rows(copy, "qc", site, older)
+    uid, current = rows[0]["series_uid"], rows[0]["pipeline_version"]
+    event = override(copy, uid, "fail", "motion", "reviewer-2")
+    assert event["version"] == current
+    write_rows(copy, "qc", site, [{**r, "pipeline_name": "dwi"} for r in rows])
+    with pytest.raises(OverrideError, match="judged by anat, dwi: say which with --pipeline"):
+        override(copy, uid, "pass", "fine", "reviewer-2")
+    done = CliRunner().invoke(app, ["qc", "override", uid, "--pipeline", "anat", "--verdict", "pass", "--reason",
+                                    "fine after all", "--lake", str(copy.root)])
+    assert done.exit_code == 0, done.output
+    v = read_table(copy, "qc").query("metric == 'verdict' and pipeline_name == 'anat'").set_index("pipeline_version")
+    assert v.loc[current, "verdict"] == "PASS" and v.loc["0.0.9", "verdict"] == v.loc["0.0.9", "automatic_verdict"]
