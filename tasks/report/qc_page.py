@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from jinja2 import Environment, select_autoescape
 
@@ -152,14 +153,20 @@ def _dseg_labels(lake: Lake, spec) -> list[str]:
     return [] if names is None else [str(a) for a in names[table["index"].argsort()]]
 
 
+def _finite(values: pd.Series) -> pd.Series:
+    v = values.astype(float)
+    return v[np.isfinite(v)]
+
+
 def metric_context(qc: pd.DataFrame, j: Judged) -> pd.DataFrame:
     """Each metric of ``j`` beside the site's and the trial's values of the same pipeline."""
     runs = _latest_runs(qc)
     runs = runs[(runs["pipeline_name"] == j.pipeline) & (runs["metric"] != "verdict")]
     rows = []
     for r in j.rows[j.rows["metric"] != "verdict"].sort_values("metric").itertuples():
-        trial = runs.loc[runs["metric"] == r.metric, "value"].dropna()
-        site = runs.loc[(runs["metric"] == r.metric) & (runs["site"] == j.site), "value"].dropna()
+        # finite values only: a ratio over an empty background (fber) can be infinite
+        trial = _finite(runs.loc[runs["metric"] == r.metric, "value"])
+        site = _finite(runs.loc[(runs["metric"] == r.metric) & (runs["site"] == j.site), "value"])
         rank = float((trial < r.value).mean() * 100) if len(trial) > 1 and pd.notna(r.value) else float("nan")
         rows.append({"metric": r.metric, "value": r.value, "status": r.status, "reason": r.reason or "",
                      "robust_z": r.robust_z,
@@ -174,7 +181,8 @@ def strip_plot(qc: pd.DataFrame, j: Judged) -> str:
     """Every metric on one figure: the trial's series (grey), the site's (blue), this one (red),
     each metric scaled by the trial's median and IQR so they share an axis; '' when none."""
     runs = _latest_runs(qc)
-    runs = runs[(runs["pipeline_name"] == j.pipeline) & (runs["metric"] != "verdict")].dropna(subset=["value"])
+    runs = runs[(runs["pipeline_name"] == j.pipeline) & (runs["metric"] != "verdict")]
+    runs = runs[np.isfinite(runs["value"].astype(float))]
     metrics = sorted(set(j.rows.loc[j.rows["metric"] != "verdict", "metric"]))
     if not metrics or runs.empty:
         return ""

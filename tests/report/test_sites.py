@@ -18,6 +18,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import warnings
 from datetime import datetime, timedelta, timezone
 from html.parser import HTMLParser
 from pathlib import Path
@@ -43,6 +44,7 @@ from tasks.lake.studies import read_study
 from tasks.lake.tables import read_table, update_rows, write_rows
 from tasks.qc.overrides import OverrideError, override
 from tasks.qc.queries import answer, escalate_overdue
+from tasks.report.qc_page import write_qc_pages
 from tasks.report.sites_page import PAGE, render_sites_page, write_sites_page
 from tasks.report.status import LakeTables, site_table, utc, visit_table
 from tests.data import shared_path
@@ -469,3 +471,17 @@ def test_the_override_a_page_prints_works_when_older_versions_or_other_pipelines
     assert done.exit_code == 0, done.output
     v = read_table(copy, "qc").query("metric == 'verdict' and pipeline_name == 'anat'").set_index("pipeline_version")
     assert v.loc[current, "verdict"] == "PASS" and v.loc["0.0.9", "verdict"] == v.loc["0.0.9", "automatic_verdict"]
+
+
+def test_an_infinite_metric_is_shown_as_such_and_left_out_of_the_distributions(lake, tmp_path):
+    """fber is infinite when an image's background is all zeros (the demo's Philips T1): the page shows
+    it, and the site and trial distributions are made of the finite values, without numpy warnings."""
+    copy = Lake(str(tmp_path / "lake"))
+    shutil.copytree(lake.root, copy.root)
+    update_rows(copy, "qc", "siemens-xa30", {"metric": "fber"}, lambda r: {**r, "value": float("inf")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        (page,) = write_qc_pages(copy)
+    rows = {r[0]: r for r in _table(Path(copy.path(page)).read_text(), "metrics-anat")[1:]}
+    assert rows["fber"][1] == "inf" and rows["fber"][5].endswith("(0)")      # no finite value in the trial
+    assert rows["cjv"][5].endswith("(1)")
