@@ -147,18 +147,8 @@ def resolve_by_resend(lake: Lake, site: str, subject: str, session: str, series_
     failed = dev[(dev["kind"] == "qc_fail") & (dev["parameter"] == pipeline)
                  & (dev["series_uid"] != passed_series)
                  & dev["series_uid"].map(lambda uid: types.get(uid) == series_type)]
-    out = []
-    at = now or datetime.now(timezone.utc)
-    for r in q[q["deviation_id"].isin(set(failed["deviation_id"]))].itertuples():
-        text = f"a re-sent {series_type} series of this visit passed {pipeline} QC: {passed_series}"
-        if not _step(lake, site, r.query_id, UNRESOLVED,
-                     lambda row, text=text: {**row, "status": "resolved", "resolution": text,
-                                             "resolved_by": "corelab", "resolved_at": at}):
-            continue
-        append_event(lake, "query_resolved", actor="corelab", site=site, query_id=r.query_id,
-                     study_key=r.study_key, resolution=text)
-        out.append(r.query_id)
-    return out
+    text = f"a re-sent {series_type} series of this visit passed {pipeline} QC: {passed_series}"
+    return _resolve_each(lake, site, q[q["deviation_id"].isin(set(failed["deviation_id"]))], text, "corelab", now)
 
 
 def resolve_for_series(lake: Lake, site: str, series_uid: str, pipeline: str, by: str, reason: str,
@@ -170,15 +160,19 @@ def resolve_for_series(lake: Lake, site: str, series_uid: str, pipeline: str, by
         return []
     mine = set(dev.loc[(dev["kind"] == "qc_fail") & (dev["series_uid"] == series_uid)
                        & (dev["parameter"] == pipeline), "deviation_id"])
-    out = []
-    at = now or datetime.now(timezone.utc)
     text = f"the series was passed by a reviewer: {reason}"
-    for r in q[q["status"].isin(UNRESOLVED) & q["deviation_id"].isin(mine)].itertuples():
-        if not _step(lake, site, r.query_id, UNRESOLVED,
-                     lambda row: {**row, "status": "resolved", "resolution": text, "resolved_by": by,
-                                  "resolved_at": at}):
-            continue
-        append_event(lake, "query_resolved", actor=by, site=site, query_id=r.query_id, study_key=r.study_key,
-                     resolution=text)
-        out.append(r.query_id)
+    return _resolve_each(lake, site, q[q["status"].isin(UNRESOLVED) & q["deviation_id"].isin(mine)], text, by, now)
+
+
+def _resolve_each(lake: Lake, site: str, queries: pd.DataFrame, text: str, by: str,
+                  now: datetime | None) -> list[str]:
+    """Resolve each of ``queries`` still unresolved (audited as ``by``); the ids resolved."""
+    at = now or datetime.now(timezone.utc)
+    changes = {"status": "resolved", "resolution": text, "resolved_by": by, "resolved_at": at}
+    out = []
+    for r in queries.itertuples():
+        if _step(lake, site, r.query_id, UNRESOLVED, lambda row: {**row, **changes}):
+            append_event(lake, "query_resolved", actor=by, site=site, query_id=r.query_id, study_key=r.study_key,
+                         resolution=text)
+            out.append(r.query_id)
     return out

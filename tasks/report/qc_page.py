@@ -29,6 +29,7 @@ from pipelines.registry import UnknownPipeline, get_spec
 from tasks.bids.convert import existing_images
 from tasks.lake.storage import Lake
 from tasks.lake.tables import read_table
+from tasks.report.status import latest_verdicts
 from tasks.run.derivatives import derivatives_root, image_entities, lake_outputs
 
 TEMPLATE = Path(__file__).with_name("qc.html.j2")
@@ -60,20 +61,17 @@ def page_path(series_uid: str) -> str:
     return f"{ROOT}/{series_uid}.html"
 
 
-def _latest_runs(qc: pd.DataFrame) -> pd.DataFrame:
-    """Each (series, pipeline)'s latest run: the rows of its newest verdict's flow run."""
+def latest_runs(qc: pd.DataFrame) -> pd.DataFrame:
+    """Every row of each (series, pipeline)'s latest run: the flow run of its newest verdict."""
     if qc.empty:
         return qc
-    qc = qc.assign(created_at=pd.to_datetime(qc["created_at"], utc=True))
-    verdicts = qc[qc["metric"] == "verdict"].sort_values("created_at")
-    newest = verdicts.drop_duplicates(["series_uid", "pipeline_name"], keep="last")
-    keys = newest[["series_uid", "pipeline_name", "pipeline_version", "flow_run_id"]]
-    return qc.merge(keys, on=list(keys.columns))
+    keys = ["series_uid", "pipeline_name", "pipeline_version", "flow_run_id"]
+    return qc.merge(latest_verdicts(qc)[keys], on=keys)
 
 
-def judged_series(qc: pd.DataFrame, series: str | None = None) -> list[Judged]:
-    """The latest judgement of every processed series (or of those ``series`` is a prefix of)."""
-    runs = _latest_runs(qc)
+def judged_series(runs: pd.DataFrame, series: str | None = None) -> list[Judged]:
+    """The latest judgement of every processed series (or of those ``series`` is a prefix of),
+    from :func:`latest_runs`."""
     if runs.empty:
         return []
     if series:
@@ -158,9 +156,9 @@ def _finite(values: pd.Series) -> pd.Series:
     return v[np.isfinite(v)]
 
 
-def metric_context(qc: pd.DataFrame, j: Judged) -> pd.DataFrame:
-    """Each metric of ``j`` beside the site's and the trial's values of the same pipeline."""
-    runs = _latest_runs(qc)
+def metric_context(runs: pd.DataFrame, j: Judged) -> pd.DataFrame:
+    """Each metric of ``j`` beside the site's and the trial's values of the same pipeline
+    (``runs``: :func:`latest_runs`)."""
     runs = runs[(runs["pipeline_name"] == j.pipeline) & (runs["metric"] != "verdict")]
     rows = []
     for r in j.rows[j.rows["metric"] != "verdict"].sort_values("metric").itertuples():
@@ -177,10 +175,9 @@ def metric_context(qc: pd.DataFrame, j: Judged) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def strip_plot(qc: pd.DataFrame, j: Judged) -> str:
+def strip_plot(runs: pd.DataFrame, j: Judged) -> str:
     """Every metric on one figure: the trial's series (grey), the site's (blue), this one (red),
     each metric scaled by the trial's median and IQR so they share an axis; '' when none."""
-    runs = _latest_runs(qc)
     runs = runs[(runs["pipeline_name"] == j.pipeline) & (runs["metric"] != "verdict")]
     runs = runs[np.isfinite(runs["value"].astype(float))]
     metrics = sorted(set(j.rows.loc[j.rows["metric"] != "verdict", "metric"]))
@@ -226,7 +223,7 @@ def _fmt(x, digits: int = 3) -> str:
     return str(x)
 
 
-def section(lake: Lake, qc: pd.DataFrame, j: Judged) -> dict:
+def section(lake: Lake, runs: pd.DataFrame, j: Judged) -> dict:
     """What the page shows of one pipeline's judgement of the series."""
     v = j.verdict
     provenance = [("series", j.series_uid), ("site", j.site),
@@ -237,18 +234,18 @@ def section(lake: Lake, qc: pd.DataFrame, j: Judged) -> dict:
                   ("input sha256", _fmt(v.get("input_sha256"))), ("flow run", _fmt(v.get("flow_run_id"))),
                   ("judged at", _fmt(v.get("created_at")))]
     return {"j": j, "verdict": v, "provenance": provenance,
-            "metrics": metric_context(qc, j).to_dict("records"),
+            "metrics": metric_context(runs, j).to_dict("records"),
             "reasons": j.rows[(j.rows["metric"] != "verdict") & (j.rows["status"] != "PASS")].to_dict("records"),
-            "mosaics": mosaics(lake, j), "strip": strip_plot(qc, j), "command": override_command(j),
+            "mosaics": mosaics(lake, j), "strip": strip_plot(runs, j), "command": override_command(j),
             "overridden": bool(v.get("override_by")) and pd.notna(v.get("override_by"))}
 
 
-def render_qc_page(lake: Lake, qc: pd.DataFrame, judged: list[Judged], version: str = "") -> str:
+def render_qc_page(lake: Lake, runs: pd.DataFrame, judged: list[Judged], version: str = "") -> str:
     """The page of one series: a section per pipeline that judged it."""
     env = Environment(autoescape=select_autoescape(default=True))
     return env.from_string(TEMPLATE.read_text()).render(
         series_uid=judged[0].series_uid, site=judged[0].site, version=version,
-        sections=[section(lake, qc, j) for j in judged], fmt=_fmt)
+        sections=[section(lake, runs, j) for j in judged], fmt=_fmt)
 
 
 def _stamp(judged: list[Judged]) -> str:
@@ -268,8 +265,8 @@ def write_qc_pages(lake: Lake, series: str | None = None, version: str = "", onl
     or overridden; what the nightly run refreshes). A series whose page cannot be made is logged and
     skipped: the others are still written.
     """
-    qc = read_table(lake, "qc")
-    judged = judged_series(qc, series)
+    runs = latest_runs(read_table(lake, "qc"))     # once: every page compares against the same runs
+    judged = judged_series(runs, series)
     if series and not judged:
         raise QCPageError(f"no processed series {series!r} in the qc table (`corelab qc override` takes the same "
                           "SeriesInstanceUID or a prefix of it)")
@@ -283,7 +280,7 @@ def write_qc_pages(lake: Lake, series: str | None = None, version: str = "", onl
         if only_changed and index.get(uid) == stamp and lake.exists(page_path(uid)):
             continue
         try:
-            html = render_qc_page(lake, qc, js, version)
+            html = render_qc_page(lake, runs, js, version)
         except Exception:  # one series' files (a missing or unreadable image) must not cost the others theirs
             log.exception("the QC page of series %s could not be made", uid)
             continue

@@ -61,8 +61,7 @@ def utc(ts: datetime | pd.Timestamp | str | None = None) -> pd.Timestamp:
 
 
 def _ts(col: pd.Series) -> pd.Series:
-    out = pd.to_datetime(col, utc=True)
-    return out
+    return pd.to_datetime(col, utc=True)
 
 
 def sites_of(trial: TrialConfig, tables: LakeTables) -> list[str]:
@@ -77,7 +76,7 @@ def latest_verdicts(qc: pd.DataFrame) -> pd.DataFrame:
     rows = qc[qc["metric"] == "verdict"]
     if rows.empty:
         return pd.DataFrame(columns=["site", "series_uid", "study_key", "subject", "session", "pipeline_name",
-                                     "pipeline_version", "verdict", "created_at"])
+                                     "pipeline_version", "flow_run_id", "verdict", "created_at"])
     rows = rows.assign(created_at=_ts(rows["created_at"])).sort_values("created_at")
     return rows.drop_duplicates(["series_uid", "pipeline_name"], keep="last").reset_index(drop=True)
 
