@@ -128,12 +128,13 @@ def escalate_overdue(lake: Lake, trial: TrialConfig, now: datetime | None = None
     return out
 
 
-def resolve_by_resend(lake: Lake, site: str, subject: str, session: str, series_type: str, pipeline: str,
+def resolve_by_resend(lake: Lake, site: str, subject: str, session: str, pipeline: str,
                       passed_series: str, now: datetime | None = None) -> list[str]:
     """Resolve the unresolved QC FAIL queries a passing re-send answers; the ids resolved.
 
     A query resolves itself when its deviation is a ``qc_fail`` of ``pipeline`` on a series of
-    the same type, subject and visit as ``passed_series``, which has just passed.
+    the same type, subject and visit as ``passed_series``, which has just passed. Only the queries
+    table is read when the visit has no unresolved query (every PASS calls this).
     """
     q = tables.read_table(lake, "queries", [site])
     if q.empty:
@@ -141,9 +142,12 @@ def resolve_by_resend(lake: Lake, site: str, subject: str, session: str, series_
     q = q[q["status"].isin(UNRESOLVED) & (q["subject"] == subject) & (q["session"] == session)]
     if q.empty:
         return []
-    dev = tables.read_table(lake, "deviations", [site])
     series = tables.read_table(lake, "series", [site])
     types = dict(zip(series["series_uid"], series["series_type"]))
+    series_type = types.get(passed_series)
+    if not series_type:
+        return []
+    dev = tables.read_table(lake, "deviations", [site])
     failed = dev[(dev["kind"] == "qc_fail") & (dev["parameter"] == pipeline)
                  & (dev["series_uid"] != passed_series)
                  & dev["series_uid"].map(lambda uid: types.get(uid) == series_type)]

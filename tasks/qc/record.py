@@ -124,12 +124,8 @@ def record_series(lake: Lake, trial: TrialConfig, study: Study, sq: SeriesQC, fl
                  input_sha256=run.input_sha256, biomarkers=len(bio))
     tables.write_rows(lake, "qc", study.site, qc)
     if status == "PASS":  # a re-send that passes answers the FAIL queries of its kind in this visit
-        series = tables.read_table(lake, "series", [study.site])
-        kind = series.loc[series["series_uid"] == run.series_uid, "series_type"]
-        if len(kind) and kind.iloc[0]:
-            for qid in resolve_by_resend(lake, study.site, study.subject, study.session, str(kind.iloc[0]),
-                                         run.pipeline, run.series_uid):
-                log.info("query %s resolved: a re-sent series passed", qid)
+        for qid in resolve_by_resend(lake, study.site, study.subject, study.session, run.pipeline, run.series_uid):
+            log.info("query %s resolved: a re-sent series passed", qid)
     return status
 
 
