@@ -137,7 +137,9 @@ DEVIATIONS = TableSchema(
     # kind duplicate_series, which nothing ever produced, is gone; study_date_substituted (a visit
     # dated from another element than StudyDate, or from the upload's arrival); derived_image (a
     # scanner-computed image found in an acquired series and kept apart from it)
-    version="1.1",
+    # 1.2: missing_visit (a visit whose window closed with nothing received; on the subject's
+    # first study, with the missing visit as its session)
+    version="1.2",
     schema=_s(
         ("deviation_id", pa.string()),         # hash of study_key, series, kind, parameter
         ("study_key", pa.string()),
@@ -161,7 +163,7 @@ DEVIATIONS = TableSchema(
             "parameter", "missing_series", "unclassified_series", "ambiguous_series",
             "unknown_scanner", "new_scanner_epoch", "out_of_window", "unscheduled_visit",
             "quarantined_file", "burned_in_annotation", "qc_fail", "processing_failed",
-            "study_date_substituted", "derived_image",
+            "study_date_substituted", "derived_image", "missing_visit",
         }),
         "reason_code": CODES,
     },

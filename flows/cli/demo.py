@@ -1,4 +1,10 @@
-"""The demo: the whole core lab on the shared real data, in one command (``make demo``).
+"""The demo, in one command (``make demo``).
+
+By default the virtual trial (:mod:`flows.virtual`): three sites, one per vendor, subjects over
+visits made from real anatomy by virtual scanners, planted truths checked at the end (a table of
+``holds`` / ``broken``; exit 1 when one is broken).
+
+With ``--shared``, the shared real data as each vendor's scanner wrote it:
 
 1. Every site of the shared-data trial (data_contracts/examples/shared_data_trial.yaml, one
    site per vendor folder of ../shared/data) sends its study: intake verdicts are printed.
@@ -93,8 +99,44 @@ def harmonize_abide(data: Path, lake, console: Console) -> None:
 
 def demo(data: Path = typer.Option(Path("../shared/data"), help="the shared real data"),
          lake: Optional[str] = LakeOpt,
-         trial: Optional[Path] = TrialOpt) -> None:
-    """Run corelab end to end on the bundled default (the shared real data)."""
+         trial: Optional[Path] = TrialOpt,
+         subjects: int = typer.Option(4, help="virtual trial: subjects per site (at least 4)"),
+         visits: int = typer.Option(2, help="virtual trial: visits per subject (2 or 3)"),
+         shared: bool = typer.Option(False, "--shared",
+                                     help="the shared real series instead of the virtual trial")) -> None:
+    """Run corelab end to end: the virtual trial (default) or the shared real series (--shared)."""
     if not data.exists():
         fail(f"{data}: the shared data folder is missing")
-    run_demo(data, lake_url(lake), trial, console)
+    if shared:
+        run_demo(data, lake_url(lake), trial, console)
+        return
+    if trial is not None:
+        fail("--trial: the virtual trial has its own trial file (data_contracts/examples/virtual_trial.yaml)")
+    if subjects < 4 or visits not in (2, 3):
+        fail(f"--subjects {subjects} --visits {visits}: at least 4 subjects per site, and 2 or 3 visits")
+    run_virtual(data, lake_url(lake), subjects, visits)
+
+
+def run_virtual(data: Path, url: str, subjects: int, visits: int) -> None:
+    from flows.virtual.trial import run_virtual_trial
+
+    for env in ("CORELAB_DEID_KEY", "CORELAB_PSEUDONYM_KEY"):
+        if not os.environ.get(env):
+            os.environ[env] = "demo-only-key-" + env.lower()
+            console.print(f"[yellow]{env} not set: using a demo-only key (never for real data)[/]")
+    ok, made = run_virtual_trial(data, url, console, subjects, visits)
+    times = made["times"]
+    console.rule("stage times")
+    for stage, sec in times.items():
+        console.print(f"{stage:<24} {sec:6.1f} s")
+    console.print(f"{'total':<24} {sum(times.values()):6.1f} s")
+    console.rule("outputs")
+    reports = url.rstrip("/") + "/reports"
+    h = made["harmonization"]["fit"]
+    for what, where in (("lake", url), ("site dashboard", f"{reports}/sites.html"),
+                        ("QC review pages", f"{reports}/qc/"),
+                        ("harmonization report", f"{url.rstrip('/')}/{h['outputs']['report']}"),
+                        ("harmonized biomarkers", f"{url.rstrip('/')}/tables/biomarkers_harmonized/")):
+        console.print(f"{what:<24} {where}")
+    if not ok:
+        fail("a planted truth is broken (see the table above)", 1)

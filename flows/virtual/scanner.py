@@ -31,7 +31,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 AGE_REF = 50.0
 AGE_VOLUME_SLOPE = -0.004      # head (and brain) volume: -0.4 % a year about AGE_REF
@@ -81,6 +81,8 @@ class Scanner:
     bias: float = 0.15                   # amplitude of the smooth multiplicative bias field
     noise: float = 0.02                  # noise sd as a fraction of the brightest tissue
     grid: Grid = field(default_factory=lambda: Grid(TEMPLATE_ORIENTATION["philips"]))
+    model: str | None = None             # ManufacturerModelName (the template's when None)
+    slices_kept: int | None = None       # a technologist cutting the slab short: the first n slices
 
 
 @dataclass(frozen=True)
@@ -94,16 +96,61 @@ class Person:
     weight_kg: float = 75.0
 
 
-#: vendor -> a real classic single-frame series file of ../shared/data whose header is the template
-TEMPLATES = {"philips": ("dcm_qa_philips_enh", "In", "cl", "1301_0001.dcm.gz")}
-TEMPLATE_ORIENTATION = {"philips": (-0.0386, 0.99925, -0.00235, 0.06086, 0.0, -0.99815)}
+#: vendor -> a real classic single-frame file of ../shared/data whose header is the template. Only
+#: Philips' is a T1 there; Siemens' (a Trio EPI mosaic) and GE's (a DISCOVERY MR750 EPI slice) are
+#: made T1s by :data:`T1_PROTOCOL`: what the vendor's own T1 header states instead of the EPI's.
+TEMPLATES = {
+    "philips": ("dcm_qa_philips_enh", "In", "cl", "1301_0001.dcm.gz"),
+    "siemens": ("dcm_qa", "In", "Orientation", "ax", "axasc35",
+                "MR.1.3.12.2.1107.5.2.32.35131.2014031012493950715786673"),
+    "ge": ("dcm_qa_nih", "In", "20180918GE", "mr_0004", "axial_epi_fmri_interleaved_i_to_s-00001.dcm"),
+}
+SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+TEMPLATE_ORIENTATION = {"philips": (-0.0386, 0.99925, -0.00235, 0.06086, 0.0, -0.99815),
+                        "siemens": SAGITTAL, "ge": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)}   # GE: axial BRAVO
+#: vendor -> the standard elements of its 3D T1 (Siemens MPRAGE, GE BRAVO) set over the EPI template
+T1_PROTOCOL: dict[str, dict[str, object]] = {
+    "siemens": {"SeriesDescription": "t1_mprage_sag_p2_iso", "ProtocolName": "t1_mprage_sag_p2_iso",
+                "SequenceName": "*tfl3d1_16ns", "ScanningSequence": "GR\\IR", "SequenceVariant": "SK\\SP\\MP",
+                "ScanOptions": "IR", "MRAcquisitionType": "3D", "RepetitionTime": "2300", "EchoTime": "2.98",
+                "InversionTime": "900", "FlipAngle": "9", "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND", "NORM"],
+                "EchoTrainLength": "1", "PixelBandwidth": "240"},
+    "ge": {"SeriesDescription": "Ax 3D T1 BRAVO", "ProtocolName": "Ax 3D T1 BRAVO",
+           "ScanningSequence": "GR", "SequenceVariant": "SS\\SK", "ScanOptions": "FAST_GEMS\\EDR_GEMS\\ACC_GEMS",
+           "MRAcquisitionType": "3D", "RepetitionTime": "8.2", "EchoTime": "3.2", "InversionTime": "450",
+           "FlipAngle": "12", "ImageType": ["ORIGINAL", "PRIMARY", "OTHER"], "EchoTrainLength": "1",
+           "PixelBandwidth": "244.141"},
+}
+#: private elements of the EPI templates that describe an EPI time series, not a T1 (dcm2niix reads
+#: them: Siemens' mosaic count, slice times and CSA image header; GE's slice-timing and EPI fields)
+EPI_ONLY = {"siemens": [(0x0019, 0x100A), (0x0019, 0x1029), (0x0029, 0x1010)],
+            "ge": [(0x0019, 0x10A2), (0x0021, 0x105E), (0x0043, 0x102C), (0x0043, 0x102D),
+                   (0x0043, 0x1083), (0x0043, 0x1088)]}
+#: vendor -> private elements its T1 states differently from the EPI template (GE: pulse sequence
+#: names, which dcm2niix reads to name the sequence)
+T1_PRIVATE = {"ge": {(0x0019, 0x109C): "efgre3d", (0x0019, 0x109E): "EFGRE3D"}}
+EPI_STANDARD = ("NumberOfTemporalPositions", "TemporalPositionIdentifier", "TriggerTime", "TemporalResolution")
 
 
 def read_template(data: Path, vendor: str) -> Dataset:
+    """The vendor's real header, made a 3D T1 where the real file is an EPI (:data:`T1_PROTOCOL`)."""
     path = data.joinpath(*TEMPLATES[vendor])
     raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
     ds = pydicom.dcmread(io.BytesIO(raw))
     ds.decode()
+    if ds.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:   # write as the scanner's own
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    for tag in EPI_ONLY.get(vendor, []):
+        if tag in ds:
+            del ds[tag]
+    for kw in EPI_STANDARD:
+        if kw in ds:
+            delattr(ds, kw)
+    for kw, value in T1_PROTOCOL.get(vendor, {}).items():
+        setattr(ds, kw, value)
+    for tag, value in T1_PRIVATE.get(vendor, {}).items():
+        if tag in ds:
+            ds[tag].value = value
     return ds
 
 
@@ -137,10 +184,14 @@ def scanner_image(head: sitk.Image, scanner: Scanner, seed: int) -> np.ndarray:
 
 
 def write_t1_series(out: Path, template: Dataset, head: sitk.Image, scanner: Scanner, person: Person,
-                    study_uid: str, scan_date: date, seed: int, series_number: int = 301) -> list[Path]:
-    """Write ``head`` as the vendor writes a T1: one classic MR file per slice in ``out``."""
+                    study_uid: str, scan_date: date, seed: int, series_number: int = 301,
+                    header: dict[str, object] | None = None) -> list[Path]:
+    """Write ``head`` as the vendor writes a T1: one classic MR file per slice in ``out``.
+
+    ``header``: standard elements this one series states differently (a protocol deviation).
+    """
     out.mkdir(parents=True, exist_ok=True)
-    values = scanner_image(head, scanner, seed)
+    values = scanner_image(head, scanner, seed)[:scanner.slices_kept]
     bits = int(template.BitsStored)
     slope = float(template.get("RescaleSlope", 1.0) or 1.0)
     stored = np.clip(np.round(values / values.max() * (2 ** bits - 1) * 0.9), 0, 2 ** bits - 1).astype(np.uint16)
@@ -165,6 +216,10 @@ def write_t1_series(out: Path, template: Dataset, head: sitk.Image, scanner: Sca
                 el.value = day
         ds.AccessionNumber = "A" + hashlib.sha256(f"{person.patient_id}|{day}".encode()).hexdigest()[:10].upper()
         ds.SoftwareVersions, ds.DeviceSerialNumber = scanner.software_versions, scanner.serial
+        if scanner.model:
+            ds.ManufacturerModelName = scanner.model
+        for kw, value in (header or {}).items():
+            setattr(ds, kw, value)
         ds.SeriesNumber, ds.InstanceNumber = series_number, k + 1
         ds.Rows, ds.Columns = stored.shape[1], stored.shape[2]
         ds.PixelSpacing = [f"{stated:.6g}", f"{stated:.6g}"]
@@ -178,6 +233,11 @@ def write_t1_series(out: Path, template: Dataset, head: sitk.Image, scanner: Sca
                 delattr(ds, kw)
         if (0x2001, 0x100A) in ds:                         # Philips: slice number (private)
             ds[0x2001, 0x100A].value = k + 1
+        if (0x0021, 0x104F) in ds:                         # GE: locations in acquisition (private)
+            ds[0x0021, 0x104F].value = stored.shape[0]
+        for kw in ("ImagesInAcquisition", "NumberOfSlices"):
+            if kw in ds:
+                setattr(ds, kw, stored.shape[0])
         ds.PixelData = stored[k].tobytes()
         path = out / f"IM{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)

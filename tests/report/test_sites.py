@@ -44,9 +44,10 @@ from tasks.lake.studies import read_study
 from tasks.lake.tables import read_table, update_rows, write_rows
 from tasks.qc.overrides import OverrideError, override
 from tasks.qc.queries import answer, escalate_overdue
+from tasks.report.missing import record_missing_visits
 from tasks.report.qc_page import write_qc_pages
 from tasks.report.sites_page import PAGE, render_sites_page, write_sites_page
-from tasks.report.status import LakeTables, site_table, utc, visit_table
+from tasks.report.status import LakeTables, site_table, utc, visit_expectations, visit_table
 from tests.data import shared_path
 from tests.helpers import DEMO_TRIAL
 
@@ -485,3 +486,28 @@ def test_an_infinite_metric_is_shown_as_such_and_left_out_of_the_distributions(l
     rows = {r[0]: r for r in _table(Path(copy.path(page)).read_text(), "metrics-anat")[1:]}
     assert rows["fber"][1] == "inf" and rows["fber"][5].endswith("(0)")      # no finite value in the trial
     assert rows["cjv"][5].endswith("(1)")
+
+
+def test_a_missing_visit_becomes_a_deviation_and_a_query_once_and_its_query_falls_overdue(lake, trial, tmp_path):
+    """The nightly step: each visit whose window closed with nothing received is a missing_visit
+    deviation and a site query dated the day its window closed; run again, it records nothing new;
+    5 working days after the window closed the escalation takes the query."""
+    copy = Lake(str(tmp_path / "lake"))
+    shutil.copytree(lake.root, copy.root)
+    as_of = datetime.now(timezone.utc) + timedelta(days=200)
+    expected = visit_expectations(trial, LakeTables.read(copy), utc(as_of))
+    missing = expected[expected["state"] == "missing"]
+    assert len(missing) == 2                                   # GE's subject and XA30's second, month06
+    written = record_missing_visits(copy, trial, as_of)
+    assert len(written) == 2 and record_missing_visits(copy, trial, as_of) == []
+    dev = read_table(copy, "deviations").set_index("deviation_id").loc[written]
+    assert set(dev["kind"]) == {"missing_visit"} and set(dev["session"]) == {"month06"}
+    assert sorted(zip(dev["site"], dev["subject"])) == sorted(zip(missing["site"], missing["subject"]))
+    q = read_table(copy, "queries")
+    q = q[q["deviation_id"].isin(written)]
+    assert len(q) == 2 and set(q["status"]) == {"open"} and q["message"].str.contains("was not received").all()
+    closes = dict(zip(zip(missing["site"], missing["subject"]), missing["closes"]))
+    for r in q.itertuples():
+        assert abs((r.created_at - closes[(r.site, r.subject)]).total_seconds()) < 1
+    escalated = escalate_overdue(copy, trial, now=max(closes.values()) + timedelta(days=8))
+    assert set(q["query_id"]) <= set(escalated)
