@@ -26,8 +26,10 @@ $(FACE): | $(STAMP)
 	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps pydeface==2.1.0 -d $(VENV)/wheels
 	$(PY) -m tasks.bids.deface $(VENV)/wheels/pydeface-2.1.0-py3-none-any.whl
 
-# The main job end to end on the bundled default: the shared real data.
+# The main job end to end on the bundled default: the virtual trial made from the shared real data,
+# into a fresh demo-lake/ (the demo's own output: a second run would receive the same subjects again).
 demo: setup
+	rm -rf demo-lake
 	$(VENV)/bin/corelab demo --data $(SHARED) --lake demo-lake
 
 # The architecture (import-linter contracts in pyproject.toml) and a small ruff rule set.

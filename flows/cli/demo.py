@@ -118,7 +118,17 @@ def demo(data: Path = typer.Option(Path("../shared/data"), help="the shared real
 
 
 def run_virtual(data: Path, url: str, subjects: int, visits: int) -> None:
+    from data_contracts import example_path
+    from data_contracts.trial import load_trial
+    from flows.virtual.plan import TRIAL_FILE
     from flows.virtual.trial import run_virtual_trial
+    from tasks.lake.storage import open_lake
+    from tasks.lake.tables import read_table
+
+    studies = read_table(open_lake(url), "studies")
+    if len(studies) and (studies["trial_id"] == load_trial(example_path(TRIAL_FILE)).trial_id).any():
+        fail(f"{url} already holds the virtual trial: its subjects would arrive twice. "
+             "Remove it or give another --lake")
 
     for env in ("CORELAB_DEID_KEY", "CORELAB_PSEUDONYM_KEY"):
         if not os.environ.get(env):

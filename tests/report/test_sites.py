@@ -12,15 +12,11 @@ duckdb, and the page written to the lake shows those rows.
 
 from __future__ import annotations
 
-import base64
-import io
 import re
 import shlex
 import shutil
-import subprocess
 import warnings
 from datetime import datetime, timedelta, timezone
-from html.parser import HTMLParser
 from pathlib import Path
 
 import duckdb
@@ -48,6 +44,7 @@ from tasks.report.missing import record_missing_visits
 from tasks.report.qc_page import write_qc_pages
 from tasks.report.sites_page import PAGE, render_sites_page, write_sites_page
 from tasks.report.status import LakeTables, site_table, utc, visit_expectations, visit_table
+from tests.browser import chromium, images, table
 from tests.data import shared_path
 from tests.helpers import DEMO_TRIAL
 
@@ -145,58 +142,25 @@ def test_visits_are_expected_by_their_windows_and_a_closed_window_is_missing(lak
     assert late.loc["month12", ["expected", "received", "missing"]].tolist() == [1, 1, 0]
 
 
-class _Rows(HTMLParser):
-    """The text of each row of the table with id ``table_id``."""
-
-    def __init__(self, table_id: str) -> None:
-        super().__init__()
-        self.table_id, self.inside, self.rows, self.cell = table_id, False, [], None
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "table" and dict(attrs).get("id") == self.table_id:
-            self.inside = True
-        elif self.inside and tag == "tr":
-            self.rows.append([])
-        elif self.inside and tag in ("td", "th"):
-            self.cell = ""
-
-    def handle_endtag(self, tag):
-        if tag == "table":
-            self.inside = False
-        elif self.inside and tag in ("td", "th") and self.cell is not None:
-            self.rows[-1].append(self.cell.strip())
-            self.cell = None
-
-    def handle_data(self, data):
-        if self.cell is not None:
-            self.cell += data
-
-
-def _table(html: str, table_id: str) -> list[list[str]]:
-    p = _Rows(table_id)
-    p.feed(html)
-    return p.rows
-
-
 def test_the_page_in_the_lake_shows_the_sites_the_missing_visit_and_the_epochs(lake, trial, tmp_path):
     copy = Lake(str(tmp_path / "lake"))
     shutil.copytree(lake.root, copy.root)
     as_of = datetime.now(timezone.utc) + timedelta(days=200)
     assert write_sites_page(copy, trial, as_of, version="test") == PAGE
     html = Path(copy.path(PAGE)).read_text()
-    sites = {r[0]: r for r in _table(html, "sites")[1:]}
+    sites = {r[0]: r for r in table(html, "sites")[1:]}
     expected = site_table(trial, LakeTables.read(copy), utc(as_of)).set_index("site")
     assert set(sites) == {s.id for s in trial.sites} | {"trial"}
     for site in ("ge-nih", "siemens-xa30"):
         assert sites[site][2] == str(expected.loc[site, "studies"])
         assert sites[site][4] == f"{expected.loc[site, 'received_visits']} / {expected.loc[site, 'expected_visits']}"
-    missing = _table(html, "missing")[1:]          # GE's subject and XA30's second subject, at month06
+    missing = table(html, "missing")[1:]          # GE's subject and XA30's second subject, at month06
     assert sorted((r[0], r[2]) for r in missing) == [("ge-nih", "month06"), ("siemens-xa30", "month06")]
-    epochs = _table(html, "epochs")[1:]
+    epochs = table(html, "epochs")[1:]
     assert {r[0] for r in epochs} == {"ge-nih", "siemens-xa30"}
     assert "<svg" in html and "<script" not in html            # self-contained: nothing fetched, nothing run
     assert not re.search(r'(src|href)="(https?:)?//', html)
-    queries = _table(html, "queries")[1:]
+    queries = table(html, "queries")[1:]
     assert queries and all(r[0] == "siemens-xa30" and r[2] == "month12" for r in queries)
 
 
@@ -216,14 +180,6 @@ def test_status_and_report_commands(lake, tmp_path):
     assert bad.exit_code == 2 and "not an ISO date" in bad.output
 
 
-def _chromium(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("chromium")
-    if exe is None:
-        pytest.fail("chromium is not installed: make services installs it (Debian package chromium)")
-    return subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_chromium_shows_the_dashboard_a_person_reads(lake, trial, tmp_path):
     """What a person sees, through a real browser: the DOM Chromium built from the page has the site
     table with the planted missing visits and the query, the epoch timeline is drawn (one bar per
@@ -232,28 +188,22 @@ def test_chromium_shows_the_dashboard_a_person_reads(lake, trial, tmp_path):
     shutil.copytree(lake.root, copy.root)
     write_sites_page(copy, trial, datetime.now(timezone.utc) + timedelta(days=200), version="test")
     url = Path(copy.path(PAGE)).as_uri()
-    dom = _chromium("--dump-dom", url)
+    dom = chromium("--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-2000:]
-    sites = {r[0]: r for r in _table(dom.stdout, "sites")[1:]}
+    sites = {r[0]: r for r in table(dom.stdout, "sites")[1:]}
     assert sites["siemens-xa30"][5] == "1" and sites["ge-nih"][5] == "1"       # missing visits
     assert sites["siemens-xa30"][10] == "1"                                     # open queries
     svg = dom.stdout[dom.stdout.index("<svg"):dom.stdout.index("</svg>")]
     # matplotlib draws the figure, the axes and its 4 spines as patches, then one bar per epoch
-    assert svg.count('<g id="patch_') == 6 + len(_table(dom.stdout, "epochs")[1:])
+    assert svg.count('<g id="patch_') == 6 + len(table(dom.stdout, "epochs")[1:])
     shot = Path(copy.path("reports/screenshots/sites.png"))
     shot.parent.mkdir(parents=True)
-    done = _chromium("--window-size=1400,1800", f"--screenshot={shot}", url)
+    done = chromium("--window-size=1400,1800", f"--screenshot={shot}", url)
     assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.shape == (1800, 1400)
     rows_with_ink = (pixels < 128).any(axis=1).mean()
     assert rows_with_ink > 0.2, f"only {rows_with_ink:.0%} of the screenshot's rows hold anything dark"
-
-
-def _images(dom: str) -> list[np.ndarray]:
-    """The PNG data-URI images of a page, decoded."""
-    uris = re.findall(r'<img src="data:image/png;base64,([^"]+)"', dom)
-    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(u))).convert("RGB")) for u in uris]
 
 
 def test_the_qc_page_shows_what_a_reviewer_decides_from_and_its_command_records_the_decision(lake, tmp_path):
@@ -266,30 +216,30 @@ def test_the_qc_page_shows_what_a_reviewer_decides_from_and_its_command_records_
     done = runner.invoke(app, ["report", "qc", uid[:20], "--lake", str(copy)])
     assert done.exit_code == 0, done.output
     page = copy / "reports" / "qc" / f"{uid}.html"
-    dom = _chromium("--dump-dom", page.as_uri())
+    dom = chromium("--dump-dom", page.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout
     assert re.search(r'id="verdict-anat">PASS<', html)
     # every metric of the run, with its value, as the qc table holds it
-    rows = {r[0]: r for r in _table(html, "metrics-anat")[1:]}
+    rows = {r[0]: r for r in table(html, "metrics-anat")[1:]}
     metrics = qc[qc["metric"] != "verdict"].set_index("metric")
     assert set(rows) == set(metrics.index)
     for m, r in rows.items():
         assert float(r[1]) == pytest.approx(metrics.loc[m, "value"], rel=1e-2), m
         assert r[2].startswith(metrics.loc[m, "status"])
-    provenance = {r[0]: r[1] for r in _table(html, "provenance-anat")}
+    provenance = {r[0]: r[1] for r in table(html, "provenance-anat")}
     assert provenance["input sha256"] == metrics["input_sha256"].iloc[0]
     assert provenance["backend"] == "local" and provenance["flow run"] == metrics["flow_run_id"].iloc[0]
     # the mosaics and the strip plot are real pictures: the mask's outline is drawn in red
-    images = _images(html)
-    assert len(images) == 4                                  # axial + sagittal mask, segmentation, metrics
-    for img in images:
+    pics = images(html)
+    assert len(pics) == 4                                  # axial + sagittal mask, segmentation, metrics
+    for img in pics:
         assert img.shape[0] > 100 and img.std() > 20, "an image of the page is blank"
-    red = (images[0][..., 0] > 200) & (images[0][..., 1] < 60) & (images[0][..., 2] < 60)
+    red = (pics[0][..., 0] > 200) & (pics[0][..., 1] < 60) & (pics[0][..., 2] < 60)
     assert red.sum() > 200, "the brain mask's outline is not on the axial mosaic"
     shot = copy / "reports" / "screenshots" / f"qc-{uid}.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
-    assert _chromium("--window-size=1300,2600", f"--screenshot={shot}", page.as_uri()).returncode == 0
+    assert chromium("--window-size=1300,2600", f"--screenshot={shot}", page.as_uri()).returncode == 0
     assert (np.asarray(Image.open(shot).convert("L")) < 128).any(axis=1).mean() > 0.3
     # the page's command, run as printed (with a reason), records the decision
     command = re.search(r'<pre id="command-anat">([^<]+)</pre>', html).group(1)
@@ -367,7 +317,7 @@ def test_a_query_is_answered_resolved_and_escalated_with_who_and_when(lake, tria
     assert row["status"] == "escalated" and abs((row["escalated_at"] - later).total_seconds()) < 1
     assert escalate_overdue(copy, trial, now=later + timedelta(days=1)) == []                 # once
     page = render_sites_page(trial, LakeTables.read(copy))
-    assert "escalated" in _table(page, "queries")[1]
+    assert "escalated" in table(page, "queries")[1]
     done = runner.invoke(app, ["queries", "resolve", qid, "--resolution", "accepted out of window",
                                "--lake", str(copy.root)])
     assert done.exit_code == 0, done.output
@@ -483,7 +433,7 @@ def test_an_infinite_metric_is_shown_as_such_and_left_out_of_the_distributions(l
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         (page,) = write_qc_pages(copy)
-    rows = {r[0]: r for r in _table(Path(copy.path(page)).read_text(), "metrics-anat")[1:]}
+    rows = {r[0]: r for r in table(Path(copy.path(page)).read_text(), "metrics-anat")[1:]}
     assert rows["fber"][1] == "inf" and rows["fber"][5].endswith("(0)")      # no finite value in the trial
     assert rows["cjv"][5].endswith("(1)")
 
