@@ -79,15 +79,24 @@ def write_scans(plan: Plan, data: Path, root: Path, progress: Progress, workers:
             progress.advance(task)
 
 
-def receive_uploads(plan: Plan, root: Path, lake_url: str, trial, progress: Progress) -> list:
+def receive_uploads(plan: Plan, root: Path, lake_url: str, trial, progress: Progress,
+                    workers: int = 2) -> list:
+    """Drop intake of every upload: the sites send side by side, each visit after the one before
+    (a follow-up is dated from its subject's baseline, which must be in the lake first)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from flows.receive_study import receive_study
 
     uploads = plan.uploads(root)
     task = progress.add_task("intake: uploads", total=len(uploads))
     outcomes = []
-    for _visit, site, folder in uploads:
-        outcomes += receive_study(str(folder), site, lake_url=lake_url, trial=trial)
-        progress.advance(task)
+    with ThreadPoolExecutor(workers) as pool:
+        for visit in plan.visits:
+            futures = [pool.submit(receive_study, str(folder), site, lake_url=lake_url, trial=trial)
+                       for v, site, folder in uploads if v == visit]
+            for f in as_completed(futures):
+                outcomes += f.result()
+                progress.advance(task)
     return outcomes
 
 
@@ -163,7 +172,7 @@ def run_virtual_trial(data: Path, lake_url: str, console: Console, subjects: int
         write_scans(plan, data, root, progress, workers)
         times.add("virtual scanners", t)
         t = time.perf_counter()
-        outcomes = receive_uploads(plan, root, lake_url, trial, progress)
+        outcomes = receive_uploads(plan, root, lake_url, trial, progress, workers)
         times.add("intake", t)
         t = time.perf_counter()
         counts = process_all(lake_url, trial_file, len(plan.scans), as_of, progress, workers)
