@@ -112,6 +112,13 @@ def demo(data: Path = typer.Option(Path("../shared/data"), help="the shared real
         return
     if trial is not None:
         fail("--trial: the virtual trial has its own trial file (data_contracts/examples/virtual_trial.yaml)")
+    from flows.virtual.scanner import TEMPLATES
+    from flows.virtual.trial import HEAD
+
+    needed = [data.joinpath(*HEAD)] + [data.joinpath(*t) for t in TEMPLATES.values()]
+    absent = [str(p) for p in needed if not p.exists()]
+    if absent:
+        fail(f"{data}: the virtual trial's real head and vendor headers are missing: {', '.join(absent)}")
     if subjects < 4 or visits not in (2, 3):
         fail(f"--subjects {subjects} --visits {visits}: at least 4 subjects per site, and 2 or 3 visits")
     run_virtual(data, lake_url(lake), subjects, visits)

@@ -65,6 +65,10 @@ class Scan:
     header: dict[str, object] = field(default_factory=dict)
 
     @property
+    def visit_index(self) -> int:
+        return list(VISIT_DAYS).index(self.visit)
+
+    @property
     def key(self) -> str:
         return f"{self.site}/{self.person.patient_id}/{self.visit}"
 

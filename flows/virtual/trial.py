@@ -17,8 +17,9 @@ last window has closed and a week has passed, as a real night would be months la
 
 from __future__ import annotations
 
-import os
+import multiprocessing
 import shutil
+import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -30,8 +31,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flows.virtual.plan import TRIAL_FILE, Plan, Scan, make_plan
+from tasks.errors import CorelabError
 
 HEAD = ("niivue-images", "chris_t1.nii.gz")
+
+
+class VirtualTrialError(CorelabError, RuntimeError):
+    """A stage of the virtual trial could not run: the trial's truths cannot be checked."""
+
+    code = "processing_failed"
 CLOCK_MARGIN_DAYS = 10          # after the last window closed: past the 5 working days of a query
 
 
@@ -63,7 +71,7 @@ def _write_scan(data: str, scan: Scan, root: str, study_uid: str) -> str:
         _SOURCE = sitk.ReadImage(str(Path(data).joinpath(*HEAD)))
     head = subject_head(_SOURCE, scan.age, scan.anatomy_seed, scan.scanner.grid)
     write_t1_series(scan.folder(Path(root)), read_template(Path(data), scan.scanner.vendor), head,
-                    scan.scanner, scan.person, study_uid, scan.day, scan.anatomy_seed + len(scan.visit),
+                    scan.scanner, scan.person, study_uid, scan.day, scan.anatomy_seed + 1 + scan.visit_index,
                     header=scan.header)
     return scan.key
 
@@ -72,7 +80,9 @@ def write_scans(plan: Plan, data: Path, root: Path, progress: Progress, workers:
     from pydicom.uid import generate_uid
 
     task = progress.add_task("virtual scanners: series", total=len(plan.scans))
-    with ProcessPoolExecutor(workers) as pool:
+    # spawned, not forked: this process runs threads (the progress display, Prefect's), and a fork
+    # copies their locks in whatever state they are
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_write_scan, str(data), s, str(root), generate_uid()) for s in plan.scans]
         for f in as_completed(futures):
             f.result()
@@ -124,12 +134,15 @@ def process_all(lake_url: str, trial_file: str, n_series: int, as_of: datetime, 
     watcher.start()
     try:
         flow = nightly_reprocess.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
-        counts = flow(lake_url, trial_file, backend="local", threads=1, as_of=as_of)
+        state = flow(lake_url, trial_file, backend="local", threads=1, as_of=as_of, return_state=True)
     finally:
         done.set()
         watcher.join()
     progress.update(task, completed=_judged(read_table(open_lake(lake_url), "qc")))
-    return counts
+    if not state.is_completed():
+        raise VirtualTrialError(f"the nightly run ended {state.type.value.lower()}: {state.message}; the "
+                                "truths were not checked (the run's log says which study failed and why)")
+    return state.result()
 
 
 def _judged(qc) -> int:
@@ -154,7 +167,11 @@ def harmonize_trial(lake_url: str, trial_file: str, progress: Progress) -> dict:
 
 def run_virtual_trial(data: Path, lake_url: str, console: Console, subjects: int = 4, visits: int = 2,
                       workers: int = 2, work: Path | None = None) -> tuple[bool, dict]:
-    """Run the whole virtual trial; (every planted truth holds, what was made and where)."""
+    """Run the whole virtual trial; (every planted truth holds, what was made and where).
+
+    The series are written under ``work`` (a new temporary folder by default), which is
+    removed at the end, whether the run succeeded or not.
+    """
     from data_contracts import example_path
     from data_contracts.trial import load_trial
     from flows.virtual.truths import check_truths, truths_table
@@ -163,28 +180,34 @@ def run_virtual_trial(data: Path, lake_url: str, console: Console, subjects: int
     trial_file = str(example_path(TRIAL_FILE))
     trial = load_trial(trial_file)
     times = StageTimes({})
-    root = work or Path(os.environ.get("TMPDIR", "/tmp")) / f"corelab-virtual-{os.getpid()}"
-    shutil.rmtree(root, ignore_errors=True)
+    root = work or Path(tempfile.mkdtemp(prefix="corelab-virtual-"))
     last = trial.visits[len(plan.visits) - 1]
     as_of = datetime.now(timezone.utc) + timedelta(days=last.day + last.window_after + CLOCK_MARGIN_DAYS)
-    with _progress(console) as progress:
-        t = time.perf_counter()
-        write_scans(plan, data, root, progress, workers)
-        times.add("virtual scanners", t)
-        t = time.perf_counter()
-        outcomes = receive_uploads(plan, root, lake_url, trial, progress, workers)
-        times.add("intake", t)
-        t = time.perf_counter()
-        counts = process_all(lake_url, trial_file, len(plan.scans), as_of, progress, workers)
-        times.add("processing (nightly)", t)
-        t = time.perf_counter()
-        harmonized = harmonize_trial(lake_url, trial_file, progress)
-        times.add("harmonization", t)
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        with _progress(console) as progress:
+            made = _run_stages(plan, data, root, lake_url, trial, trial_file, as_of, progress, times, workers)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     t = time.perf_counter()
-    truths = check_truths(plan, trial, lake_url, harmonized, as_of)
+    truths = check_truths(plan, trial, lake_url, made["harmonization"], as_of)
     times.add("truths", t)
     console.print(truths_table(truths))
-    made = {"plan": plan, "outcomes": outcomes, "counts": counts, "harmonization": harmonized,
-            "times": times.seconds, "as_of": as_of, "truths": truths}
+    made.update(plan=plan, times=times.seconds, as_of=as_of, truths=truths)
     return all(t.holds for t in truths), made
+
+
+def _run_stages(plan: Plan, data: Path, root: Path, lake_url: str, trial, trial_file: str, as_of: datetime,
+                progress: Progress, times: StageTimes, workers: int) -> dict:
+    t = time.perf_counter()
+    write_scans(plan, data, root, progress, workers)
+    times.add("virtual scanners", t)
+    t = time.perf_counter()
+    outcomes = receive_uploads(plan, root, lake_url, trial, progress, workers)
+    times.add("intake", t)
+    t = time.perf_counter()
+    counts = process_all(lake_url, trial_file, len(plan.scans), as_of, progress, workers)
+    times.add("processing (nightly)", t)
+    t = time.perf_counter()
+    harmonized = harmonize_trial(lake_url, trial_file, progress)
+    times.add("harmonization", t)
+    return {"outcomes": outcomes, "counts": counts, "harmonization": harmonized}

@@ -89,13 +89,15 @@ def _coverage(plan, trial, lake, tables, harmonized, as_of) -> Truth:
     verdicts = latest_verdicts(qc)
     failed = {(s, v) for s, v, x in zip(verdicts["subject"], verdicts["session"], verdicts["verdict"]) if x == "FAIL"}
     on_coverage = {p for p, m, st in zip(pair, qc["metric"], qc["status"]) if m in COVERAGE and st == "FAIL"}
-    q = tables.queries[tables.queries["site"] == CUT_SITE]
-    queried = {(s, v) for s, v in zip(q["subject"], q["session"])}
+    d = tables.deviations
+    qc_fail = d[(d["site"] == CUT_SITE) & (d["kind"] == "qc_fail")]["deviation_id"]
+    q = tables.queries[tables.queries["deviation_id"].isin(qc_fail)]
+    queried = {(s, v) for s, v in zip(q["subject"], q["session"])}           # the QC FAIL's own query
     others_failed = failed - cut
     holds = bool(cut) and cut <= failed & on_coverage and cut <= queried and not others_failed and is_cut.any()
     return Truth(_coverage.__doc__, holds,
                  f"{len(cut & failed & on_coverage)} of {len(cut)} cut series FAIL with coverage below its "
-                 f"limit; {len(cut & queried)} have a site query; {len(others_failed)} other {CUT_SITE} "
+                 f"limit; {len(cut & queried)} have a QC FAIL site query; {len(others_failed)} other {CUT_SITE} "
                  "series FAIL")
 
 
@@ -133,7 +135,7 @@ def _fit_report(lake, harmonized) -> dict:
 
 
 def _site_effect(plan, trial, lake, tables, harmonized, as_of) -> Truth:
-    """each site's scanner effect on the volumes is significant before ComBat and gone after"""
+    """the sites' scanner effects on the volumes are significant before ComBat and gone after"""
     diag = _find(_fit_report(lake, harmonized), "site_effect")
     before, after, n = diag["before"]["significant_F"], diag["after"]["significant_F"], diag["n_features"]
     holds = before > 0 and after == 0
@@ -144,7 +146,8 @@ def _site_effect(plan, trial, lake, tables, harmonized, as_of) -> Truth:
 def _age_effect(plan, trial, lake, tables, harmonized, as_of) -> Truth:
     """the planted age effect on volume is measured, and ComBat keeps it"""
     h = read_table(lake, "biomarkers_harmonized")
-    h = h[(h["measure"] == AGE_FEATURE) & (h["session"] == plan.visits[0])].reset_index(drop=True)
+    h = h[(h["harmonization_model_id"] == harmonized["fit"]["model_id"]) & (h["trial_id"] == trial.trial_id)
+          & (h["measure"] == AGE_FEATURE) & (h["session"] == plan.visits[0])].reset_index(drop=True)
     first = {_subject(plan, trial, s.key)[1]: s for s in plan.scans if s.visit == plan.visits[0]}
     x = pd.DataFrame({"AGE": h["subject"].map(lambda k: first[k].age),
                       "SEX": h["subject"].map(lambda k: float(first[k].person.sex == "F"))})
@@ -158,8 +161,10 @@ def _age_effect(plan, trial, lake, tables, harmonized, as_of) -> Truth:
 
     raw = slope("value_raw", h["batch"])        # within each batch, before ComBat
     after = slope("value", None)                # harmonized: one population
-    measured = raw[1] <= AGE_VOLUME_SLOPE <= raw[2]
-    kept = raw[1] <= after[0] <= raw[2]
+    # measured: the planted slope inside the within-batch CI, and that CI excludes no effect at all;
+    # kept: the harmonized estimate inside it, its own CI excluding 0 too
+    measured = raw[1] <= AGE_VOLUME_SLOPE <= raw[2] and raw[2] < 0
+    kept = raw[1] <= after[0] <= raw[2] and after[2] < 0
     return Truth(_age_effect.__doc__, measured and kept,
                  f"{AGE_FEATURE} at {plan.visits[0]} (n={len(h)}), slope / V(50) a year: planted "
                  f"{AGE_VOLUME_SLOPE:.4f}; before ComBat, within batch {raw[0]:.4f} [{raw[1]:.4f}, {raw[2]:.4f}]; "

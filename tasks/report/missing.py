@@ -26,7 +26,7 @@ from tasks.report.status import LakeTables, utc, visit_expectations
 
 def missing_visit_finding(visit: str, closes: pd.Timestamp) -> Finding:
     return Finding(kind="missing_visit", severity="major", parameter="visit", expected=visit,
-                   observed="nothing received",
+                   observed=f"{visit}: nothing received",
                    message=f"visit {visit} was not received: its window closed on {closes:%Y-%m-%d}")
 
 

@@ -19,9 +19,9 @@ from rich.console import Console
 
 from data_contracts import example_path
 from data_contracts.trial import load_trial
-from flows.virtual.plan import CUT_SITE, MISSING_SITE, TRIAL_FILE
+from flows.virtual import truths
+from flows.virtual.plan import CUT_SITE, CUT_SLICES, MISSING_SITE, TRIAL_FILE
 from flows.virtual.trial import run_virtual_trial
-from flows.virtual.truths import check_truths
 from tasks.lake.storage import open_lake
 from tasks.report.sites_page import PAGE
 from tests.browser import chromium, images, ink_rows, table
@@ -45,22 +45,26 @@ def test_every_planted_truth_holds_and_the_table_says_so(virtual):
         assert t.holds, f"{t.name}: {t.evidence}"
     assert ok and len(made["truths"]) == 6
     assert "planted truths" in printed and printed.count("holds") == 6 and "broken" not in printed
-    assert made["counts"]["studies_due"] == 23 and made["counts"]["failed"] == 0
+    assert made["counts"]["studies_due"] == 23 and made["counts"]["series_processed"] == 23
     assert made["counts"]["missing_visits"] == 1
 
 
-def test_a_truth_checked_where_it_was_not_planted_is_broken(virtual):
-    """The checks can fail: the same lake judged against plans that put the deviation and the
-    missing visit on other subjects, and the age slope planted twice as steep."""
+def test_a_truth_checked_where_it_was_not_planted_is_broken(virtual, monkeypatch):
+    """The checks can fail: the same lake judged against plans that put the deviation, the missing
+    visit and the cut slabs on other scans, and against an age slope planted twice as steep."""
     _ok, made, lake, _ = virtual
     plan, trial = made["plan"], load_trial(example_path(TRIAL_FILE))
     other = next(s.key for s in plan.scans if s.site == MISSING_SITE and s.visit == plan.visits[-1]
                  and s.key != plan.deviation)
-    moved = replace(plan, deviation=other, missing=other)
-    truths = {t.name.split()[1]: t for t in check_truths(moved, trial, str(lake), made["harmonization"],
-                                                         made["as_of"])}
-    assert not truths["series"].holds and not truths["visit"].holds
-    assert truths["cut"].holds and truths["software"].holds
+    uncut = [replace(s, scanner=replace(s.scanner, slices_kept=None if s.scanner.slices_kept else CUT_SLICES))
+             if s.site == CUT_SITE else s for s in plan.scans]         # the baselines "cut", the follow-ups not
+    moved = replace(plan, deviation=other, missing=other, scans=uncut)
+    monkeypatch.setattr(truths, "AGE_VOLUME_SLOPE", 2 * truths.AGE_VOLUME_SLOPE)
+    judged = {t.name.split()[1]: t for t in truths.check_truths(moved, trial, str(lake), made["harmonization"],
+                                                                 made["as_of"])}
+    assert not judged["series"].holds and not judged["visit"].holds and not judged["cut"].holds
+    assert not judged["planted"].holds, judged["planted"].evidence
+    assert judged["software"].holds and judged["sites'"].holds        # untouched by the moves
 
 
 def _duck(lake: Path, name: str) -> str:

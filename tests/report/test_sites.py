@@ -461,3 +461,9 @@ def test_a_missing_visit_becomes_a_deviation_and_a_query_once_and_its_query_fall
         assert abs((r.created_at - closes[(r.site, r.subject)]).total_seconds()) < 1
     escalated = escalate_overdue(copy, trial, now=max(closes.values()) + timedelta(days=8))
     assert set(q["query_id"]) <= set(escalated)
+    # the same subjects miss month12 too (its window closes on day 386): a deviation and query each
+    later = record_missing_visits(copy, trial, datetime.now(timezone.utc) + timedelta(days=400))
+    dev = read_table(copy, "deviations").set_index("deviation_id")
+    assert len(later) == 2 and set(dev.loc[later, "session"]) == {"month12"}
+    assert set(dev.loc[written, "session"]) == {"month06"}                  # month06's rows untouched
+    assert len(read_table(copy, "queries").query("deviation_id in @later")) == 2
