@@ -68,7 +68,7 @@ def test_a_worker_without_its_engine_fails_the_run_and_the_nightly_retries_it(pr
     trial_file = tmp_path / "trial.yaml"
     trial_file.write_text(DEMO_TRIAL.read_text())
     counts = nightly_reprocess(lake.url, str(trial_file), backend="local")
-    assert counts == {"studies_due": 1, "series_processed": 1, "retried": 0, "failed": 0}
+    assert counts == {"studies_due": 1, "series_processed": 1, "retried": 0, "failed": 0, "missing_visits": 0}
     page = Path(lake.path("reports/sites.html")).read_text()      # the night refreshed the dashboard
     assert "100 % (1)" in page.split('data-site="siemens-xa30"')[1].split("</tr>")[0]   # its PASS
     (verdict,) = read_table(lake, "qc").query("metric == 'verdict'").itertuples()
@@ -119,6 +119,7 @@ def test_the_nightly_run_spreads_its_studies_over_dask(prefect_harness, tmp_path
     trial_file.write_text(DEMO_TRIAL.read_text())
     nightly = nightly_reprocess.with_options(task_runner=task_runner("dask", workers=2))
     counts = nightly(lake.url, str(trial_file), backend="local")
-    assert counts == {"studies_due": 2, "series_processed": 0, "retried": 0, "failed": 0}   # no pipeline takes EPI
+    assert counts == {"studies_due": 2, "series_processed": 0, "retried": 0, "failed": 0,   # no pipeline takes EPI
+                      "missing_visits": 0}
     assert {p.split("/")[1] for p in lake.find("bids") if p.endswith(".nii.gz")} == \
         set(read_table(lake, "studies").subject.map("sub-{}".format))
