@@ -50,10 +50,7 @@ def run_demo(data: Path, url: str, trial_file: Path | None, console: Console,
     from tasks.lake.export import export_biomarkers
     from tasks.lake.storage import open_lake
 
-    for env in ("CORELAB_DEID_KEY", "CORELAB_PSEUDONYM_KEY"):
-        if not os.environ.get(env):
-            os.environ[env] = "demo-only-key-" + env.lower()
-            console.print(f"[yellow]{env} not set: using a demo-only key (never for real data)[/]")
+    _demo_keys(console)
     trial = load_trial(trial_file or example_path())
     lake = open_lake(url)
     for site, rel in DEMO_UPLOADS.items():
@@ -71,6 +68,14 @@ def run_demo(data: Path, url: str, trial_file: Path | None, console: Console,
     report = verify_chain(lake)
     console.rule("lake")
     console.print(f"lake: {url}; audit log {'intact' if report.ok else 'BROKEN'} ({report.events} events)")
+
+
+def _demo_keys(console: Console) -> None:
+    """Throw-away de-identification and pseudonym keys when none are set, said out loud."""
+    for env in ("CORELAB_DEID_KEY", "CORELAB_PSEUDONYM_KEY"):
+        if not os.environ.get(env):
+            os.environ[env] = "demo-only-key-" + env.lower()
+            console.print(f"[yellow]{env} not set: using a demo-only key (never for real data)[/]")
 
 
 def harmonize_abide(data: Path, lake, console: Console) -> None:
@@ -136,11 +141,7 @@ def run_virtual(data: Path, url: str, subjects: int, visits: int) -> None:
     if len(studies) and (studies["trial_id"] == load_trial(example_path(TRIAL_FILE)).trial_id).any():
         fail(f"{url} already holds the virtual trial: its subjects would arrive twice. "
              "Remove it or give another --lake")
-
-    for env in ("CORELAB_DEID_KEY", "CORELAB_PSEUDONYM_KEY"):
-        if not os.environ.get(env):
-            os.environ[env] = "demo-only-key-" + env.lower()
-            console.print(f"[yellow]{env} not set: using a demo-only key (never for real data)[/]")
+    _demo_keys(console)
     ok, made = run_virtual_trial(data, url, console, subjects, visits)
     times = made["times"]
     console.rule("stage times")

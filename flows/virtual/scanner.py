@@ -138,8 +138,7 @@ def read_template(data: Path, vendor: str) -> Dataset:
     raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
     ds = pydicom.dcmread(io.BytesIO(raw))
     ds.decode()
-    if ds.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:   # write as the scanner's own
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian        # written as the scanner's own
     for tag in EPI_ONLY.get(vendor, []):
         if tag in ds:
             del ds[tag]

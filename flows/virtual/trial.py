@@ -149,7 +149,7 @@ def _judged(qc) -> int:
     return int(qc.loc[qc["metric"] == "verdict", "series_uid"].nunique()) if len(qc) else 0
 
 
-def harmonize_trial(lake_url: str, trial_file: str, progress: Progress) -> dict:
+def harmonize_trial(lake_url: str, trial_file: str, trial_id: str, progress: Progress) -> dict:
     from flows.harmonize import harmonize
     from harmonization import model_store
     from tasks.lake.storage import open_lake
@@ -157,10 +157,7 @@ def harmonize_trial(lake_url: str, trial_file: str, progress: Progress) -> dict:
     task = progress.add_task("harmonization: fit + apply", total=2)
     summary = harmonize(lake_url, trial_file, mode="fit")
     progress.advance(task)
-    from data_contracts.trial import load_trial
-
-    model_store.promote(open_lake(lake_url), summary["fit"]["model_id"], load_trial(trial_file).trial_id,
-                        "corelab demo")
+    model_store.promote(open_lake(lake_url), summary["fit"]["model_id"], trial_id, "corelab demo")
     progress.advance(task)
     return summary
 
@@ -208,6 +205,6 @@ def _run_stages(plan: Plan, data: Path, root: Path, lake_url: str, trial, trial_
     counts = process_all(lake_url, trial_file, len(plan.scans), as_of, progress, workers)
     times.add("processing (nightly)", t)
     t = time.perf_counter()
-    harmonized = harmonize_trial(lake_url, trial_file, progress)
+    harmonized = harmonize_trial(lake_url, trial_file, trial.trial_id, progress)
     times.add("harmonization", t)
     return {"outcomes": outcomes, "counts": counts, "harmonization": harmonized}

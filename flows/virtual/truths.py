@@ -12,7 +12,6 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-import numpy as np
 import pandas as pd
 from rich.table import Table
 
@@ -85,7 +84,6 @@ def _coverage(plan, trial, lake, tables, harmonized, as_of) -> Truth:
            if s.site == CUT_SITE and s.scanner.slices_kept}
     qc = tables.qc[tables.qc["site"] == CUT_SITE]
     pair = list(zip(qc["subject"], qc["session"]))
-    is_cut = np.array([p in cut for p in pair], dtype=bool)
     verdicts = latest_verdicts(qc)
     failed = {(s, v) for s, v, x in zip(verdicts["subject"], verdicts["session"], verdicts["verdict"]) if x == "FAIL"}
     on_coverage = {p for p, m, st in zip(pair, qc["metric"], qc["status"]) if m in COVERAGE and st == "FAIL"}
@@ -94,7 +92,7 @@ def _coverage(plan, trial, lake, tables, harmonized, as_of) -> Truth:
     q = tables.queries[tables.queries["deviation_id"].isin(qc_fail)]
     queried = {(s, v) for s, v in zip(q["subject"], q["session"])}           # the QC FAIL's own query
     others_failed = failed - cut
-    holds = bool(cut) and cut <= failed & on_coverage and cut <= queried and not others_failed and is_cut.any()
+    holds = bool(cut) and cut <= failed & on_coverage and cut <= queried and not others_failed
     return Truth(_coverage.__doc__, holds,
                  f"{len(cut & failed & on_coverage)} of {len(cut)} cut series FAIL with coverage below its "
                  f"limit; {len(cut & queried)} have a QC FAIL site query; {len(others_failed)} other {CUT_SITE} "
@@ -136,7 +134,7 @@ def _fit_report(lake, harmonized) -> dict:
 
 def _site_effect(plan, trial, lake, tables, harmonized, as_of) -> Truth:
     """the sites' scanner effects on the volumes are significant before ComBat and gone after"""
-    diag = _find(_fit_report(lake, harmonized), "site_effect")
+    diag = _fit_report(lake, harmonized)["diagnostics"]["site_effect"]
     before, after, n = diag["before"]["significant_F"], diag["after"]["significant_F"], diag["n_features"]
     holds = before > 0 and after == 0
     return Truth(_site_effect.__doc__, holds,
@@ -170,15 +168,3 @@ def _age_effect(plan, trial, lake, tables, harmonized, as_of) -> Truth:
                  f"{AGE_VOLUME_SLOPE:.4f}; before ComBat, within batch {raw[0]:.4f} [{raw[1]:.4f}, {raw[2]:.4f}]; "
                  f"after {after[0]:.4f} [{after[1]:.4f}, {after[2]:.4f}]")
 
-
-def _find(doc: dict, key: str) -> dict:
-    """The first value under ``key`` anywhere in a nested report."""
-    if key in doc:
-        return doc[key]
-    for v in doc.values():
-        if isinstance(v, dict):
-            try:
-                return _find(v, key)
-            except KeyError:
-                pass
-    raise KeyError(key)

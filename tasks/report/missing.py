@@ -38,18 +38,14 @@ def record_missing_visits(lake: Lake, trial: TrialConfig, as_of: datetime | None
     missing = exp[exp["state"] == "missing"]
     if missing.empty:
         return []
-    studies = tables.studies[tables.studies["status"] != "rejected"].copy()
-    studies["received_at"] = pd.to_datetime(studies["received_at"], utc=True)
-    first = studies.sort_values("received_at").drop_duplicates(["site", "subject"]).set_index(["site", "subject"])
     done = set(tables.deviations["deviation_id"]) if len(tables.deviations) else set()
     written = []
     for m in missing.itertuples():
-        key = str(first.loc[(m.site, m.subject), "study_key"])
         finding = missing_visit_finding(m.visit, m.closes)
-        did = deviation_id(key, finding)
+        did = deviation_id(m.scheduled_from, finding)
         if did in done:
             continue
-        study = replace(read_study(lake, m.site, key), session=m.visit)
+        study = replace(read_study(lake, m.site, m.scheduled_from), session=m.visit)
         record_findings(lake, study, [finding], now=m.closes.to_pydatetime())
         written.append(did)
     return written

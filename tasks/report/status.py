@@ -85,11 +85,12 @@ def visit_expectations(trial: TrialConfig, tables: LakeTables, as_of: pd.Timesta
     """One row per (site, subject, visit): window opening and closing, received or not, state.
 
     ``state`` is ``received``, ``missing`` (window closed, nothing received), ``due`` (window
-    open now) or ``future`` (window not open yet).
+    open now) or ``future`` (window not open yet); ``scheduled_from`` is the key of the subject's
+    first study, whose receipt starts its visit clock.
     """
     studies = tables.studies
     studies = studies[studies["status"] != "rejected"]    # nothing usable arrived: the visit is not received
-    cols = ["site", "subject", "visit", "opens", "closes", "received", "state"]
+    cols = ["site", "subject", "visit", "opens", "closes", "received", "state", "scheduled_from"]
     if studies.empty:
         return pd.DataFrame(columns=cols)
     studies = studies.assign(received_at=_ts(studies["received_at"]))
@@ -97,14 +98,14 @@ def visit_expectations(trial: TrialConfig, tables: LakeTables, as_of: pd.Timesta
     baseline_id = trial.visits[0].id
     taken = set(zip(studies["site"], studies["subject"], studies["session"]))
     rows = []
-    for site, subject, start in zip(first["site"], first["subject"], first["received_at"]):
+    for site, subject, start, key in zip(first["site"], first["subject"], first["received_at"], first["study_key"]):
         for v in trial.visits:
             opens = start + timedelta(days=v.day - v.window_before)
             closes = start + timedelta(days=v.day + v.window_after)
             received = (site, subject, v.id) in taken or v.id == baseline_id
             state = ("received" if received else "missing" if as_of > closes
                      else "due" if as_of >= opens else "future")
-            rows.append((site, subject, v.id, opens, closes, received, state))
+            rows.append((site, subject, v.id, opens, closes, received, state, key))
     return pd.DataFrame(rows, columns=cols)
 
 
