@@ -133,7 +133,7 @@ def run_virtual(data: Path, url: str, subjects: int, visits: int) -> None:
     from data_contracts import example_path
     from data_contracts.trial import load_trial
     from flows.virtual.plan import TRIAL_FILE
-    from flows.virtual.trial import run_virtual_trial
+    from flows.virtual.trial import VirtualTrialError, run_virtual_trial
     from tasks.lake.storage import open_lake
     from tasks.lake.tables import read_table
 
@@ -142,7 +142,10 @@ def run_virtual(data: Path, url: str, subjects: int, visits: int) -> None:
         fail(f"{url} already holds the virtual trial: its subjects would arrive twice. "
              "Remove it or give another --lake")
     _demo_keys(console)
-    ok, made = run_virtual_trial(data, url, console, subjects, visits)
+    try:
+        ok, made = run_virtual_trial(data, url, console, subjects, visits)
+    except VirtualTrialError as exc:
+        fail(str(exc))
     times = made["times"]
     console.rule("stage times")
     for stage, sec in times.items():

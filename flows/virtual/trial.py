@@ -31,15 +31,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flows.virtual.plan import TRIAL_FILE, Plan, Scan, make_plan
-from tasks.errors import CorelabError
 
 HEAD = ("niivue-images", "chris_t1.nii.gz")
 
 
-class VirtualTrialError(CorelabError, RuntimeError):
-    """A stage of the virtual trial could not run: the trial's truths cannot be checked."""
+class VirtualTrialError(RuntimeError):
+    """A stage of the virtual trial could not run: the trial's truths cannot be checked.
 
-    code = "processing_failed"
+    Not a stage error (tasks' CorelabError with a reason code): the demo itself failed, and the
+    stage's own error is already in the run's log with its code."""
 CLOCK_MARGIN_DAYS = 10          # after the last window closed: past the 5 working days of a query
 
 
