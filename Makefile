@@ -49,7 +49,7 @@ services:
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
 
 test: lint services
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 # Unit tests only: no Prefect server, no pipeline runs (under 3 minutes).
 test-fast: lint services

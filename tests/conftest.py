@@ -22,6 +22,9 @@ import pytest
 _HOME = tempfile.mkdtemp(prefix="corelab-test-prefect-")
 os.environ["PREFECT_HOME"] = _HOME
 os.environ.pop("PREFECT_API_URL", None)  # never talk to a real server from tests
+# pytest-xdist workers start with COLUMNS=80, and a rich Console fixes its width from COLUMNS when it
+# is made (the CLI's, at import): tests that read a wide table give COLUMNS to that command instead
+os.environ.pop("COLUMNS", None)
 os.environ.setdefault("CORELAB_DEID_KEY", "test-deid-key-not-secret")
 os.environ.setdefault("CORELAB_PSEUDONYM_KEY", "test-pseudonym-key-not-secret")
 os.environ.setdefault("CORELAB_AUDIT_KEY", "test-audit-key-not-secret")

@@ -107,6 +107,7 @@ def demo(data: Path = typer.Option(Path("../shared/data"), help="the shared real
          trial: Optional[Path] = TrialOpt,
          subjects: int = typer.Option(4, help="virtual trial: subjects per site (at least 4)"),
          visits: int = typer.Option(2, help="virtual trial: visits per subject (2 or 3)"),
+         sites: int = typer.Option(3, help="virtual trial: sites (3 carry the planted truths; more have none)"),
          shared: bool = typer.Option(False, "--shared",
                                      help="the shared real series instead of the virtual trial")) -> None:
     """Run corelab end to end: the virtual trial (default) or the shared real series (--shared)."""
@@ -124,12 +125,13 @@ def demo(data: Path = typer.Option(Path("../shared/data"), help="the shared real
     absent = [str(p) for p in needed if not p.exists()]
     if absent:
         fail(f"{data}: the virtual trial's real head and vendor headers are missing: {', '.join(absent)}")
-    if subjects < 4 or visits not in (2, 3):
-        fail(f"--subjects {subjects} --visits {visits}: at least 4 subjects per site, and 2 or 3 visits")
-    run_virtual(data, lake_url(lake), subjects, visits)
+    if subjects < 4 or visits not in (2, 3) or not 3 <= sites <= 26:
+        fail(f"--subjects {subjects} --visits {visits} --sites {sites}: at least 4 subjects per site, "
+             "2 or 3 visits, and 3 to 26 sites")
+    run_virtual(data, lake_url(lake), subjects, visits, sites)
 
 
-def run_virtual(data: Path, url: str, subjects: int, visits: int) -> None:
+def run_virtual(data: Path, url: str, subjects: int, visits: int, sites: int = 3) -> None:
     from data_contracts import example_path
     from data_contracts.trial import load_trial
     from flows.virtual.plan import TRIAL_FILE
@@ -143,9 +145,9 @@ def run_virtual(data: Path, url: str, subjects: int, visits: int) -> None:
              "Remove it or give another --lake")
     _demo_keys(console)
     try:
-        ok, made = run_virtual_trial(data, url, console, subjects, visits)
+        ok, made = run_virtual_trial(data, url, console, subjects, visits, sites=sites)
     except VirtualTrialError as exc:
-        fail(str(exc))
+        fail(str(exc), 1)
     times = made["times"]
     console.rule("stage times")
     for stage, sec in times.items():
@@ -154,7 +156,8 @@ def run_virtual(data: Path, url: str, subjects: int, visits: int) -> None:
     console.rule("outputs")
     reports = url.rstrip("/") + "/reports"
     h = made["harmonization"]["fit"]
-    for what, where in (("lake", url), ("site dashboard", f"{reports}/sites.html"),
+    for what, where in (("lake", url), ("trial file", made["trial_file"] or example_path(TRIAL_FILE)),
+                        ("site dashboard", f"{reports}/sites.html"),
                         ("QC review pages", f"{reports}/qc/"),
                         ("harmonization report", f"{url.rstrip('/')}/{h['outputs']['report']}"),
                         ("harmonized biomarkers", f"{url.rstrip('/')}/tables/biomarkers_harmonized/")):

@@ -30,7 +30,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flows.virtual.plan import TRIAL_FILE, Plan, Scan, make_plan
+from flows.virtual.plan import Plan, Scan, make_plan, write_trial_file
 
 HEAD = ("niivue-images", "chris_t1.nii.gz")
 
@@ -163,21 +163,26 @@ def harmonize_trial(lake_url: str, trial_file: str, trial_id: str, progress: Pro
 
 
 def run_virtual_trial(data: Path, lake_url: str, console: Console, subjects: int = 4, visits: int = 2,
-                      workers: int = 2, work: Path | None = None) -> tuple[bool, dict]:
+                      workers: int = 2, work: Path | None = None, sites: int = 3) -> tuple[bool, dict]:
     """Run the whole virtual trial; (every planted truth holds, what was made and where).
 
     The series are written under ``work`` (a new temporary folder by default), which is
-    removed at the end, whether the run succeeded or not.
+    removed at the end, whether the run succeeded or not. With more than three sites the trial
+    file names them all; it is kept in the lake as ``trial.yaml`` (``made["trial_file"]``).
     """
-    from data_contracts import example_path
     from data_contracts.trial import load_trial
     from flows.virtual.truths import check_truths, truths_table
+    from tasks.lake.storage import open_lake
 
-    plan = make_plan(subjects, visits)
-    trial_file = str(example_path(TRIAL_FILE))
-    trial = load_trial(trial_file)
+    plan = make_plan(subjects, visits, sites=sites)
     times = StageTimes({})
     root = work or Path(tempfile.mkdtemp(prefix="corelab-virtual-"))
+    trial_path = write_trial_file(plan.sites, root / "trial")
+    trial_file, trial = str(trial_path), load_trial(trial_path)
+    kept = None
+    if sites > 3:   # the work folder goes: the lake keeps the trial file its tables were made with
+        open_lake(lake_url).write_bytes("trial.yaml", trial_path.read_bytes())
+        kept = f"{lake_url.rstrip('/')}/trial.yaml"
     last = trial.visits[len(plan.visits) - 1]
     as_of = datetime.now(timezone.utc) + timedelta(days=last.day + last.window_after + CLOCK_MARGIN_DAYS)
     try:
@@ -189,7 +194,7 @@ def run_virtual_trial(data: Path, lake_url: str, console: Console, subjects: int
     truths = check_truths(plan, trial, lake_url, made["harmonization"], as_of)
     times.add("truths", t)
     console.print(truths_table(truths))
-    made.update(plan=plan, times=times.seconds, as_of=as_of, truths=truths)
+    made.update(plan=plan, times=times.seconds, as_of=as_of, truths=truths, trial_file=kept)
     return all(t.holds for t in truths), made
 
 

@@ -18,9 +18,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
+from typer.testing import CliRunner
 
+from data_contracts.trial import load_trial
+from flows.cli import app
 from flows.process_study import process_study
 from flows.receive_study import receive_study
+from flows.virtual.plan import make_plan, write_trial_file
 from flows.virtual.scanner import (
     AGE_REF,
     AGE_VOLUME_SLOPE,
@@ -31,6 +35,8 @@ from flows.virtual.scanner import (
     write_t1_series,
 )
 from tasks.bids.convert import dcm2niix_binary
+from tasks.lake.storage import open_lake
+from tasks.lake.tables import read_table
 from tests.data import SHARED, shared_path
 
 CHRIS = ("niivue-images", "chris_t1.nii.gz")
@@ -90,3 +96,38 @@ def test_a_scanner_calibration_error_scales_every_measured_volume_by_its_cube(so
     ratio = _head_volume_ml(_series(tmp_path, source, 60, off), tmp_path) / \
         _head_volume_ml(_series(tmp_path, source, 60), tmp_path)
     assert ratio == pytest.approx(1 / 1.03 ** 3, abs=0.005), ratio
+
+
+def test_further_sites_have_their_own_scanners_in_their_trial_file_and_conform(prefect_harness, source, tmp_path):
+    """``--sites 5``: site-d (Philips) and site-e (Siemens) join with no planted event; each one's
+    first series is a conforming T1w of its own site, and the same series sent by site-a is not
+    (its scanner is site-d's alone)."""
+    plan = make_plan(4, 2, sites=5)
+    trial = load_trial(write_trial_file(plan.sites, tmp_path / "trial"))
+    assert [s.id for s in trial.sites] == list(plan.sites) == ["site-a", "site-b", "site-c", "site-d", "site-e"]
+    extra = [s for s in plan.scans if s.site in ("site-d", "site-e")]
+    assert len(extra) == 16 and not any(s.header or s.scanner.slices_kept for s in extra)
+    assert len({s.scanner for s in extra}) == 2          # one scanner each, never upgraded
+    lake = str(tmp_path / "lake")
+    for site in ("site-d", "site-e"):
+        scan = next(s for s in extra if s.site == site)
+        head = subject_head(source, scan.age, scan.anatomy_seed, scan.scanner.grid)
+        folder = scan.folder(tmp_path / "up")
+        write_t1_series(folder, read_template(SHARED, scan.scanner.vendor), head, scan.scanner, scan.person,
+                        generate_uid(), scan.day, scan.anatomy_seed)
+        (o,) = receive_study(str(folder), site, lake_url=lake, trial=trial)
+        assert o.status == "accepted" and [(s.series_type, s.verdict) for s in o.series] == [("T1w", "conform")]
+    wrong = tmp_path / "wrong"
+    write_t1_series(wrong, read_template(SHARED, "philips"), head, plan.sites["site-d"], PERSON, generate_uid(),
+                    date(2025, 1, 15), 3)
+    (o,) = receive_study(str(wrong), "site-a", lake_url=lake, trial=trial)
+    devs = read_table(open_lake(lake), "deviations")
+    assert set(devs["kind"]) == {"unknown_scanner"}
+    assert set(devs["series_uid"]) == {o.series[0].series_uid} and "4505301" in devs["observed"].iloc[0]
+
+
+@pytest.mark.parametrize("args", [["--sites", "2"], ["--sites", "27"], ["--subjects", "3"], ["--visits", "4"]])
+def test_a_virtual_trial_the_truths_cannot_hold_in_is_refused_before_anything_runs(args, tmp_path):
+    done = CliRunner().invoke(app, ["demo", "--data", str(SHARED), "--lake", str(tmp_path / "lake"), *args])
+    assert done.exit_code == 2 and " ".join(args) in done.output, done.output
+    assert not (tmp_path / "lake").exists()
