@@ -8,18 +8,23 @@ classic DICOM, Philips' scrambled instance numbers sorted by dcm2niix's private-
 from __future__ import annotations
 
 import gzip
+import json
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import ndimage
 
 from pipelines.dwi.errors import DwiInputError
 from pipelines.dwi.process import compute
 from tasks.bids.convert import dcm2niix_binary
-from tests.data import shared_path
+from tests.data import REPO, shared_path
+from tests.helpers import bids_validator, describe
 
 pytestmark = pytest.mark.pipeline
 
@@ -151,3 +156,48 @@ def test_a_series_no_tensor_can_be_fitted_to_is_refused_by_name(series, tmp_path
     with pytest.raises(DwiInputError) as err:
         compute(_variant(series, tmp_path, **kwargs), motion=False, **call)
     assert err.value.reason == reason and series.name in str(err.value), str(err.value)
+
+
+def _bids(series: Path, root: Path) -> Path:
+    """The series placed as corelab's BIDS stage places it, with a raw dataset_description."""
+    folder = root / "sub-01" / "ses-1" / "dwi"
+    folder.mkdir(parents=True)
+    for ext in (".nii.gz", ".bval", ".bvec"):
+        shutil.copy(series.with_name(series.name.removesuffix(".nii.gz") + ext), folder / f"sub-01_ses-1_dwi{ext}")
+    (root / "dataset_description.json").write_text('{"Name": "raw", "BIDSVersion": "1.10.0"}')
+    return folder / "sub-01_ses-1_dwi.nii.gz"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.dwi", *args], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+
+
+def test_the_command_writes_bids_derivatives_the_validator_accepts(series, result, tmp_path):
+    raw = _bids(series, tmp_path / "raw")
+    out = tmp_path / "derivatives" / "dwi"
+    done = _cli("--input", str(raw), "--output-dir", str(out), "--subject", "01", "--session", "1",
+                "--shells", "1000", "--volumes", "17")
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)
+    measures = pd.read_csv(listed["outputs"]["measures"], sep="\t").set_index("measure")
+    assert measures.loc["MD_WM", "unit"] == "um2/ms" and measures.loc["FA_WM", "unit"] == "1"
+    assert measures.loc["FA_WM", "value"] == pytest.approx(result.measures["FA_WM"], abs=1e-6)
+    sidecar = json.loads(Path(listed["outputs"]["measures"]).with_suffix(".json").read_text())
+    assert sidecar["QC"]["directions"] == 12
+    assert sidecar["RawSources"] == ["bids:raw:sub-01/ses-1/dwi/sub-01_ses-1_dwi.nii.gz"]
+    fa = nib.load(listed["outputs"]["fa"])
+    assert fa.shape == (112, 112, 32) and np.allclose(fa.affine, nib.load(str(series)).affine)
+    (out / ".bidsignore").write_text("*_dwimap.*\n*_dwiref.*\n*_measures.*\n")   # what corelab writes from the spec
+    errors, _ = bids_validator(out)
+    assert errors == [], describe(errors)
+
+
+def test_a_refused_series_exits_2_with_its_reason_and_writes_nothing(series, tmp_path):
+    data, bval, bvec = _table(series)
+    b0 = bval <= 50
+    bad = _bids(_variant(series, tmp_path / "bad", data[..., ~b0], bval[~b0], bvec[:, ~b0]), tmp_path / "raw")
+    out = tmp_path / "derivatives"
+    done = _cli("--input", str(bad), "--output-dir", str(out), "--subject", "01", "--session", "1")
+    assert done.returncode == 2 and "[no_b0]" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not out.exists() or not list(out.rglob("*.nii.gz"))
