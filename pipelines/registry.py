@@ -67,7 +67,48 @@ def anat_spec() -> PipelineSpec:
     )
 
 
-BUILTIN: dict[str, Callable[[], PipelineSpec]] = {"anat": anat_spec}
+def dwi_spec() -> PipelineSpec:
+    """The built-in diffusion pipeline (``pipelines/dwi``) in image ``dwi``.
+
+    Its sources include ``pipelines/anat``: the dwi pipeline writes its derivatives with anat's
+    dataset helpers, so the image's wheel holds both folders and a change to either marks it stale.
+    """
+    from pipelines import dwi
+    from pipelines.dwi.process import MEASURES
+    from pipelines.dwi.run import PARAMS
+
+    base = "sub-{subject}/ses-{session}/dwi/{prefix}"
+    return PipelineSpec(
+        name=dwi.NAME,
+        version=dwi.VERSION,
+        image="dwi",
+        command=("python", "-m", "pipelines.dwi", "--input", "{input}",
+                 "--output-dir", "{output_dir}", "--subject", "{subject}", "--session", "{session}"),
+        options={"acq": "--acq", "rec": "--rec", "dir": "--dir", "run": "--run",
+                 "container_digest": "--container-digest", "threads": "--threads"},
+        inputs=(BidsQuery(datatype="dwi", suffix="dwi"),),
+        outputs={
+            "dataset_description": "dataset_description.json",
+            "brain_mask": f"{base}_desc-brain_mask.nii.gz",
+            "wm_mask": f"{base}_label-WM_mask.nii.gz",
+            "b0": f"{base}_desc-b0_dwiref.nii.gz",
+            **{p: f"{base}_model-tensor_param-{p}_dwimap.nii.gz" for p in PARAMS},
+            "measures": f"{base}_desc-tensor_measures.tsv",
+        },
+        measures=tuple(Measure(name, unit, text) for name, (unit, text) in MEASURES.items()),
+        qc_sidecar="measures",
+        qc_metrics=(SidecarMetric("dwi_directions", "directions"),
+                    SidecarMetric("dwi_mean_displacement_mm", "motion.mean_displacement_mm"),
+                    SidecarMetric("dwi_max_displacement_mm", "motion.max_displacement_mm"),
+                    SidecarMetric("dwi_dropout_slices", "dropout_slices"),
+                    SidecarMetric("dwi_tensor_residual", "tensor_residual"),
+                    SidecarMetric("dwi_fa_csf", "fa_csf")),
+        bids_ignore=("*_dwimap.*", "*_dwiref.*", "*_measures.tsv", "*_measures.json"),
+        sources=("pipelines/dwi", "pipelines/anat"),
+    )
+
+
+BUILTIN: dict[str, Callable[[], PipelineSpec]] = {"anat": anat_spec, "dwi": dwi_spec}
 
 
 def register(name: str, factory: Callable[[], PipelineSpec]) -> None:

@@ -4,8 +4,8 @@ Names follow BIDS 1.10 derivatives where it has a rule (``desc-brain_mask``, ``l
 and the diffusion-derivatives proposal (BEP016: ``model-tensor_param-fa_dwimap``) where it has
 none yet; the spec lists those in the derivatives' ``.bidsignore`` so the official validator
 checks the rest. The dataset files, staging and sidecar helpers are the anat pipeline's
-(``pipelines.anat.derivatives``: both images carry all of corelab, and the spec's sources name
-both folders, so a change there marks this image stale too).
+(``pipelines.anat.derivatives``: the spec's sources name both folders, so the image's wheel
+holds both and a change to anat's marks this image stale too).
 """
 
 from __future__ import annotations

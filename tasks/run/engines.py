@@ -8,6 +8,7 @@ The runner (``tasks/run/runner.py``) uses these; see its docstring for the rules
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import subprocess
@@ -96,13 +97,24 @@ def check_mount_path(path: Path) -> None:
                                 "newline; move or rename it")
 
 
+def companions(input_path: Path) -> list[Path]:
+    """The files BIDS keeps beside an image under the same name (``.json``, a dwi's ``.bval`` and
+    ``.bvec``): a pipeline reads them as part of its input."""
+    stem = input_path.name.removesuffix(".gz").removesuffix(".nii")
+    return sorted(p for p in input_path.parent.glob(f"{glob.escape(stem)}.*")
+                  if p.name != input_path.name and p.suffix in (".json", ".bval", ".bvec") and p.is_file())
+
+
 def plan_mounts(input_path: Path, output_dir: Path) -> tuple[list[Mount], str, str]:
-    """Mounts for one input file and one output folder, and their paths inside the container."""
+    """Mounts for one input file (with its :func:`companions`, read-only beside it) and one output
+    folder, and the input's and output's paths inside the container."""
     input_path, output_dir = input_path.resolve(), output_dir.resolve()
-    for path in (input_path, output_dir):
+    beside = companions(input_path)
+    for path in (input_path, output_dir, *beside):
         check_mount_path(path)
     inside = f"{IN_DIR}/{input_path.name}"
-    return ([Mount(input_path, inside, True), Mount(output_dir, OUT_DIR, False)], inside, OUT_DIR)
+    return ([Mount(input_path, inside, True), *(Mount(p, f"{IN_DIR}/{p.name}", True) for p in beside),
+             Mount(output_dir, OUT_DIR, False)], inside, OUT_DIR)
 
 
 def oci_command(engine: str, image_id: str, mounts: list[Mount], argv: list[str], *,

@@ -7,9 +7,7 @@ classic DICOM, Philips' scrambled instance numbers sorted by dcm2niix's private-
 
 from __future__ import annotations
 
-import gzip
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,26 +20,16 @@ from scipy import ndimage
 
 from pipelines.dwi.errors import DwiInputError
 from pipelines.dwi.process import compute
-from tasks.bids.convert import dcm2niix_binary
-from tests.data import REPO, shared_path
+from tests.data import REPO
 from tests.helpers import bids_validator, describe
+from tests.pipelines.dwi_data import in_bids, philips_dwi
 
 pytestmark = pytest.mark.pipeline
 
 
-def _convert(out: Path) -> Path:
-    dicom = out / "dicom"
-    dicom.mkdir(parents=True)
-    for f in sorted(shared_path("dcm_qa_philips_dwi", "In", "cl", "DICOM").glob("IM_*.gz")):
-        (dicom / f.name.removesuffix(".gz")).write_bytes(gzip.decompress(f.read_bytes()))
-    subprocess.run([dcm2niix_binary(), "-z", "y", "-f", "sub-01_ses-1_dwi", "-o", str(out), str(dicom)],
-                   check=True, capture_output=True)
-    return out / "sub-01_ses-1_dwi.nii.gz"
-
-
 @pytest.fixture(scope="module")
 def series(tmp_path_factory) -> Path:
-    return _convert(tmp_path_factory.mktemp("philips-dwi"))
+    return philips_dwi(tmp_path_factory.mktemp("philips-dwi"))
 
 
 @pytest.fixture(scope="module")
@@ -158,23 +146,13 @@ def test_a_series_no_tensor_can_be_fitted_to_is_refused_by_name(series, tmp_path
     assert err.value.reason == reason and series.name in str(err.value), str(err.value)
 
 
-def _bids(series: Path, root: Path) -> Path:
-    """The series placed as corelab's BIDS stage places it, with a raw dataset_description."""
-    folder = root / "sub-01" / "ses-1" / "dwi"
-    folder.mkdir(parents=True)
-    for ext in (".nii.gz", ".bval", ".bvec"):
-        shutil.copy(series.with_name(series.name.removesuffix(".nii.gz") + ext), folder / f"sub-01_ses-1_dwi{ext}")
-    (root / "dataset_description.json").write_text('{"Name": "raw", "BIDSVersion": "1.10.0"}')
-    return folder / "sub-01_ses-1_dwi.nii.gz"
-
-
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipelines.dwi", *args], capture_output=True, text=True,
                           timeout=600, cwd=REPO)
 
 
 def test_the_command_writes_bids_derivatives_the_validator_accepts(series, result, tmp_path):
-    raw = _bids(series, tmp_path / "raw")
+    raw = in_bids(series, tmp_path / "raw")
     out = tmp_path / "derivatives" / "dwi"
     done = _cli("--input", str(raw), "--output-dir", str(out), "--subject", "01", "--session", "1",
                 "--shells", "1000", "--volumes", "17")
@@ -196,7 +174,7 @@ def test_the_command_writes_bids_derivatives_the_validator_accepts(series, resul
 def test_a_refused_series_exits_2_with_its_reason_and_writes_nothing(series, tmp_path):
     data, bval, bvec = _table(series)
     b0 = bval <= 50
-    bad = _bids(_variant(series, tmp_path / "bad", data[..., ~b0], bval[~b0], bvec[:, ~b0]), tmp_path / "raw")
+    bad = in_bids(_variant(series, tmp_path / "bad", data[..., ~b0], bval[~b0], bvec[:, ~b0]), tmp_path / "raw")
     out = tmp_path / "derivatives"
     done = _cli("--input", str(bad), "--output-dir", str(out), "--subject", "01", "--session", "1")
     assert done.returncode == 2 and "[no_b0]" in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -51,9 +51,9 @@ def test_register_makes_a_pipeline_known(monkeypatch):
     monkeypatch.setattr(registry, "BUILTIN", dict(registry.BUILTIN))
     toy = replace(get_spec("anat"), name="toy", image="toyimage")
     register("toy", lambda: toy)
-    assert names() == ["anat", "toy"] and get_spec("toy") is toy and spec_for_image("toyimage") is toy
-    with pytest.raises(UnknownPipeline, match="known: \\['anat', 'toy'\\]"):
-        get_spec("dwi")
+    assert names() == ["anat", "dwi", "toy"] and get_spec("toy") is toy and spec_for_image("toyimage") is toy
+    with pytest.raises(UnknownPipeline, match="known: \\['anat', 'dwi', 'toy'\\]"):
+        get_spec("bold")
     assert isinstance(get_spec("anat"), PipelineSpec)
 
 
@@ -61,3 +61,15 @@ def test_sidecar_of_follows_the_bids_rule():
     assert sidecar_of("sub-1/ses-a/anat/sub-1_ses-a_desc-volumes_measures.tsv") == \
         "sub-1/ses-a/anat/sub-1_ses-a_desc-volumes_measures.json"
     assert sidecar_of("x_T1w.nii.gz") == "x_T1w.json"
+
+
+def test_the_dwi_spec_promises_what_the_pipeline_writes():
+    from pipelines.dwi.process import MEASURES
+    from pipelines.dwi.run import file_prefix, output_names
+
+    spec = get_spec("dwi")
+    promised = spec.expected_outputs("01", "1", {"acq": "b1000"})
+    written = output_names(file_prefix("01", "1", {"acq": "b1000"}))
+    assert {k: v for k, v in promised.items() if k != "dataset_description"} == written
+    assert [(m.name, m.unit) for m in spec.measures] == [(k, u) for k, (u, _) in MEASURES.items()]
+    assert set(spec.entities) == {"acq", "rec", "dir", "run"} and spec.sources == ("pipelines/dwi", "pipelines/anat")

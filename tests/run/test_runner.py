@@ -434,3 +434,17 @@ def test_image_inspect_failing_for_another_reason_than_a_missing_image_is_transi
         toy_run(setup, t1, "docker")
     with pytest.raises(ImageMissing):
         toy_run(setup, t1, "podman")                     # its fake still says: no such image
+
+
+def test_a_dwi_goes_in_with_its_gradient_table_and_sidecar_read_only(tmp_path):
+    folder = tmp_path / "raw" / "sub-01" / "ses-1" / "dwi"
+    folder.mkdir(parents=True)
+    for ext in (".nii.gz", ".bval", ".bvec", ".json"):
+        (folder / f"sub-01_ses-1_dwi{ext}").write_text("x")
+    (folder / "sub-01_ses-1_dwi2.bval").write_text("another image's")
+    (folder / "sub-01_ses-1_dwi.tsv").write_text("not a BIDS companion")
+    mounts, inside_in, _ = plan_mounts(folder / "sub-01_ses-1_dwi.nii.gz", tmp_path / "out")
+    assert inside_in == "/data/in/sub-01_ses-1_dwi.nii.gz"
+    assert [(m.target, m.read_only) for m in mounts] == [
+        ("/data/in/sub-01_ses-1_dwi.nii.gz", True), ("/data/in/sub-01_ses-1_dwi.bval", True),
+        ("/data/in/sub-01_ses-1_dwi.bvec", True), ("/data/in/sub-01_ses-1_dwi.json", True), ("/data/out", False)]
