@@ -67,6 +67,16 @@ DEFAULT_RULES: dict[str, Rule] = {
     "gm_fraction": Rule(warn_below=0.30, fail_below=0.20, warn_above=0.65, fail_above=0.75),
     "wm_fraction": Rule(warn_below=0.20, fail_below=0.10, warn_above=0.55, fail_above=0.65),
     "csf_fraction": Rule(warn_below=0.05, fail_below=0.02, warn_above=0.45, fail_above=0.60),
+    # The dwi pipeline (pipelines/dwi). The Philips 12-direction DWI of ../shared/data (2 mm): mean
+    # displacement 0.33 mm, max 0.60; no dropout slice; tensor residual 0.023; FA in CSF 0.14; the
+    # best axis flip of its table 0.023 less coherent than the table (planted flips: 0.031-0.052
+    # more). Motion limits in voxels of 2 mm: one voxel warns, two fail.
+    "dwi_mean_displacement_mm": Rule(warn_above=1.0, fail_above=2.0, better="lower"),
+    "dwi_max_displacement_mm": Rule(warn_above=2.0, fail_above=4.0, better="lower"),
+    "dwi_dropout_slices": Rule(warn_above=0.5, fail_above=3.5, better="lower"),
+    "dwi_tensor_residual": Rule(warn_above=0.05, fail_above=0.08, better="lower"),
+    "dwi_fa_csf": Rule(warn_above=0.25, fail_above=0.35, better="lower"),
+    "dwi_gradient_flip_gain": Rule(warn_above=0.0, fail_above=0.015, better="lower"),
 }
 
 

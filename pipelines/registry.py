@@ -102,7 +102,8 @@ def dwi_spec() -> PipelineSpec:
                     SidecarMetric("dwi_max_displacement_mm", "motion.max_displacement_mm"),
                     SidecarMetric("dwi_dropout_slices", "dropout_slices"),
                     SidecarMetric("dwi_tensor_residual", "tensor_residual"),
-                    SidecarMetric("dwi_fa_csf", "fa_csf")),
+                    SidecarMetric("dwi_fa_csf", "fa_csf"),
+                    SidecarMetric("dwi_gradient_flip_gain", "gradient_flip_gain_max")),
         bids_ignore=("*_dwimap.*", "*_dwiref.*", "*_measures.tsv", "*_measures.json"),
         sources=("pipelines/dwi", "pipelines/anat"),
     )

@@ -36,6 +36,7 @@ DEMO_UPLOADS = {
     "philips-achieva": "dcm_qa_philips/In",
     "philips-ingenia": "dcm_qa_philips_enh/In",
     "siemens-xa30": "dcm_qa_xa30/In",
+    "philips-dwi": "dcm_qa_philips_dwi/In/cl",
 }
 
 

@@ -124,6 +124,7 @@ def compute(path: Path, shells: list[float] | None = None, volumes: int | None =
         "fa_csf": float(tensor.fa[csf].mean()) if csf.any() else None,
         "csf_voxels": int(csf.sum()),
         "gradient_flip_gain": {k: round(v, 4) for k, v in gains.items()},
+        "gradient_flip_gain_max": round(gains[best], 4),
         "gradient_flip_suspected": best if gains[best] > FLIP_MARGIN else None,
         "seconds": round(time.perf_counter() - clock, 2),
     })
