@@ -59,13 +59,15 @@ def converted(tmp_path_factory):
 
 def test_every_series_becomes_one_valid_bids_image(converted):
     lake, images = converted
-    assert len(images) == 12
+    assert len(images) == 13
     validator = BIDSValidator()
     files = lake.find("bids")
     for rel in files:
         assert validator.is_bids("/" + rel.removeprefix("bids/")), rel
     kinds = sorted(c.image.split("/")[3] for c in images.values())
-    assert kinds == ["anat"] * 2 + ["fmap"] * 4 + ["func"] * 6
+    assert kinds == ["anat"] * 2 + ["dwi"] + ["fmap"] * 4 + ["func"] * 6
+    dwi = images[("philips-dwi", 701)]
+    assert dwi.image.endswith("_dwi.nii.gz") and {rel.rsplit(".", 1)[-1] for rel in dwi.files} >= {"bval", "bvec"}
     assert images[("siemens-nih", 3)].image.endswith("_dir-AP_run-1_epi.nii.gz")
     assert images[("ge-nih", 6)].image.endswith("_task-rest_run-3_bold.nii.gz")
 
@@ -108,7 +110,7 @@ def test_dataset_tables(converted):
     desc = json.loads(lake.read_text("bids/dataset_description.json"))
     assert desc["DatasetType"] == "raw" and {g["Name"] for g in desc["GeneratedBy"]} == {"corelab", "dcm2niix"}
     parts = pd.read_csv(lake.path("bids/participants.tsv"), sep="\t")
-    assert len(parts) == 6
+    assert len(parts) == len(DEMO_UPLOADS) == 7
     xa = parts[parts.site == "siemens-xa30"].iloc[0]
     assert (xa.age, xa.sex) == (31, "M")               # DICOM PatientAge 031Y, retained
     assert parts[parts.site == "ge-nih"].iloc[0].age != parts[parts.site == "ge-nih"].iloc[0].age  # "000Y": n/a

@@ -24,8 +24,9 @@ def test_example_trial_loads_with_the_required_sites():
     assert [s.id for s in trial.sites] == ["ge-nih", "siemens-nih", "siemens-trio", "philips-achieva",
                                            "philips-ingenia", "siemens-xa30",
                                            # the new folders of ../shared/data, as the issue names them
-                                           "siemens-ts", "agfa-pacs", "siemens-vida", "siemens-12bit"]
-    assert {st.name for st in trial.protocol.series_types} == {"T1w", "bold", "epi", "qc_phantom"}
+                                           "siemens-ts", "agfa-pacs", "siemens-vida", "siemens-12bit",
+                                           "philips-dwi"]
+    assert {st.name for st in trial.protocol.series_types} == {"T1w", "bold", "dwi", "epi", "qc_phantom"}
     assert trial.visits[0].day == 0
 
 

@@ -107,8 +107,11 @@ def _dicom_bytes(p: Path) -> bytes:
     return gzip.decompress(raw) if p.suffix == ".gz" else raw
 
 
-def _series_number(p: Path) -> int:
-    return int(pydicom.dcmread(io.BytesIO(_dicom_bytes(p)), stop_before_pixels=True).SeriesNumber)
+def _series_number(p: Path) -> int | None:
+    """The file's SeriesNumber; None for the objects of a series-less kind (a DICOMDIR, presentation
+    states, which corelab quarantines)."""
+    number = pydicom.dcmread(io.BytesIO(_dicom_bytes(p)), stop_before_pixels=True, force=True).get("SeriesNumber")
+    return None if number is None else int(number)
 
 
 def _ref_series(ref: Path) -> int:

@@ -33,7 +33,7 @@ MANIFEST_PHI = [
 ]
 EXPECTED_TYPES = {
     "ge-nih": ["bold"] * 4, "siemens-nih": ["epi"] * 4, "siemens-trio": ["bold"],
-    "philips-achieva": ["bold"], "philips-ingenia": ["T1w"], "siemens-xa30": ["T1w"],
+    "philips-achieva": ["bold"], "philips-ingenia": ["T1w"], "siemens-xa30": ["T1w"], "philips-dwi": ["dwi"],
 }
 
 
@@ -65,7 +65,7 @@ def test_every_series_gets_its_type_and_is_accepted(received):
         assert all(s.verdict == "conform" for s in o.series), (site, [s.findings for s in o.series])
         assert o.study.session == "baseline"
     series = read_table(lake, "series")
-    assert len(series) == 12 and set(series["site"]) == set(EXPECTED_TYPES)
+    assert len(series) == 13 and set(series["site"]) == set(EXPECTED_TYPES)
     xa = series[series["site"] == "siemens-xa30"].iloc[0]
     assert (xa["repetition_time"], xa["echo_time"], xa["inversion_time"]) == (1800.0, 2.41, 900.0)
 
@@ -88,9 +88,11 @@ def test_no_phi_from_the_manifest_anywhere_outside_restricted_stores(received):
 
 def test_inbox_released_only_for_verified_files(received):
     lake, outcomes = received
-    # only the non-DICOM notes/READMEs (quarantined) stay in the inbox
+    # only what was quarantined stays in the inbox: notes and READMEs, and the Philips DWI export's
+    # presentation states (PS_*, XX_*: no pixel data) and its DICOMDIR
     left = [p for p in lake.find("inbox")]
-    assert left and all(p.endswith(".txt") for p in left), left
+    assert left and all(p.endswith(".txt") or p.rsplit("/", 1)[-1].startswith(("PS_", "XX_", "DICOMDIR"))
+                        for p in left), left
     for p in left:
         name = p.split("/", 3)[3]
         assert lake.exists(f"quarantine/{p.split('/')[1]}/{p.split('/')[2]}/{name}.reason.json")
