@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from dipy.core.gradients import gradient_table
+from dipy.reconst import dti
 from dipy.reconst.dti import TensorModel
 
 from pipelines.dwi.gradients import B0_MAX, Gradients
@@ -43,19 +44,30 @@ class TensorMaps:
 
 
 def fit_tensor(data: np.ndarray, mask: np.ndarray, grads: Gradients) -> TensorMaps:
+    """dipy's WLS fit in the mask, then maps, the fitted signal and its residual from the mask's
+    voxels only (dipy's own ``predict`` and map properties cover the whole grid: 19.9 % over the
+    bare fit on the Philips series, bench/dwi.py)."""
     gtab = gradient_table(grads.bvals, bvecs=grads.bvecs, b0_threshold=B0_MAX)
     fit = TensorModel(gtab, fit_method="WLS").fit(data, mask=mask)
-    s0 = data[..., grads.b0].mean(axis=-1)
-    predicted = np.where(mask[..., None], fit.predict(gtab, S0=s0), 0).astype(np.float32)
-    dw = ~grads.b0
-    inside = mask & (s0 > 0)
-    residual = float(np.mean(np.abs(data[inside][:, dw] - predicted[inside][:, dw]) / s0[inside][:, None]))
+    evals, q = fit.evals[mask], fit.quadratic_form[mask]
+    s0 = data[..., grads.b0].mean(axis=-1)[mask]
+    adc = np.einsum("vi,nij,vj->nv", gtab.bvecs, q, gtab.bvecs)
+    fitted = (s0[:, None] * np.exp(-gtab.bvals[None, :] * adc)).astype(np.float32)
+    predicted = np.zeros(data.shape, np.float32)
+    predicted[mask] = fitted
+    dw, ok = ~grads.b0, s0 > 0
+    residual = float(np.mean(np.abs(data[mask][ok][:, dw] - fitted[ok][:, dw]) / s0[ok][:, None]))
 
-    def clean(a: np.ndarray, scale: float = 1.0) -> np.ndarray:
-        return np.where(mask, np.nan_to_num(a * scale, nan=0.0, posinf=0.0, neginf=0.0), 0).astype(np.float32)
+    def grid(values: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        out = np.zeros(mask.shape, np.float32)
+        out[mask] = np.nan_to_num(values * scale, nan=0.0, posinf=0.0, neginf=0.0)
+        return out
 
-    return TensorMaps(clean(fit.fa).clip(0, 1), clean(fit.md, UM2_PER_MS), clean(fit.ad, UM2_PER_MS),
-                      clean(fit.rd, UM2_PER_MS), np.nan_to_num(fit.evecs[..., 0]), residual, predicted)
+    v1 = np.zeros(mask.shape + (3,))
+    v1[mask] = np.nan_to_num(fit.evecs[mask][..., 0])
+    return TensorMaps(grid(dti.fractional_anisotropy(evals)).clip(0, 1), grid(dti.mean_diffusivity(evals), UM2_PER_MS),
+                      grid(dti.axial_diffusivity(evals), UM2_PER_MS), grid(dti.radial_diffusivity(evals), UM2_PER_MS),
+                      v1, residual, predicted)
 
 
 def _along(v: np.ndarray, core: np.ndarray, zooms: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
