@@ -91,3 +91,22 @@ def test_a_subject_named_with_a_software_word_is_received_tabled_and_converted(n
     else:                                               # the name itself still refuses a row
         with pytest.raises(PHILeakError):
             check_no_phi("rows", {"note": f"scan of {name}"}, [o.matcher])
+
+
+@pytest.mark.parametrize("name, found", [
+    ("deid/site-c/S/baseline/series-0301-d483b6dc/00062-0b75a27018f9.dcm", False),   # inside our hash
+    ("reports/qc/1.2.3-ab27018cd.html", False),
+    ("deid/x/00062-27018.dcm", True),                 # the number as a name part of its own
+    ("sub-27018_ses-1_T1w.nii.gz", True),
+    ("exam27018.dcm", True),                          # glued to a word, not inside a hash
+    ("a27018ff.dcm", False),
+    ("27018exam.dcm", True),                          # glued to a word that is no hex
+    ("27018abc.dcm", False),                          # 8 hex characters with a letter: read as a hash
+])
+def test_a_number_inside_a_hash_we_wrote_is_no_leak(name, found):
+    """A 5-digit StudyID in the digits of a sha256 prefix of a de-identified file's name."""
+    m = Matcher([Identifier("StudyID", "27018")])
+    fp = Fingerprint.from_matcher(m, b"k")
+    assert bool(m.in_name(name)) is found and bool(fp.find_leaks(name, b"")) is found
+    content = f'"path": "{name}"'.encode()
+    assert bool(m.in_content(content)) is found and bool(fp.in_content(content)) is found
