@@ -135,6 +135,20 @@ def embedded_runs() -> Iterator[None]:
         yield
 
 
+def start_api() -> None:
+    """Make sure the Prefect API this process reports to is up before flows run from several threads.
+
+    Without a server (no ``PREFECT_API_URL``) Prefect starts a temporary one on the first flow, and
+    two threads starting their first flows together each start one: the second replaces the first
+    in Prefect's bookkeeping, and the first outlives the process (two flows in two threads of a
+    fresh process left one ``uvicorn`` running after exit). Asking once here starts it once.
+    """
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.api_healthcheck()
+
+
 apply_defaults()
 
 

@@ -96,7 +96,9 @@ def receive_uploads(plan: Plan, root: Path, lake_url: str, trial, progress: Prog
     from concurrent.futures import ThreadPoolExecutor
 
     from flows.receive_study import receive_study
+    from flows.runtime import start_api
 
+    start_api()   # once, before two threads start their first flows
     uploads = plan.uploads(root)
     task = progress.add_task("intake: uploads", total=len(uploads))
     outcomes = []
