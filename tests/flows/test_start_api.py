@@ -68,8 +68,9 @@ def test_two_threads_first_flows_leave_no_server_once_the_api_is_started(tmp_pat
 
 
 def test_without_it_one_server_outlives_the_process(tmp_path):
-    """The race this guards against, shown (its server is stopped here)."""
+    """The race this guards against, shown (its servers are stopped here). One outlived the process
+    here; two in a CI run on a loaded machine (Prefect restarts a server whose port was taken)."""
     left = _run(tmp_path / "raced", "race")
     for pid in left:
         os.kill(pid, signal.SIGTERM)
-    assert len(left) == 1
+    assert left
