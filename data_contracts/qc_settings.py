@@ -77,6 +77,20 @@ DEFAULT_RULES: dict[str, Rule] = {
     "dwi_tensor_residual": Rule(warn_above=0.05, fail_above=0.08, better="lower"),
     "dwi_fa_csf": Rule(warn_above=0.25, fail_above=0.35, better="lower"),
     "dwi_gradient_flip_gain": Rule(warn_above=0.0, fail_above=0.015, better="lower"),
+    # The bold QC pipeline (pipelines/bold). Motion limits from Parkes et al. 2018 (NeuroImage 171:
+    # 415): mean FD above 0.25 mm is their stringent exclusion, above 0.55 mm their lenient one, and
+    # more than 20 % of volumes over 0.2 mm FD (MRIQC's threshold) their stringent one (a warning
+    # here: a phantom's FD is noise, 0.05-0.33 mm on the XA60/XA61 phantoms of ../shared/data). A
+    # volume no rigid fit can place (its slices moved apart) fails the series, as does a tSNR below
+    # 5 (the GE series of ../shared/data, its volunteer moving throughout: 2.2; the phantoms 10-45).
+    # SliceTiming that contradicts the series fails (slice-timing correction would use it); none at
+    # all warns (Philips writes none).
+    "bold_fd_mean": Rule(warn_above=0.25, fail_above=0.55, better="lower"),
+    "bold_fd_perc": Rule(warn_above=20.0, better="lower"),
+    "bold_realign_failed": Rule(fail_above=0.5, better="lower"),
+    "bold_tsnr": Rule(warn_below=20.0, fail_below=5.0, better="higher"),
+    "bold_slice_timing_errors": Rule(fail_above=0.5, better="lower"),
+    "bold_slice_timing_absent": Rule(warn_above=0.5, better="lower"),
 }
 
 

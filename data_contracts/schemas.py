@@ -127,7 +127,7 @@ SERIES = TableSchema(
     ),
     primary_key=("series_uid",),
     required=("study_key", "series_uid", "subject", "session", "verdict", "created_at"),
-    allowed={"verdict": frozenset({"conform", "deviation", "unclassified", "rejected"})},
+    allowed={"verdict": frozenset({"conform", "deviation", "unclassified", "incomplete", "rejected"})},
 )
 
 DEVIATIONS = TableSchema(
@@ -163,7 +163,7 @@ DEVIATIONS = TableSchema(
             "parameter", "missing_series", "unclassified_series", "ambiguous_series",
             "unknown_scanner", "new_scanner_epoch", "out_of_window", "unscheduled_visit",
             "quarantined_file", "burned_in_annotation", "qc_fail", "processing_failed",
-            "study_date_substituted", "derived_image", "missing_visit",
+            "study_date_substituted", "derived_image", "incomplete_series", "missing_visit",
         }),
         "reason_code": CODES,
     },

@@ -203,8 +203,17 @@ class SeriesType(Strict):
     tolerances: Tolerances = Field(default_factory=dict)
     vendor_tolerances: dict[str, Tolerances] = Field(
         default_factory=dict, description="per vendor (ge, siemens, philips, ...) overrides")
+    site_tolerances: dict[str, Tolerances] = Field(
+        default_factory=dict, description="per site overrides, applied after the vendor's (a 7 T site's TE)")
 
     _names = field_validator("tolerances")(_check_parameter_names)
+
+    @field_validator("site_tolerances")
+    @classmethod
+    def _site_parameter_names(cls, v: dict[str, dict[str, Tolerance]]) -> dict[str, dict[str, Tolerance]]:
+        for tols in v.values():
+            _check_parameter_names(tols)
+        return v
 
     @field_validator("entities")
     @classmethod
@@ -225,8 +234,10 @@ class SeriesType(Strict):
             _check_parameter_names(tols)
         return v
 
-    def tolerances_for(self, vendor: str) -> dict[str, Tolerance]:
-        return {**self.tolerances, **self.vendor_tolerances.get(vendor, {})}
+    def tolerances_for(self, vendor: str, site_id: str | None = None) -> dict[str, Tolerance]:
+        """The trial's tolerances, overridden by the vendor's, then by the site's."""
+        return {**self.tolerances, **self.vendor_tolerances.get(vendor, {}),
+                **self.site_tolerances.get(site_id or "", {})}
 
 
 class Protocol(Strict):
@@ -321,7 +332,7 @@ class TrialConfig(Strict):
         if self.visits[0].day != 0:
             raise ValueError(f"the first visit ({visit_ids[0]}) is the baseline and must have day 0")
         for st in self.protocol.series_types:
-            for ref in (st.sites or []) + (st.required.sites or []):
+            for ref in (st.sites or []) + (st.required.sites or []) + list(st.site_tolerances):
                 if ref not in site_ids:
                     raise ValueError(f"series type {st.name}: unknown site {ref!r}")
             for v in st.required.visits:

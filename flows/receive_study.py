@@ -73,7 +73,7 @@ def receive_study(upload: str, site: str, trial_file: str | None = None, lake_ur
     for n, files in enumerate(_studies(inv.accepted).values()):
         # 3-5. identify, de-identify + verify, check the protocol
         try:
-            outcome = receive_one_study_task(Upload(trial, site, key, lake), quote(files))
+            outcome = receive_one_study_task(Upload(trial, site, key, lake, inv.absent()), quote(files))
         except AttributionError as exc:  # whose or when is unknown: the site must correct it
             log.error("study rejected (%s): %s", exc.code, exc)
             records = quarantine_files_task(lake, site, key, quote(files), str(exc), exc.code)

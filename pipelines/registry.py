@@ -109,7 +109,56 @@ def dwi_spec() -> PipelineSpec:
     )
 
 
-BUILTIN: dict[str, Callable[[], PipelineSpec]] = {"anat": anat_spec, "dwi": dwi_spec}
+def bold_spec() -> PipelineSpec:
+    """The built-in functional QC pipeline (``pipelines/bold``) in image ``bold``.
+
+    Its sources include ``pipelines/anat`` for the same reason as dwi's (anat's dataset helpers).
+    """
+    from pipelines import bold
+    from pipelines.bold.process import MEASURES
+
+    base = "sub-{subject}/ses-{session}/func/{prefix}"
+    return PipelineSpec(
+        name=bold.NAME,
+        version=bold.VERSION,
+        image="bold",
+        command=("python", "-m", "pipelines.bold", "--input", "{input}",
+                 "--output-dir", "{output_dir}", "--subject", "{subject}", "--session", "{session}"),
+        options={"task": "--task", "acq": "--acq", "ce": "--ce", "rec": "--rec", "dir": "--dir", "run": "--run",
+                 "echo": "--echo", "container_digest": "--container-digest", "threads": "--threads"},
+        inputs=(BidsQuery(datatype="func", suffix="bold"),),
+        outputs={
+            "dataset_description": "dataset_description.json",
+            "brain_mask": f"{base}_desc-brain_mask.nii.gz",
+            "boldref": f"{base}_desc-mean_boldref.nii.gz",
+            "tsnr": f"{base}_stat-tsnr_boldmap.nii.gz",
+            "confounds": f"{base}_desc-confounds_timeseries.tsv",
+            "figure": "sub-{subject}/figures/{prefix}_desc-carpet_bold.png",
+            "measures": f"{base}_desc-qc_measures.tsv",
+        },
+        measures=tuple(Measure(name, unit, text) for name, (unit, text) in MEASURES.items()),
+        qc_sidecar="measures",
+        qc_metrics=(SidecarMetric("bold_fd_mean", "fd_mean"),
+                    SidecarMetric("bold_fd_perc", "fd_perc"),
+                    SidecarMetric("bold_realign_failed", "realign_failed"),
+                    SidecarMetric("bold_tsnr", "tsnr"),
+                    SidecarMetric("bold_dvars_std", "dvars_std"),
+                    SidecarMetric("bold_gsr_x", "gsr_x"),
+                    SidecarMetric("bold_gsr_y", "gsr_y"),
+                    SidecarMetric("bold_aor", "aor"),
+                    SidecarMetric("bold_aqi", "aqi"),
+                    SidecarMetric("bold_gcor", "gcor"),
+                    SidecarMetric("bold_carpet_spikes", "carpet_spikes"),
+                    SidecarMetric("bold_slice_timing_errors", "slice_timing_errors"),
+                    SidecarMetric("bold_slice_timing_absent", "slice_timing_absent"),
+                    SidecarMetric("bold_volumes", "volumes")),
+        bids_ignore=("sub-*/figures", "*_boldmap.*", "*_boldref.*", "*_timeseries.*",
+                     "*_measures.tsv", "*_measures.json"),
+        sources=("pipelines/bold", "pipelines/anat"),
+    )
+
+
+BUILTIN: dict[str, Callable[[], PipelineSpec]] = {"anat": anat_spec, "dwi": dwi_spec, "bold": bold_spec}
 
 
 def register(name: str, factory: Callable[[], PipelineSpec]) -> None:

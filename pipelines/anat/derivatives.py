@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +86,29 @@ def output_names(prefix: str, tissues: tuple[str, ...]) -> dict[str, str]:
 
 def sidecar_name(name: str) -> str:
     """The JSON sidecar's path for an output path."""
-    for ext in (".nii.gz", ".tsv", ".png"):
+    for ext in (".nii.gz", ".tsv", ".png", ".svg"):
         if name.endswith(ext):
             return name[: -len(ext)] + ".json"
     raise ValueError(f"no sidecar rule for {name}")
+
+
+def software_versions(packages: Iterable[str]) -> dict[str, str]:
+    """Versions of Python and of the installed ``packages`` that shape the outputs."""
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def raw_source(path: Path) -> str:
+    """A BIDS URI when ``path`` sits in a BIDS dataset, else the file name."""
+    for parent in list(path.parents)[:6]:
+        if (parent / "dataset_description.json").is_file():
+            return f"bids:raw:{path.relative_to(parent).as_posix()}"
+    return path.name
 
 
 def generated_by(name: str, version: str, container_digest: str | None) -> list[dict[str, Any]]:
@@ -131,21 +152,26 @@ def check_dataset(root: Path, description: dict[str, Any]) -> None:
         )
 
 
-def ensure_dataset(root: Path, description: dict[str, Any], lookup_tsv: str) -> None:
-    """Create the derivatives root files, or check that the existing ones agree."""
+def ensure_dataset(root: Path, description: dict[str, Any], files: Mapping[str, str] | None = None,
+                   readme: str | None = None) -> None:
+    """Create the derivatives root files, or check that the existing ones agree.
+
+    ``files`` are further root files (name -> text, e.g. anat's ``dseg.tsv``), written once;
+    ``readme`` is the README's text after the dataset's name (anat's by default).
+    """
     check_dataset(root, description)
     root.mkdir(parents=True, exist_ok=True)
     path = root / "dataset_description.json"
     if not path.exists():
         atomic_write_text(path, json.dumps(description, indent=2) + "\n")
-    lookup = root / "dseg.tsv"
-    if not lookup.exists():
-        atomic_write_text(lookup, lookup_tsv)
-    readme = root / "README"
-    if not readme.exists():
-        atomic_write_text(readme, f"{description['Name']}\n\nMade by the built-in anatomical pipeline of corelab. "
-                                  "Reviewer figures (sub-*/figures) and the volumes tables (*_measures.tsv) "
-                                  "are not BIDS files; the derivatives' .bidsignore lists them.\n")
+    for name, text in (files or {}).items():
+        if not (root / name).exists():
+            atomic_write_text(root / name, text)
+    if not (root / "README").exists():
+        text = readme or ("Made by the built-in anatomical pipeline of corelab. Reviewer figures (sub-*/figures) "
+                          "and the volumes tables (*_measures.tsv) are not BIDS files; the derivatives' "
+                          ".bidsignore lists them.")
+        atomic_write_text(root / "README", f"{description['Name']}\n\n{text}\n")
 
 
 def dseg_tsv() -> str:

@@ -7,10 +7,8 @@ compute, write every output into a staging folder, then rename into place.
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,6 +17,8 @@ import numpy as np
 
 from pipelines.anat import NAME, VERSION
 from pipelines.anat.derivatives import (
+    raw_source,
+    software_versions,
     Staging, check_dataset, check_digest, dataset_description, dseg_tsv, ensure_dataset, file_prefix,
     generated_by, measures_tsv, output_names, sidecar_name, write_json,
 )
@@ -70,23 +70,8 @@ class AnatResult:
     seconds: float = 0.0
 
 
-def software_versions() -> dict[str, str]:
-    """Versions of Python and the packages that shape the outputs."""
-    out = {"python": platform.python_version()}
-    for name in _SOFTWARE:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
 
 
-def _raw_source(path: Path) -> str:
-    """A BIDS URI when ``path`` sits in a BIDS dataset, else the file name."""
-    for parent in list(path.parents)[:6]:
-        if (parent / "dataset_description.json").is_file():
-            return f"bids:raw:{path.relative_to(parent).as_posix()}"
-    return path.name
 
 
 def _sidecars(names: dict[str, str], maps: AnatMaps, common: dict[str, Any]) -> dict[str, dict]:
@@ -205,9 +190,9 @@ def run_anat(
     input_sha = sha256_file(input_path)
     maps = compute(img, params)
     names = output_names(prefix, TISSUES)
-    versions = software_versions()
+    versions = software_versions(_SOFTWARE)
     common = {
-        "RawSources": [_raw_source(input_path)], "InputSHA256": input_sha,
+        "RawSources": [raw_source(input_path)], "InputSHA256": input_sha,
         "GeneratedBy": generated_by(NAME, VERSION, container_digest),
         # BIDS wants a string here; the packages one by one are in the result (AnatResult.versions)
         "Parameters": params.as_dict(), "SoftwareVersions": "; ".join(f"{k} {v}" for k, v in versions.items()),
@@ -215,7 +200,7 @@ def run_anat(
                      "Files": load_template().files},
         "SpatialReference": "orig",
     }
-    ensure_dataset(root, description, dseg_tsv())
+    ensure_dataset(root, description, {"dseg.tsv": dseg_tsv()})
     placed = _write_outputs(root, prefix, names, maps, img, common)
     units = {k: u for k, (u, _) in MEASURES.items()}
     return AnatResult(

@@ -15,6 +15,7 @@ REFUSALS = {
     "bvec_not_unit": "a diffusion-weighted volume's direction is not a unit vector",
     "bvalues_mismatch": "a b-value is not one of the protocol's shells",
     "incomplete": "the series lacks volumes (fewer than the protocol's, or volumes without signal)",
+    "no_brain": "the b0's foreground is smaller than a brain (a phantom, or nothing in the field of view)",
     "not_dwi": "the image is not a 4D diffusion series",
 }
 

@@ -88,8 +88,8 @@ def compute(path: Path, shells: list[float] | None = None, volumes: int | None =
     mask = brain_mask(b0)
     voxel_mm3 = float(np.prod(zooms))
     if mask.sum() * voxel_mm3 / 1000 < MIN_BRAIN_ML:
-        raise DwiProcessingError(f"{path.name}: brain mask of {mask.sum() * voxel_mm3 / 1000:.0f} ml "
-                                 f"(< {MIN_BRAIN_ML:.0f}): no brain in the b0, or the mask failed")
+        raise DwiInputError("no_brain", f"{path.name}: the b0's foreground is {mask.sum() * voxel_mm3 / 1000:.0f} ml "
+                                        f"(< {MIN_BRAIN_ML:.0f}): no brain in the field of view (a phantom?)")
     qc: dict = {"volumes": int(data.shape[3]), "b0_volumes": int(grads.b0.sum()),
                 "directions": distinct_directions(grads.bvecs[~grads.b0]), "shells": grads.shells,
                 "bvalues": sorted({float(b) for b in grads.bvals})}

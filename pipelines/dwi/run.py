@@ -10,10 +10,8 @@ holds both and a change to anat's marks this image stale too).
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,13 +20,15 @@ import numpy as np
 
 from pipelines.anat.derivatives import (
     Staging,
-    atomic_write_text,
     check_dataset,
     check_digest,
     check_label,
+    ensure_dataset,
     generated_by,
     measures_tsv,
+    raw_source,
     sidecar_name,
+    software_versions,
     write_json,
 )
 from pipelines.anat.io import nifti_like, sha256_file
@@ -81,14 +81,6 @@ def dataset_description(container_digest: str | None) -> dict[str, Any]:
             "GeneratedBy": generated_by(NAME, VERSION, container_digest)}
 
 
-def software_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in _SOFTWARE:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
 
 
 def _sidecars(names: dict[str, str], maps: DwiMaps, common: dict[str, Any]) -> dict[str, dict]:
@@ -128,19 +120,14 @@ def run_dwi(input_path: str | Path, output_dir: str | Path, subject: str, sessio
     ref = nib.load(str(input_path))
     ref = nib.Nifti1Image(np.zeros(ref.shape[:3], np.uint8), ref.affine)
     names = output_names(prefix)
-    versions = software_versions()
+    versions = software_versions(_SOFTWARE)
     input_sha = sha256_file(input_path)
-    common = {"RawSources": [_raw_source(input_path)], "InputSHA256": input_sha,
+    common = {"RawSources": [raw_source(input_path)], "InputSHA256": input_sha,
               "GeneratedBy": generated_by(NAME, VERSION, container_digest),
               "SoftwareVersions": "; ".join(f"{k} {v}" for k, v in versions.items()), "SpatialReference": "orig"}
-    root.mkdir(parents=True, exist_ok=True)
-    if not (root / "dataset_description.json").exists():
-        atomic_write_text(root / "dataset_description.json", _json(description))
-    if not (root / "README").exists():
-        atomic_write_text(root / "README", f"{description['Name']}\n\nMade by corelab's dwi pipeline. Tensor maps "
-                                            "(*_dwimap, BEP016 names), the mean b0 (*_dwiref) and the measures "
-                                            "tables (*_measures.tsv) have no BIDS 1.10 rule yet; the derivatives' "
-                                            ".bidsignore lists them.\n")
+    ensure_dataset(root, description, readme="Made by corelab's dwi pipeline. Tensor maps (*_dwimap, BEP016 "
+                   "names), the mean b0 (*_dwiref) and the measures tables (*_measures.tsv) have no BIDS 1.10 "
+                   "rule yet; the derivatives' .bidsignore lists them.")
     with Staging(root, prefix) as stage:
         images = {"brain_mask": (maps.brain_mask, np.uint8), "wm_mask": (maps.wm_mask, np.uint8),
                   "b0": (maps.b0, np.float32), **{p: (getattr(maps, p), np.float32) for p in PARAMS}}
@@ -156,15 +143,3 @@ def run_dwi(input_path: str | Path, output_dir: str | Path, subject: str, sessio
                      dict(maps.qc), time.perf_counter() - start)
 
 
-def _json(content: Mapping[str, Any]) -> str:
-    import json
-
-    return json.dumps(content, indent=2) + "\n"
-
-
-def _raw_source(path: Path) -> str:
-    """A BIDS URI when ``path`` sits in a BIDS dataset, else the file name."""
-    for parent in list(path.parents)[:6]:
-        if (parent / "dataset_description.json").is_file():
-            return f"bids:raw:{path.relative_to(parent).as_posix()}"
-    return path.name

@@ -237,3 +237,54 @@ def series_parameters(headers: Sequence[Dataset]) -> dict[str, Any]:
         pixel_spacing=params["pixel_spacing_row"],
     )
     return params
+
+
+def _temporal_indices(ds: Dataset) -> list[int]:
+    """The temporal position of each frame (enhanced: FrameContentSequence's TemporalPositionIndex)
+    or of the file (classic: TemporalPositionIdentifier); [] when the header gives none."""
+    if is_enhanced(ds):
+        out = []
+        for item in ds.get("PerFrameFunctionalGroupsSequence", []):
+            fc = item.get("FrameContentSequence")
+            if not fc or fc[0].get("TemporalPositionIndex") is None:
+                return []
+            out.append(int(fc[0].TemporalPositionIndex))
+        return out
+    value = ds.get("TemporalPositionIdentifier")
+    return [int(value)] if value not in (None, "") else []
+
+
+def series_gaps(headers: Sequence[Dataset]) -> str | None:
+    """What a series lacks that its own headers promise, or None: volumes missing from the
+    NumberOfTemporalPositions (0020,0105) it states, or volumes with fewer slices than the others.
+
+    A series whose headers state no temporal positions (most 3D anatomy, Siemens mosaics) is
+    judged complete here; the protocol's n_volumes and the media's DICOMDIR still apply.
+    """
+    promised = max((_int_or_0(ds.get("NumberOfTemporalPositions")) for ds in headers), default=0)
+    frames: dict[int, int] = {}
+    for ds in headers:
+        indices = _temporal_indices(ds)
+        if not indices:
+            return None
+        for i in indices:
+            frames[i] = frames.get(i, 0) + 1
+    if promised > 1:
+        absent = sorted(set(range(1, promised + 1)) - set(frames))
+        if absent:
+            shown = ", ".join(map(str, absent[:10])) + (" ..." if len(absent) > 10 else "")
+            return (f"{len(absent)} of the {promised} volumes its headers promise (NumberOfTemporalPositions) "
+                    f"did not arrive: volume(s) {shown}")
+    full = max(frames.values(), default=0)
+    short = sorted(i for i, n in frames.items() if n < full)
+    if short:
+        return (f"volume(s) {', '.join(map(str, short[:10]))} have fewer slices than the others "
+                f"({min(frames[i] for i in short)} of {full})")
+    return None
+
+
+def _int_or_0(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0

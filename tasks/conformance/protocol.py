@@ -18,7 +18,7 @@ from tasks.conformance.findings import Finding
 @dataclass
 class SeriesCheck:
     series_type: str | None
-    verdict: str                       # conform | deviation | unclassified
+    verdict: str                       # conform | deviation | unclassified | incomplete
     findings: list[Finding] = field(default_factory=list)
 
 
@@ -33,10 +33,11 @@ def _fmt(v: Any) -> str:
     return "missing" if v is None else str(v)
 
 
-def check_parameters(st: SeriesType, vendor: str, params: dict[str, Any], series_key: str) -> list[Finding]:
-    """One finding per parameter outside its (vendor-specific) tolerance."""
+def check_parameters(st: SeriesType, vendor: str, params: dict[str, Any], series_key: str,
+                     site_id: str | None = None) -> list[Finding]:
+    """One finding per parameter outside its (vendor- and site-specific) tolerance."""
     out = []
-    for name, tol in sorted(st.tolerances_for(vendor).items()):
+    for name, tol in sorted(st.tolerances_for(vendor, site_id).items()):
         observed = params.get(name)
         if tol.accepts(observed):
             continue
@@ -51,12 +52,20 @@ def check_parameters(st: SeriesType, vendor: str, params: dict[str, Any], series
 
 
 def check_series(descriptions: list[str], params: dict[str, Any], manufacturer: str | None,
-                 trial: TrialConfig, site_id: str, series_key: str, label: str) -> SeriesCheck:
+                 trial: TrialConfig, site_id: str, series_key: str, label: str,
+                 derived: str | None = None, incomplete: str | None = None) -> SeriesCheck:
     """Classify one series and check it against its series type.
 
     ``descriptions`` are the original SeriesDescription and ProtocolName (used
     only to match); ``label`` is the de-identified description that messages quote.
+    ``derived`` says why every image of the series is a scanner-computed one (a TRACEW or ADC
+    series of its own): such a series is no acquisition of the protocol, whatever its name says.
     """
+    if derived:
+        return SeriesCheck(None, "unclassified", [Finding(
+            kind="derived_image", severity="minor", series_key=series_key, observed=derived,
+            message=f"series '{label}' holds only derived images ({derived}); it is kept but not "
+                    "converted, as it is no acquisition", reason_code="derived_image")])
     candidates = classify(descriptions, params, trial.series_types_for(site_id))
     if not candidates:
         return SeriesCheck(None, "unclassified", [Finding(
@@ -68,7 +77,12 @@ def check_series(descriptions: list[str], params: dict[str, Any], manufacturer: 
             kind="ambiguous_series", severity="major", series_key=series_key, observed=names,
             message=f"series '{label}' matches several series types ({names}); not converted until resolved")])
     st = candidates[0]
-    findings = check_parameters(st, vendor_of(manufacturer), params, series_key)
+    findings = check_parameters(st, vendor_of(manufacturer), params, series_key, site_id)
+    if incomplete:
+        return SeriesCheck(st.name, "incomplete", findings + [Finding(
+            kind="incomplete_series", severity="major", series_key=series_key, observed=incomplete,
+            message=f"{st.name} series '{label}' is incomplete: {incomplete}; it is kept but not converted "
+                    "until the site sends the rest", reason_code="incomplete_series")])
     return SeriesCheck(st.name, "deviation" if findings else "conform", findings)
 
 

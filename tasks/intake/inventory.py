@@ -53,6 +53,7 @@ MAX_MEMBER_BYTES = 4 << 30
 MAX_RATIO = 200
 MAX_ARCHIVE_BYTES = 8 << 30          # every member of one archive, expanded
 MAX_GUNZIP_BYTES = 4 << 30           # one .gz file, expanded
+DICOMDIR_CLASS = "1.2.840.10008.1.3.10"   # Media Storage Directory Storage
 
 
 @dataclass
@@ -89,11 +90,34 @@ class RejectedFile:
     raw: bytes = field(repr=False, default=b"")
 
 
+@dataclass(frozen=True)
+class ListedFile:
+    """A file a DICOMDIR in the upload lists (its index of the media), whether or not it arrived."""
+
+    rel: str                 # path inside the upload, from the DICOMDIR's folder
+    study_uid: str
+    series_number: int
+    sop_uid: str
+
+
 @dataclass
 class Inventory:
     accepted: list[ReceivedFile]
     rejected: list[RejectedFile]
     duplicates: list[str]    # identical copies of an accepted file, skipped
+    listed: list[ListedFile] = field(default_factory=list)
+
+    def absent(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """(study UID, series number) -> (files a DICOMDIR lists that did not arrive, files it lists),
+        for every series with one absent at least. A file counts as arrived by its path or its
+        SOPInstanceUID (a copy may rename files)."""
+        have_rel, have_sop = set(self.names), {f.sop_uid for f in self.accepted}
+        out: dict[tuple[str, int], tuple[int, int]] = {}
+        for item in self.listed:
+            key = (item.study_uid, item.series_number)
+            gone, total = out.get(key, (0, 0))
+            out[key] = (gone + (item.rel not in have_rel and item.sop_uid not in have_sop), total + 1)
+        return {k: v for k, v in out.items() if v[0]}
 
     @property
     def n_files(self) -> int:
@@ -221,6 +245,15 @@ class InventoryError(CorelabError, ValueError):
         super().__init__(message, code)
 
 
+class DicomDirFound(InventoryError):
+    """The file is a DICOMDIR: the media's index, not an image; ``listed`` is what it lists."""
+
+    def __init__(self, listed: list[ListedFile]):
+        super().__init__("dicomdir", f"a DICOMDIR (the index of the media, {len(listed)} files listed), not an "
+                                     "image: kept apart; the files it lists are checked against those received")
+        self.listed = listed
+
+
 def parse_dicom(data: bytes) -> Dataset:
     """Parse a whole DICOM file and check it is complete and consistent."""
     try:
@@ -232,6 +265,8 @@ def parse_dicom(data: bytes) -> Dataset:
     except Exception as exc:  # pydicom on damaged bytes: any error is this file's, named
         raise InventoryError("unreadable", f"unreadable DICOM ({type(exc).__name__}: {_short(exc)}); "
                              "truncated or damaged?") from exc
+    if str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "") == DICOMDIR_CLASS:
+        raise DicomDirFound(dicomdir_listing(ds))
     _decode_all(ds)
     for kw in REQUIRED_UIDS:
         if not str(ds.get(kw, "") or "").strip():
@@ -240,6 +275,28 @@ def parse_dicom(data: bytes) -> Dataset:
     _check_values(ds)
     _check_pixel_size(ds)
     return ds
+
+
+def dicomdir_listing(ds: Dataset) -> list[ListedFile]:
+    """The image files a DICOMDIR lists, with their study and series (PS3.3 F.5: records follow
+    their parents, so a walk in order knows each file's study and series)."""
+    study, series, out = "", 0, []
+    try:
+        for rec in ds.get("DirectoryRecordSequence") or []:
+            kind = str(rec.get("DirectoryRecordType", "")).strip().upper()
+            if kind == "STUDY":
+                study = str(rec.get("StudyInstanceUID", "") or "")
+            elif kind == "SERIES":
+                series = _int(rec.get("SeriesNumber"))
+            elif "ReferencedFileID" in rec:
+                parts = rec.ReferencedFileID
+                parts = [str(parts)] if isinstance(parts, str) else [str(p) for p in parts]
+                out.append(ListedFile("/".join(parts), study, series,
+                                      str(rec.get("ReferencedSOPInstanceUIDInFile", "") or "")))
+    except Exception as exc:  # a damaged index is this file's, named
+        raise InventoryError("unreadable", f"DICOMDIR records cannot be read ({type(exc).__name__}: "
+                                           f"{_short(exc)})") from exc
+    return out
 
 
 def _decode_all(ds: Dataset) -> None:
@@ -297,8 +354,13 @@ def _check_values(ds: Dataset) -> None:
 
 def _check_pixel_size(ds: Dataset) -> None:
     if "PixelData" not in ds:
-        # A truncated file often parses up to the cut; an image without pixels
-        # is either that or a non-image object, and neither can be processed.
+        # A non-image object (a structured report, the scanner's protocol report, a presentation
+        # state, raw data) has none by design: it is kept apart. An image without pixels is a
+        # truncated file (it parses up to the cut).
+        sop_class = pydicom.uid.UID(str(ds.get("SOPClassUID", "") or ""))
+        if sop_class.is_valid and sop_class.name != str(sop_class) and "Image" not in sop_class.name:
+            raise InventoryError("not_an_image", f"a {sop_class.name} object, not an image: kept apart, "
+                                                 "not converted")
         raise InventoryError("no_pixel_data", "no pixel data (truncated, or not an image object)")
     ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
     if ts not in UNCOMPRESSED:
@@ -339,6 +401,7 @@ def _inventory(root: Path, keep_data: bool) -> Inventory:
     accepted: list[ReceivedFile] = []
     rejected: list[RejectedFile] = []
     duplicates: list[str] = []
+    listed: list[ListedFile] = []
     seen: dict[str, ReceivedFile] = {}
     for rel, raw in walk_upload(root):
         if isinstance(raw, NotReadRefused):
@@ -352,6 +415,11 @@ def _inventory(root: Path, keep_data: bool) -> Inventory:
         try:
             data = _decompress(rel, raw)
             ds = parse_dicom(data)
+        except DicomDirFound as exc:
+            base = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
+            listed += [ListedFile(base + f.rel, f.study_uid, f.series_number, f.sop_uid) for f in exc.listed]
+            rejected.append(RejectedFile(rel, digest, len(raw), f"{rel}: {exc}", exc.code, raw))
+            continue
         except InventoryError as exc:
             rejected.append(RejectedFile(rel, digest, len(raw), f"{rel}: {exc}", exc.code, raw))
             continue
@@ -370,7 +438,7 @@ def _inventory(root: Path, keep_data: bool) -> Inventory:
         rec = ReceivedFile(rel, digest, len(raw), ds, raw if keep_data else b"")
         seen[sop] = rec
         accepted.append(rec)
-    return Inventory(accepted, rejected, duplicates)
+    return Inventory(accepted, rejected, duplicates, listed)
 
 
 def group_series(files: list[ReceivedFile]) -> dict[tuple[str, str], list[ReceivedFile]]:

@@ -32,8 +32,8 @@ from tasks.qc import metrics as m
 from tasks.qc.gate import Unmeasured, Verdict, judge, site_history
 from tasks.run.derivatives import PipelineRun
 
-# The pseudo-metric a pipeline that produced nothing usable fails on.
-OUTPUTS = "segmentation"
+# The pseudo-metric a pipeline that produced nothing usable fails on ("outputs could not be computed").
+OUTPUTS = "outputs"
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import partial
 
@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data_contracts.trial import TrialConfig
 from tasks.conformance.findings import Finding
-from tasks.conformance.parameters import scanner_identity, series_parameters
+from tasks.conformance.parameters import scanner_identity, series_gaps, series_parameters
 from tasks.conformance.protocol import check_completeness, check_scanner, check_series
 from tasks.conformance.visits import VisitAssignment, assign_visit, date_finding
 from tasks.deid.fingerprint import Fingerprint, fingerprint_path
@@ -27,7 +27,7 @@ from tasks.deid.profile import DeidContext, date_shift_days, device_label
 from tasks.deid.series import PARALLEL_MIN_FILES, DeidSeries, SeriesJob, collect_series, start_series, write_series
 from tasks.deid.verify import Matcher, collect_identifiers, retained_values
 from tasks.intake.custody import QuarantineRecord, quarantine
-from tasks.intake.derived import split_derived
+from tasks.intake.derived import derived_reason, split_derived
 from tasks.intake.heap import collector_paused
 from tasks.intake.identify import AttributionError, patient_characteristics, study_date, subject_label
 from tasks.intake.inventory import ReceivedFile, group_series, study_key
@@ -47,6 +47,8 @@ class Upload:
     site: str
     key: str                # content-derived upload id (tasks.intake.inventory.upload_id)
     lake: Lake
+    # (study UID, series number) -> (files the upload's DICOMDIR lists that did not arrive, files it lists)
+    absent: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
 
 
 def _verified_before(lake: Lake, site: str, ctx: DeidContext, files: list[ReceivedFile]) -> list[str]:
@@ -137,6 +139,14 @@ def _receive_one_study(up: Upload, files: list[ReceivedFile]) -> StudyOutcome:
     scanner_findings: dict[tuple[str, str], Finding] = {}
     pooled = len(files) >= PARALLEL_MIN_FILES
     started, derived = [], []
+    study_uid = str(files[0].header.StudyInstanceUID)    # the original: read before de-identification
+    numbers = {int(m[0].header.get("SeriesNumber", 0) or 0) for m in group_series(files).values()}
+    for (uid, number), (gone, listed) in sorted(up.absent.items()):
+        if uid == study_uid and number not in numbers:
+            outcome.findings.append(Finding(
+                kind="incomplete_series", severity="major", observed=f"series {number}: {gone} of {listed} file(s)",
+                message=f"series {number}: the upload's DICOMDIR lists {listed} file(s) of it and none arrived; "
+                        "the site should send the series again", reason_code="incomplete_series"))
     for members in group_series(files).values():
         acquired, apart = split_derived(members)   # the scanner's computed images are not volumes
         started.append(_start_series(up, ctx, matcher, acquired, pooled))
@@ -180,17 +190,25 @@ class _PendingSeries:
     identity: dict
     descriptions: list[str]
     job: SeriesJob
+    derived: str | None        # why every file of the series is a derived image, else None
+    incomplete: str | None     # what the series lacks (volumes, listed files), else None
 
 
 def _start_series(up: Upload, ctx: DeidContext, matcher: Matcher, members: list[ReceivedFile],
                   pooled: bool) -> _PendingSeries:
+    absent = up.absent
     # everything read from the received headers is read here: de-identification rewrites them
     headers = [m.header for m in members]
     h = headers[0]
     number = int(h.get("SeriesNumber", 0) or 0)
+    reasons = [derived_reason(x) for x in headers]
+    gone, listed = absent.get((str(h.get("StudyInstanceUID", "")), number), (0, 0))
+    incomplete = series_gaps(headers) or (
+        f"{gone} of the {listed} files the upload's DICOMDIR lists did not arrive" if gone else None)
     return _PendingSeries(number, series_parameters(headers), scanner_identity(h),
                           [str(h.get("SeriesDescription", "") or ""), str(h.get("ProtocolName", "") or "")],
-                          start_series(members, ctx, matcher, number, pooled))
+                          start_series(members, ctx, matcher, number, pooled),
+                          reasons[0] if all(reasons) else None, incomplete)
 
 
 def _finish_series(up: Upload, p: _PendingSeries, show: Callable[[str | None], str | None]
@@ -198,7 +216,8 @@ def _finish_series(up: Upload, p: _PendingSeries, show: Callable[[str | None], s
     deid = collect_series(p.job)
     epoch, scanner = check_scanner(up.trial.site(up.site), p.identity, deid.series_uid, show)
     check = check_series(p.descriptions, p.params, p.identity["manufacturer"], up.trial, up.site,
-                         deid.series_uid, label=deid.description or f"series {p.number}")
+                         deid.series_uid, label=deid.description or f"series {p.number}", derived=p.derived,
+                         incomplete=p.incomplete)
     identity = {**p.identity, "device_serial": show(p.identity.get("device_serial"))}
     so = SeriesOutcome(deid.series_uid, p.number, deid.description, len(p.job.files), p.params, identity,
                        epoch, check.series_type, check.verdict, check.findings + scanner,
@@ -233,9 +252,14 @@ def _quarantine_series(up: Upload, members: list[ReceivedFile], deid: DeidSeries
                        deid.refused_code or "refused", m.sha256) for m in members]
 
 
+#: Files an upload may hold beside its images, kept apart without a site query: a README or a
+#: protocol PDF, a structured or protocol report object, the media's DICOMDIR.
+KEPT_APART = frozenset({"not_dicom", "not_an_image", "dicomdir"})
+
+
 def quarantine_finding(r: QuarantineRecord) -> Finding:
     """A file rejected at inventory as a deviation; a stray non-DICOM file (a README) is minor."""
-    return Finding(kind="quarantined_file", severity="minor" if r.code == "not_dicom" else "major",
+    return Finding(kind="quarantined_file", severity="minor" if r.code in KEPT_APART else "major",
                    observed=f"{r.code} sha256:{r.sha256[:12]}",
                    message=f"file with sha256 {r.sha256[:12]} quarantined ({r.code})", reason_code=r.code)
 

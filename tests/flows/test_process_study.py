@@ -339,7 +339,7 @@ def test_no_segmentation_output_is_a_named_fail(xa30, scratch, trial):
     rel = _stage(lake, study, np.zeros((64, 64, 1)), np.eye(4), "acq-flat")   # a 2D slice: anat refuses it
     sp = _judge(lake, trial, study, rel)
     assert sp.verdict.status == "FAIL"
-    assert sp.verdict.reasons[0].startswith(f"segmentation could not be computed: anat {ANAT} failed")
+    assert sp.verdict.reasons[0].startswith(f"outputs could not be computed: anat {ANAT} failed")
     verdict, bio = _recorded(lake, sp)
     assert f"anat {ANAT} failed" in verdict.reason and bio.empty
     assert not [p for p in lake.find("derivatives") if "acq-flat" in p and not p.endswith("_provenance.json")]

@@ -51,9 +51,9 @@ def test_register_makes_a_pipeline_known(monkeypatch):
     monkeypatch.setattr(registry, "BUILTIN", dict(registry.BUILTIN))
     toy = replace(get_spec("anat"), name="toy", image="toyimage")
     register("toy", lambda: toy)
-    assert names() == ["anat", "dwi", "toy"] and get_spec("toy") is toy and spec_for_image("toyimage") is toy
-    with pytest.raises(UnknownPipeline, match="known: \\['anat', 'dwi', 'toy'\\]"):
-        get_spec("bold")
+    assert names() == ["anat", "bold", "dwi", "toy"] and get_spec("toy") is toy and spec_for_image("toyimage") is toy
+    with pytest.raises(UnknownPipeline, match="known: \\['anat', 'bold', 'dwi', 'toy'\\]"):
+        get_spec("fmri")
     assert isinstance(get_spec("anat"), PipelineSpec)
 
 
@@ -73,3 +73,16 @@ def test_the_dwi_spec_promises_what_the_pipeline_writes():
     assert {k: v for k, v in promised.items() if k != "dataset_description"} == written
     assert [(m.name, m.unit) for m in spec.measures] == [(k, u) for k, (u, _) in MEASURES.items()]
     assert set(spec.entities) == {"acq", "rec", "dir", "run"} and spec.sources == ("pipelines/dwi", "pipelines/anat")
+
+
+def test_the_bold_spec_promises_what_the_pipeline_writes():
+    from pipelines.bold.process import MEASURES
+    from pipelines.bold.run import file_prefix, output_names
+
+    spec = get_spec("bold")
+    promised = spec.expected_outputs("01", "1", {"task": "rest", "run": "2"})
+    written = output_names(file_prefix("01", "1", "rest", {"run": "2"}))
+    assert {k: v for k, v in promised.items() if k != "dataset_description"} == written
+    assert [(m.name, m.unit) for m in spec.measures] == [(k, u) for k, (u, _) in MEASURES.items()]
+    assert "task" in spec.entities and spec.sources == ("pipelines/bold", "pipelines/anat")
+    assert {m.metric for m in spec.qc_metrics} >= {"bold_fd_mean", "bold_tsnr", "bold_realign_failed"}

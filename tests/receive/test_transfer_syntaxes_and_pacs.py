@@ -63,7 +63,10 @@ def test_a_series_whose_private_blocks_a_pacs_renamed_is_received_like_the_origi
         lake, o = _receive(tmp_path / name, trial, site, files)
         (series,) = o.series
         # the PACS also wrote the study date into StudyDescription: shifted, not a reason to refuse
-        assert series.verdict == "conform" and series.series_type == "qc_phantom", [f.message for f in series.findings]
+        # the sample holds 4 of the series' 200 volumes: kept, not converted, the rest asked for
+        found = [f.message for f in series.findings]
+        assert series.verdict == "incomplete" and series.series_type == "qc_phantom", found
+        assert [f.kind for f in series.findings] == ["incomplete_series"] and "196 of the 200" in found[0]
         assert (series.params["n_slices"], series.params["n_volumes"]) == (25, 4)   # the CSA, found by creator
         deid = [pydicom.dcmread(lake.path(p)) for p in _deid_files(lake)]
         assert not any("20200630" in str(ds.get("StudyDescription", "")) for ds in deid)
