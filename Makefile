@@ -57,7 +57,7 @@ test-fast: lint services
 
 # Builds the anatomical image with podman and compares it with the local backend.
 test-containers: setup
-	$(PY) -m pytest -q -m containers tests/run/test_podman.py tests/run/test_podman_dwi.py
+	$(PY) -m pytest -q -m containers tests/run/test_podman.py tests/run/test_podman_dwi.py tests/run/test_podman_bold.py
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -38,3 +38,14 @@ def convert(name: str, out: Path) -> Path:
     subprocess.run([dcm2niix_binary(), "-z", "y", "-b", "y", "-f", "sub-01_ses-1_task-rest_bold", "-o", str(out),
                     str(dicom)], check=True, capture_output=True)
     return out / "sub-01_ses-1_task-rest_bold.nii.gz"
+
+
+def in_bids(series: Path, root: Path) -> Path:
+    """The series placed as corelab's BIDS stage places it, with a raw dataset_description."""
+    folder = root / "sub-01" / "ses-1" / "func"
+    folder.mkdir(parents=True)
+    stem = series.name.removesuffix(".nii.gz")
+    for ext in (".nii.gz", ".json"):
+        shutil.copy(series.with_name(stem + ext), folder / f"sub-01_ses-1_task-rest_bold{ext}")
+    (root / "dataset_description.json").write_text('{"Name": "raw", "BIDSVersion": "1.10.0"}')
+    return folder / "sub-01_ses-1_task-rest_bold.nii.gz"
