@@ -266,7 +266,7 @@ def series_gaps(headers: Sequence[Dataset]) -> str | None:
     for ds in headers:
         indices = _temporal_indices(ds)
         if not indices:
-            return None
+            return _position_gaps(headers, promised)
         for i in indices:
             frames[i] = frames.get(i, 0) + 1
     if promised > 1:
@@ -281,6 +281,21 @@ def series_gaps(headers: Sequence[Dataset]) -> str | None:
         return (f"volume(s) {', '.join(map(str, short[:10]))} have fewer slices than the others "
                 f"({min(frames[i] for i in short)} of {full})")
     return None
+
+
+def _position_gaps(headers: Sequence[Dataset], promised: int) -> str | None:
+    """Without temporal indices (GE writes none): each slice position must hold ``promised`` images."""
+    if promised <= 1 or mosaic(headers[0]):
+        return None
+    counts: dict[tuple[float, ...], int] = {}
+    for ds in headers:
+        for p in _positions(ds):
+            counts[p] = counts.get(p, 0) + 1
+    short = [n for n in counts.values() if n < promised]
+    if not counts or not short:
+        return None
+    return (f"{len(short)} of its {len(counts)} slice positions hold fewer than the {promised} images its headers "
+            f"promise (NumberOfTemporalPositions): {promised - min(short)} volume(s) lack slices")
 
 
 def _int_or_0(value: Any) -> int:

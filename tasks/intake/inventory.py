@@ -96,7 +96,8 @@ class ListedFile:
 
     rel: str                 # path inside the upload, from the DICOMDIR's folder
     study_uid: str
-    series_number: int
+    series_uid: str
+    series_number: int       # as the DICOMDIR numbers it (Siemens XA numbers its records 1, 2, 3...)
     sop_uid: str
 
 
@@ -107,16 +108,17 @@ class Inventory:
     duplicates: list[str]    # identical copies of an accepted file, skipped
     listed: list[ListedFile] = field(default_factory=list)
 
-    def absent(self) -> dict[tuple[str, int], tuple[int, int]]:
-        """(study UID, series number) -> (files a DICOMDIR lists that did not arrive, files it lists),
-        for every series with one absent at least. A file counts as arrived by its path or its
-        SOPInstanceUID (a copy may rename files)."""
+    def absent(self) -> dict[tuple[str, str], tuple[int, int, int]]:
+        """(study UID, series UID) -> (files a DICOMDIR lists that did not arrive, files it lists, the
+        DICOMDIR's series number), for every series with one absent at least. A file counts as
+        arrived by its path or its SOPInstanceUID (a copy may rename files)."""
         have_rel, have_sop = set(self.names), {f.sop_uid for f in self.accepted}
-        out: dict[tuple[str, int], tuple[int, int]] = {}
+        out: dict[tuple[str, str], tuple[int, int, int]] = {}
         for item in self.listed:
-            key = (item.study_uid, item.series_number)
-            gone, total = out.get(key, (0, 0))
-            out[key] = (gone + (item.rel not in have_rel and item.sop_uid not in have_sop), total + 1)
+            key = (item.study_uid, item.series_uid)
+            gone, total, _ = out.get(key, (0, 0, item.series_number))
+            out[key] = (gone + (item.rel not in have_rel and item.sop_uid not in have_sop), total + 1,
+                        item.series_number)
         return {k: v for k, v in out.items() if v[0]}
 
     @property
@@ -280,18 +282,18 @@ def parse_dicom(data: bytes) -> Dataset:
 def dicomdir_listing(ds: Dataset) -> list[ListedFile]:
     """The image files a DICOMDIR lists, with their study and series (PS3.3 F.5: records follow
     their parents, so a walk in order knows each file's study and series)."""
-    study, series, out = "", 0, []
+    study, series_uid, series, out = "", "", 0, []
     try:
         for rec in ds.get("DirectoryRecordSequence") or []:
             kind = str(rec.get("DirectoryRecordType", "")).strip().upper()
             if kind == "STUDY":
                 study = str(rec.get("StudyInstanceUID", "") or "")
             elif kind == "SERIES":
-                series = _int(rec.get("SeriesNumber"))
+                series_uid, series = str(rec.get("SeriesInstanceUID", "") or ""), _int(rec.get("SeriesNumber"))
             elif "ReferencedFileID" in rec:
                 parts = rec.ReferencedFileID
                 parts = [str(parts)] if isinstance(parts, str) else [str(p) for p in parts]
-                out.append(ListedFile("/".join(parts), study, series,
+                out.append(ListedFile("/".join(parts), study, series_uid, series,
                                       str(rec.get("ReferencedSOPInstanceUIDInFile", "") or "")))
     except Exception as exc:  # a damaged index is this file's, named
         raise InventoryError("unreadable", f"DICOMDIR records cannot be read ({type(exc).__name__}: "
@@ -417,7 +419,8 @@ def _inventory(root: Path, keep_data: bool) -> Inventory:
             ds = parse_dicom(data)
         except DicomDirFound as exc:
             base = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
-            listed += [ListedFile(base + f.rel, f.study_uid, f.series_number, f.sop_uid) for f in exc.listed]
+            listed += [ListedFile(base + f.rel, f.study_uid, f.series_uid, f.series_number, f.sop_uid)
+                       for f in exc.listed]
             rejected.append(RejectedFile(rel, digest, len(raw), f"{rel}: {exc}", exc.code, raw))
             continue
         except InventoryError as exc:

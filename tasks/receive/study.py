@@ -47,8 +47,9 @@ class Upload:
     site: str
     key: str                # content-derived upload id (tasks.intake.inventory.upload_id)
     lake: Lake
-    # (study UID, series number) -> (files the upload's DICOMDIR lists that did not arrive, files it lists)
-    absent: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+    # (study UID, series UID) -> (files the upload's DICOMDIR lists that did not arrive, files it lists,
+    # the DICOMDIR's number of the series): tasks.intake.inventory.Inventory.absent
+    absent: dict[tuple[str, str], tuple[int, int, int]] = field(default_factory=dict)
 
 
 def _verified_before(lake: Lake, site: str, ctx: DeidContext, files: list[ReceivedFile]) -> list[str]:
@@ -140,9 +141,9 @@ def _receive_one_study(up: Upload, files: list[ReceivedFile]) -> StudyOutcome:
     pooled = len(files) >= PARALLEL_MIN_FILES
     started, derived = [], []
     study_uid = str(files[0].header.StudyInstanceUID)    # the original: read before de-identification
-    numbers = {int(m[0].header.get("SeriesNumber", 0) or 0) for m in group_series(files).values()}
-    for (uid, number), (gone, listed) in sorted(up.absent.items()):
-        if uid == study_uid and number not in numbers:
+    arrived = {str(m[0].header.get("SeriesInstanceUID", "")) for m in group_series(files).values()}
+    for (uid, series_uid), (gone, listed, number) in sorted(up.absent.items()):
+        if uid == study_uid and series_uid not in arrived:
             outcome.findings.append(Finding(
                 kind="incomplete_series", severity="major", observed=f"series {number}: {gone} of {listed} file(s)",
                 message=f"series {number}: the upload's DICOMDIR lists {listed} file(s) of it and none arrived; "
@@ -202,7 +203,7 @@ def _start_series(up: Upload, ctx: DeidContext, matcher: Matcher, members: list[
     h = headers[0]
     number = int(h.get("SeriesNumber", 0) or 0)
     reasons = [derived_reason(x) for x in headers]
-    gone, listed = absent.get((str(h.get("StudyInstanceUID", "")), number), (0, 0))
+    gone, listed, _ = absent.get((str(h.get("StudyInstanceUID", "")), str(h.get("SeriesInstanceUID", ""))), (0, 0, 0))
     incomplete = series_gaps(headers) or (
         f"{gone} of the {listed} files the upload's DICOMDIR lists did not arrive" if gone else None)
     return _PendingSeries(number, series_parameters(headers), scanner_identity(h),
