@@ -31,6 +31,9 @@ class HarmonizationSettings(BaseModel):
                     "text covariates are always categorical")
     reference_qc_status: list[Literal["PASS", "WARN"]] = Field(
         default_factory=lambda: ["PASS"], description="QC verdicts of the rows a model is fitted on")
+    pipeline: str | None = Field(
+        None, description="the pipeline whose measures are harmonized (anat, dwi, ...): one model per "
+                          "pipeline; none: the only pipeline whose measures are there")
     seed: int = Field(
         0, ge=0, description="seed of the k-fold penalty search of smooth terms (reproducible fits)")
 

@@ -59,7 +59,7 @@ def harmonize(lake_url: str, trial_file: str, covariates_file: str | None = None
     covariates = (read_covariates(covariates_file) if covariates_file
                   else covariates_from_studies(lake, trial.trial_id))
     # 1. QC-passed biomarkers of this trial
-    rows = select_rows(read_biomarkers_task(lake), trial.trial_id, QC_USABLE)
+    rows = select_rows(read_biomarkers_task(lake), trial.trial_id, QC_USABLE, pipeline=settings.pipeline)
     # 2. a new model on the reference set, or the frozen one
     if mode == "fit":
         reference = select_rows(rows, None, settings.reference_qc_status, settings.reference_visits)

@@ -78,9 +78,11 @@ def covariates_from_studies(lake: Lake, trial_id: str) -> pd.DataFrame:
 
 
 def select_rows(biomarkers: pd.DataFrame, trial_id: str | None, qc_status: list[str],
-                sessions: list[str] | None = None) -> pd.DataFrame:
-    """Rows of one trial with the given QC verdicts (and visits, when given)."""
+                sessions: list[str] | None = None, pipeline: str | None = None) -> pd.DataFrame:
+    """Rows of one trial with the given QC verdicts (and visits, and pipeline, when given)."""
     keep = biomarkers["qc_status"].isin(qc_status)
+    if pipeline is not None:
+        keep &= biomarkers["pipeline_name"] == pipeline
     if trial_id is not None:
         keep &= biomarkers["trial_id"] == trial_id
     if sessions is not None:
@@ -111,6 +113,11 @@ def to_wide(rows: pd.DataFrame, covariates: pd.DataFrame, settings: Harmonizatio
         wrong file, or subject ids written another way): the file and ids of both sides
         are named.
     """
+    pipelines = sorted(rows["pipeline_name"].dropna().unique())
+    if len(pipelines) > 1:
+        raise InputTableError(f"{source}: measures of several pipelines ({', '.join(pipelines)}), each scan "
+                              "holding one pipeline's; harmonize one pipeline at a time (the trial's "
+                              "harmonization.pipeline)")
     versions = rows.groupby("measure")[["pipeline_name", "pipeline_version"]].nunique()
     mixed = versions.index[(versions > 1).any(axis=1)].tolist()
     if mixed:
