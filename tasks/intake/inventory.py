@@ -111,8 +111,10 @@ class Inventory:
     def absent(self) -> dict[tuple[str, str], tuple[int, int, int]]:
         """(study UID, series UID) -> (files a DICOMDIR lists that did not arrive, files it lists, the
         DICOMDIR's series number), for every series with one absent at least. A file counts as
-        arrived by its path or its SOPInstanceUID (a copy may rename files)."""
-        have_rel, have_sop = set(self.names), {f.sop_uid for f in self.accepted}
+        arrived by its path (a ``.gz`` of it too: the inventory reads those), or by its
+        SOPInstanceUID (a copy may rename files)."""
+        have_rel = {n.removesuffix(".gz") for n in self.names}
+        have_sop = {f.sop_uid for f in self.accepted}
         out: dict[tuple[str, str], tuple[int, int, int]] = {}
         for item in self.listed:
             key = (item.study_uid, item.series_uid)
@@ -363,6 +365,9 @@ def _check_pixel_size(ds: Dataset) -> None:
         if sop_class.is_valid and sop_class.name != str(sop_class) and "Image" not in sop_class.name:
             raise InventoryError("not_an_image", f"a {sop_class.name} object, not an image: kept apart, "
                                                  "not converted")
+        if sop_class.is_valid and sop_class.name == str(sop_class):   # a vendor's own class (Philips' 1.3.46...)
+            raise InventoryError("not_an_image", f"an object of the private SOP class {sop_class} without pixel "
+                                                 "data: kept apart, not converted")
         raise InventoryError("no_pixel_data", "no pixel data (truncated, or not an image object)")
     ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
     if ts not in UNCOMPRESSED:

@@ -74,12 +74,18 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+COMPANION_EXTENSIONS = (".json", ".bval", ".bvec")   # as tasks.run.engines.companions mounts them
+
+
 def stage_bids_image(lake: Lake, bids_image: str, tmp: Path) -> Path:
     """A local path of a BIDS image inside its dataset, as the pipeline sees it on a local lake.
 
     On an object store the image is copied to ``tmp`` at its own path below ``bids/``, beside the
     dataset's ``dataset_description.json``, so a pipeline that names its raw source (``RawSources``
-    ``bids:raw:sub-.../anat/...``) finds the dataset root as it does on disk.
+    ``bids:raw:sub-.../anat/...``) finds the dataset root as it does on disk; and with the files BIDS
+    keeps beside it under its name (its JSON sidecar, a dwi's ``.bval``/``.bvec``), which the
+    pipelines read as part of their input (without them on S3 the bold pipeline found no
+    SliceTiming and the dwi pipeline no gradient table).
     """
     if lake.is_local:
         return Path(lake.path(bids_image))
@@ -88,6 +94,10 @@ def stage_bids_image(lake: Lake, bids_image: str, tmp: Path) -> Path:
     description = "bids/dataset_description.json"
     if lake.exists(description):
         lake.local_file(description, tmp / "bids")
+    stem = bids_image.removesuffix(".gz").removesuffix(".nii")
+    for ext in COMPANION_EXTENSIONS:
+        if lake.exists(stem + ext):
+            lake.local_file(stem + ext, folder)
     return Path(lake.local_file(bids_image, folder))
 
 

@@ -82,7 +82,7 @@ def test_missing_required_series(tmp_path):
 
 
 def test_unclassified_and_ambiguous_series(tmp_path):
-    trial = _trial(tmp_path, ('description: ["*epi*fmri*", "*epi_asc*", "ax_asc_*", "fmri_ax_asc*"]',
+    trial = _trial(tmp_path, ('description: ["*epi*fmri*", "*epi_asc*", "ax_asc_*", "fmri_ax_asc*", "*ep2d_bold*"]',
                               'description: ["*nothing*"]'))
     o = _receive(tmp_path, trial)
     kinds = sorted(f.kind for f in o.all_findings)

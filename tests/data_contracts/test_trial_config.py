@@ -25,7 +25,7 @@ def test_example_trial_loads_with_the_required_sites():
                                            "philips-ingenia", "siemens-xa30",
                                            # the new folders of ../shared/data, as the issue names them
                                            "siemens-ts", "agfa-pacs", "siemens-vida", "siemens-12bit",
-                                           "philips-dwi"]
+                                           "philips-dwi", "siemens-xa60", "siemens-xa61"]
     assert {st.name for st in trial.protocol.series_types} == {"T1w", "bold", "dwi", "epi", "qc_phantom"}
     assert trial.visits[0].day == 0
 

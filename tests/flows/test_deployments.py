@@ -85,22 +85,27 @@ def test_nightly_goes_on_after_a_study_fails_and_ends_red(prefect_harness, tmp_p
 
     trial = load_trial(DEMO_TRIAL)
     lake = Lake(str(tmp_path / "lake")).init()
-    for site, parts in (("siemens-xa30", ("dcm_qa_xa30", "In")), ("ge-nih", ("dcm_qa_nih", "In", "20180918GE"))):
+    for site, parts in (("siemens-xa30", ("dcm_qa_xa30", "In")),
+                        ("ge-nih", ("dcm_qa_nih", "In", "20180918GE", "mr_0004"))):
         o = receive_one_study(Upload(trial, site, "u", lake), inventory_upload(shared_path(*parts)).accepted)
         record_study(lake, o, o.matcher)
+    real = process_flow.run_on_image_task
 
     @task(name="run-pipeline")
-    def broken(*args, **kwargs):
-        raise RuntimeError("the pipeline task crashed")
+    def broken(lake, spec, *args, **kwargs):
+        if spec.name == "anat":                  # only the XA30 study has a T1
+            raise RuntimeError("the pipeline task crashed")
+        return real.fn(lake, spec, *args, **kwargs)
 
-    monkeypatch.setattr(process_flow, "run_on_image_task", broken)   # only the XA30 study has a T1
+    monkeypatch.setattr(process_flow, "run_on_image_task", broken)
     trial_file = tmp_path / "trial.yaml"
     trial_file.write_text(DEMO_TRIAL.read_text())
     state = nightly_reprocess(lake.url, str(trial_file), backend="local", return_state=True)
     assert state.is_failed() and "1 of 2 due studies failed to process" in state.message
     ge = read_table(lake, "studies").query("site == 'ge-nih'").iloc[0]
     assert lake.find(f"bids/sub-{ge.subject}/ses-baseline/func")          # the other study was processed
-    assert read_table(lake, "qc").empty                                   # and the crash left no verdict
+    qc = read_table(lake, "qc")
+    assert set(qc["pipeline_name"]) == {"bold"}                           # and the crash left no verdict
 
 
 @pytest.mark.prefect
@@ -119,7 +124,7 @@ def test_the_nightly_run_spreads_its_studies_over_dask(prefect_harness, tmp_path
     trial_file.write_text(DEMO_TRIAL.read_text())
     nightly = nightly_reprocess.with_options(task_runner=task_runner("dask", workers=2))
     counts = nightly(lake.url, str(trial_file), backend="local")
-    assert counts == {"studies_due": 2, "series_processed": 0, "retried": 0, "failed": 0,   # no pipeline takes EPI
-                      "missing_visits": 0}
+    # the GE bold goes to the bold pipeline on a worker; no pipeline takes the Siemens EPI field map
+    assert counts == {"studies_due": 2, "series_processed": 1, "retried": 0, "failed": 0, "missing_visits": 0}
     assert {p.split("/")[1] for p in lake.find("bids") if p.endswith(".nii.gz")} == \
         set(read_table(lake, "studies").subject.map("sub-{}".format))

@@ -168,8 +168,9 @@ def test_cli_exit_codes(prefect_harness, tmp_path):
     good = copy_upload(tmp_path / "good", *GE_SERIES, limit=3)
     res = runner.invoke(app, ["ingest", str(good), "--site", "ge-nih", *args])
     assert res.exit_code == 0, res.output
-    # three slices of one volume: a bold series, but short of the protocol's volumes
-    assert "bold" in res.output and "deviation" in res.output and "n_volumes is 1" in res.output
+    # three slices of one volume of ten: a bold series, short of the protocol's volumes and incomplete
+    # (kept, not converted, asked for): nothing failed, the command succeeds
+    assert "bold" in res.output and "incomplete" in res.output and "n_volumes is 1" in res.output
     res = runner.invoke(app, ["audit", "verify", "--lake", lake])
     assert res.exit_code == 0 and "audit log intact" in res.output
 
@@ -192,7 +193,9 @@ def test_burned_in_series_is_refused_and_the_rest_of_the_study_accepted(tmp_path
         good, burned = o.series
         assert good.verdict != "rejected" and good.deid_path and burned.verdict == "rejected"
         assert burned.burned_in and not good.burned_in
-        assert [f.kind for f in burned.findings if f.severity == "major"] == ["burned_in_annotation"]
+        # 30 files are 2 of the series' 10 volumes: incomplete too, both said
+        majors = [f.kind for f in burned.findings if f.severity == "major"]
+        assert majors == ["incomplete_series", "burned_in_annotation"]
         assert len(o.quarantined) == 30 and all(q.code == "burned_in" for q in o.quarantined)
         assert all(q.reason.startswith("b/") and "BurnedInAnnotation is YES" in q.reason for q in o.quarantined)
         written = [p for p in lake.find("deid") if p.endswith(".dcm")]

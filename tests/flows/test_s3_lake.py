@@ -1,7 +1,8 @@
 """The whole path, receive_study then process_study, on moto's S3 server gives what it gives on disk.
 
 The same two real studies, the Siemens XA30 T1 (through the anat pipeline, backend local) and the
-GE EPI series (no pipeline takes it), are received and processed into a lake on local disk, then
+GE EPI series (through the bold QC pipeline, which needs its JSON sidecar staged beside it), are
+received and processed into a lake on local disk, then
 into ``s3://<bucket>/lake`` on moto's real S3 API server (ThreadedMotoServer on 127.0.0.1, stopped
 at the end), in the same process. The trial is the demo trial with one change: the GE series is
 held to a flip angle it does not have, as a major deviation, so that a site query is raised and the
@@ -138,7 +139,8 @@ def test_both_runs_went_the_same_way(lakes):
         outcomes = lakes["runs"][name]["outcomes"]
         (xa,) = outcomes["siemens-xa30"][1]
         assert xa.verdict.status == "PASS", (name, xa.verdict.reasons)
-        assert outcomes["ge-nih"][1] == []       # no pipeline takes an EPI series
+        (ge,) = outcomes["ge-nih"][1]            # the bold QC pipeline, its volunteer moving: FAIL
+        assert ge.run.pipeline == "bold" and ge.verdict.status == "FAIL", (name, ge.verdict.reasons)
         assert outcomes["siemens-xa30"][0].status in ("accepted", "accepted_with_deviations"), name
         assert outcomes["ge-nih"][0].status == "accepted_with_deviations", name
     for name, run in lakes["runs"].items():
@@ -178,16 +180,17 @@ def test_bids_deid_and_derivatives_hold_the_same_files(lakes):
     for store in STORES:
         assert any(p.startswith(store + "/") for p in disk), f"nothing under {store}/"
     differ = sorted(p for p in disk if disk[p] != s3[p])
-    (p,) = differ                                    # one pipeline run: the XA30 T1 through anat
-    assert p.endswith("_provenance.json")
+    # two pipeline runs: the XA30 T1 through anat, the GE EPI through bold
+    assert len(differ) == 2 and all(p.endswith("_provenance.json") for p in differ), differ
     drop = PROVENANCE_RUN_KEYS | PROVENANCE_PATH_KEYS
-    assert _provenance(disk[p], drop) == _provenance(s3[p], drop)
+    for p in differ:
+        assert _provenance(disk[p], drop) == _provenance(s3[p], drop)
     # everything else is byte-identical (the anat sidecars' RawSources included: the image is staged
     # inside its dataset on S3 too)
     images = [p for p in disk if p.endswith(".nii.gz")]
     assert images and all(disk[p] == s3[p] for p in images)
     print(f"{len(disk)} files under {', '.join(STORES)}: same paths; {len(disk) - len(differ)} byte-identical "
-          f"({len(images)} NIfTI), 1 provenance record only in {sorted(drop)}")
+          f"({len(images)} NIfTI), 2 provenance records only in {sorted(drop)}")
 
 
 def test_derivative_sidecars_name_the_raw_image_as_on_disk(lakes):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import os
 import random
 import struct
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from tests.helpers import GE_SERIES, dicom_files
 
@@ -44,10 +44,15 @@ def _bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
+_SERIAL = itertools.count()
+
+
 def _fresh(ds: Dataset) -> Dataset:
-    """A copy that is a new instance (so it is not a duplicate of the good file)."""
+    """A copy that is a new instance (so it is not a duplicate of the good file). Its UID has a
+    fixed length, so a seeded flip at a byte offset hits the same element every run (generate_uid's
+    length varies with its random number: the same seed once damaged another element)."""
     ds = pydicom.dcmread(io.BytesIO(_bytes(ds)))
-    ds.SOPInstanceUID = generate_uid()
+    ds.SOPInstanceUID = f"2.25.{next(_SERIAL):038d}"
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     return ds
 
@@ -240,6 +245,8 @@ def build_corpus(root: Path, seed: int = 0, scale: int = 1) -> list[Upload]:
     bytes each pass; the fixed damage (bad values, lengths, sequences, nesting, most junk) repeats
     with a new UID.
     """
+    global _SERIAL
+    _SERIAL = itertools.count(seed * 10**9)
     rng = random.Random(seed)
     files = dicom_files(*GE_SERIES)
     base = pydicom.dcmread(files[0])
