@@ -75,7 +75,7 @@ def _header(name: str):
 
 @pytest.mark.parametrize("name", ["cd211006a^dcm2niix", "dicom"])
 def test_a_subject_named_with_a_software_word_is_received_tabled_and_converted(name, tmp_path, trial):
-    up = copy_upload(tmp_path / "up", *GE_SERIES, limit=10)
+    up = copy_upload(tmp_path / "up", *GE_SERIES)    # the whole series: fewer files are incomplete, not converted
     for p in up.iterdir():
         rewrite(p, PatientName=name)
     lake = Lake(str(tmp_path / "lake")).init()

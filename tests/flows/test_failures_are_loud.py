@@ -27,8 +27,8 @@ pytestmark = pytest.mark.prefect
 
 
 def _two_planes(tmp_path):
-    up = copy_upload(tmp_path / "up", *GE_SERIES, limit=10)
-    for p in sorted(up.iterdir())[5:]:
+    up = copy_upload(tmp_path / "up", *GE_SERIES)     # all of it: a part would be incomplete, never converted
+    for p in sorted(up.iterdir())[75:]:
         rewrite(p, ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
     return up
 

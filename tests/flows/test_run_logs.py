@@ -56,9 +56,9 @@ def test_a_receive_run_logs_each_series_decision(prefect_harness, tmp_path, tria
     up = copy_upload(tmp_path / "up", *GE_SERIES, limit=3)
     state = receive_study(str(up), "ge-nih", lake_url=str(tmp_path / "lake"), trial=trial, return_state=True)
     log = run_log(state.state_details.flow_run_id)
-    assert any(line.startswith("corelab.receive: series 4 ") and line.endswith(": deviation as bold; major "
-                                                                              "parameter n_volumes")
-               for line in log), log
+    # three slices of one volume of ten: short of the protocol's volumes, and incomplete
+    assert any(line.startswith("corelab.receive: series 4 ") and line.endswith(
+        ": incomplete as bold; major parameter n_volumes; major incomplete_series") for line in log), log
 
 
 def test_corelab_v_shows_the_decisions_on_the_console(tmp_path):
