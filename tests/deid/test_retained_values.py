@@ -37,7 +37,7 @@ def test_the_matcher_and_the_fingerprint_let_a_retained_value_be():
 
 
 def test_a_study_whose_serial_holds_the_institution_is_received_and_converted(tmp_path, trial):
-    up = copy_upload(tmp_path / "up", *GE_SERIES, limit=10)
+    up = copy_upload(tmp_path / "up", *GE_SERIES)      # the whole series: a part is incomplete, not converted
     for p in up.iterdir():
         rewrite(p, InstitutionName=INSTITUTION, DeviceSerialNumber=SERIAL)
     lake = Lake(str(tmp_path / "lake")).init()

@@ -79,7 +79,7 @@ def test_an_interval_schedule_fires_and_a_worker_completes_the_run(server):
         line = TICK_LINE.format(n=41)
         # the run's process ships its logs in batches: on a loaded machine (make test runs two
         # workers) the last batch reached the server after 30 s once
-        assert wait_for(lambda: line in [m.message for m in client.read_logs(by_run)], 120), \
+        assert wait_for(lambda: line in [m.message for m in client.read_logs(by_run)], 300), \
             f"the run's log has no {line!r}: {[m.message for m in client.read_logs(by_run)]}"
 
 

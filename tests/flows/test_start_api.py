@@ -4,12 +4,13 @@ Without a server, Prefect starts a temporary one on a process's first flow; two 
 their first flows together each started one, and one outlived the process (`corelab demo`, whose
 sites' uploads arrive side by side, left a `uvicorn` running after every run). Each case runs in
 a fresh interpreter with a PREFECT_HOME of its own, and finds the servers it left by that home.
+The race itself is not asserted: without the start, one or two servers outlived the process in
+three runs and none in a fourth (CI, loaded), so a test of it could not be relied on either way.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,8 +30,7 @@ from prefect import flow
 def tiny(n: int) -> int:
     return n
 
-if sys.argv[1] == "start_api":
-    flows.runtime.start_api()
+flows.runtime.start_api()
 threads = [threading.Thread(target=tiny, args=(i,)) for i in range(2)]
 [t.start() for t in threads]
 [t.join() for t in threads]
@@ -65,12 +65,3 @@ def _run(home: Path, mode: str) -> list[int]:
 
 def test_two_threads_first_flows_leave_no_server_once_the_api_is_started(tmp_path):
     assert _run(tmp_path / "started", "start_api") == []
-
-
-def test_without_it_one_server_outlives_the_process(tmp_path):
-    """The race this guards against, shown (its servers are stopped here). One outlived the process
-    here; two in a CI run on a loaded machine (Prefect restarts a server whose port was taken)."""
-    left = _run(tmp_path / "raced", "race")
-    for pid in left:
-        os.kill(pid, signal.SIGTERM)
-    assert left

@@ -62,8 +62,9 @@ def _philips_isotropic_in_a_moved_block(ds):
 
 
 CASES = {
-    "standard-adc": (GE_SERIES, 10, _image_type("DERIVED", "PRIMARY", "DIFFUSION", "ADC")),
-    "siemens-tracew": (GE_SERIES, 10, _image_type("ORIGINAL", "PRIMARY", "TRACEW", "ND")),
+    # the whole GE series (150 files): a part of it would be incomplete, and not converted
+    "standard-adc": (GE_SERIES, 150, _image_type("DERIVED", "PRIMARY", "DIFFUSION", "ADC")),
+    "siemens-tracew": (GE_SERIES, 150, _image_type("ORIGINAL", "PRIMARY", "TRACEW", "ND")),
     "philips-isotropic-moved-block": (PHILIPS_DWI, 64, _philips_isotropic_in_a_moved_block),
 }
 
