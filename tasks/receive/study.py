@@ -141,14 +141,15 @@ def _receive_one_study(up: Upload, files: list[ReceivedFile]) -> StudyOutcome:
     pooled = len(files) >= PARALLEL_MIN_FILES
     started, derived = [], []
     study_uid = str(files[0].header.StudyInstanceUID)    # the original: read before de-identification
-    arrived = {str(m[0].header.get("SeriesInstanceUID", "")) for m in group_series(files).values()}
+    series = list(group_series(files).values())
+    arrived = {str(m[0].header.get("SeriesInstanceUID", "")) for m in series}
     for (uid, series_uid), (gone, listed, number) in sorted(up.absent.items()):
         if uid == study_uid and series_uid not in arrived:
             outcome.findings.append(Finding(
                 kind="incomplete_series", severity="major", observed=f"series {number}: {gone} of {listed} file(s)",
                 message=f"series {number}: the upload's DICOMDIR lists {listed} file(s) of it and none arrived; "
                         "the site should send the series again", reason_code="incomplete_series"))
-    for members in group_series(files).values():
+    for members in series:
         acquired, apart = split_derived(members)   # the scanner's computed images are not volumes
         started.append(_start_series(up, ctx, matcher, acquired, pooled))
         if apart:
@@ -197,13 +198,13 @@ class _PendingSeries:
 
 def _start_series(up: Upload, ctx: DeidContext, matcher: Matcher, members: list[ReceivedFile],
                   pooled: bool) -> _PendingSeries:
-    absent = up.absent
     # everything read from the received headers is read here: de-identification rewrites them
     headers = [m.header for m in members]
     h = headers[0]
     number = int(h.get("SeriesNumber", 0) or 0)
     reasons = [derived_reason(x) for x in headers]
-    gone, listed, _ = absent.get((str(h.get("StudyInstanceUID", "")), str(h.get("SeriesInstanceUID", ""))), (0, 0, 0))
+    gone, listed, _ = up.absent.get((str(h.get("StudyInstanceUID", "")), str(h.get("SeriesInstanceUID", ""))),
+                                    (0, 0, 0))
     incomplete = series_gaps(headers) or (
         f"{gone} of the {listed} files the upload's DICOMDIR lists did not arrive" if gone else None)
     return _PendingSeries(number, series_parameters(headers), scanner_identity(h),
