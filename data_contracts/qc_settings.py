@@ -77,6 +77,9 @@ DEFAULT_RULES: dict[str, Rule] = {
     "dwi_tensor_residual": Rule(warn_above=0.05, fail_above=0.08, better="lower"),
     "dwi_fa_csf": Rule(warn_above=0.25, fail_above=0.35, better="lower"),
     "dwi_gradient_flip_gain": Rule(warn_above=0.0, fail_above=0.015, better="lower"),
+    # The session's T1 was given but its white matter does not fit the DWI (FA contrast below 1.5,
+    # pipelines/dwi/anatomy.py): the FA-threshold measures stand; a reviewer looks at why.
+    "dwi_t1w_rejected": Rule(warn_above=0.5, better="lower"),
     # The bold QC pipeline (pipelines/bold). Motion limits from Parkes et al. 2018 (NeuroImage 171:
     # 415): mean FD above 0.25 mm is their stringent exclusion, above 0.55 mm their lenient one, and
     # more than 20 % of volumes over 0.2 mm FD (MRIQC's threshold) their stringent one (a warning

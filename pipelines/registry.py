@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from data_contracts.qc_settings import HEAD_CHECK
-from pipelines.spec import BidsQuery, Measure, PipelineSpec, SidecarMetric
+from pipelines.spec import BidsQuery, Measure, PipelineSpec, SidecarMetric, Upstream
 
 
 class UnknownPipeline(KeyError):
@@ -74,7 +74,7 @@ def dwi_spec() -> PipelineSpec:
     dataset helpers, so the image's wheel holds both folders and a change to either marks it stale.
     """
     from pipelines import dwi
-    from pipelines.dwi.process import MEASURES
+    from pipelines.dwi.process import MEASURES, OPTIONAL_MEASURES
     from pipelines.dwi.run import PARAMS
 
     base = "sub-{subject}/ses-{session}/dwi/{prefix}"
@@ -95,9 +95,11 @@ def dwi_spec() -> PipelineSpec:
             **{p: f"{base}_model-tensor_param-{p}_dwimap.nii.gz" for p in PARAMS},
             "measures": f"{base}_desc-tensor_measures.tsv",
         },
-        measures=tuple(Measure(name, unit, text) for name, (unit, text) in MEASURES.items()),
+        measures=tuple(Measure(name, unit, text, optional=name in OPTIONAL_MEASURES)
+                       for name, (unit, text) in MEASURES.items()),
         qc_sidecar="measures",
         qc_metrics=(SidecarMetric("dwi_directions", "directions"),
+                    SidecarMetric("dwi_t1w_rejected", "t1w_rejected"),
                     SidecarMetric("dwi_mean_displacement_mm", "motion.mean_displacement_mm"),
                     SidecarMetric("dwi_max_displacement_mm", "motion.max_displacement_mm"),
                     SidecarMetric("dwi_dropout_slices", "dropout_slices"),
@@ -105,6 +107,7 @@ def dwi_spec() -> PipelineSpec:
                     SidecarMetric("dwi_fa_csf", "fa_csf"),
                     SidecarMetric("dwi_gradient_flip_gain", "gradient_flip_gain_max")),
         bids_ignore=("*_dwimap.*", "*_dwiref.*", "*_measures.tsv", "*_measures.json"),
+        upstream=(Upstream("t1w", "anat", "preproc", "--t1w"), Upstream("t1w_dseg", "anat", "dseg", "--t1w-dseg")),
         sources=("pipelines/dwi", "pipelines/anat"),
     )
 

@@ -75,11 +75,31 @@ class BidsQuery:
 
 @dataclass(frozen=True)
 class Measure:
-    """One value the pipeline reports in its ``measures`` table, and its unit."""
+    """One value the pipeline reports in its ``measures`` table, and its unit.
+
+    An ``optional`` measure is reported only when the run had what it needs (the dwi pipeline's
+    T1-based white-matter means, when the session has a T1); its absence is not an incomplete run.
+    """
 
     name: str
     unit: str
     description: str = ""
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """An output of another pipeline's run on the same session that this pipeline takes when it exists.
+
+    The flow runs ``pipeline`` first and passes its ``output`` (an output key of that spec) of a
+    series it judged usable as ``flag <path>``; the runner mounts the file read-only beside the
+    input and records its hash with the run's inputs. ``key`` names it in :meth:`PipelineSpec.render`.
+    """
+
+    key: str
+    pipeline: str
+    output: str
+    flag: str
 
 
 @dataclass(frozen=True)
@@ -130,6 +150,9 @@ class PipelineSpec:
         Outputs no BIDS rule covers (reviewer figures, measure tables), as ``.bidsignore``
         patterns; corelab writes them, and its own provenance files, into the derivatives'
         ``.bidsignore`` so the BIDS validator checks everything else.
+    upstream : tuple of Upstream
+        Outputs of other pipelines on the same session this one takes when they exist (the
+        dwi pipeline's white matter from the session's T1 segmentation).
     sources : tuple of str
         Folders (relative to the definitions' parent) holding the pipeline's code; their hash
         goes into the lock at build time, and the ``local`` backend compares it with the tree.
@@ -149,6 +172,7 @@ class PipelineSpec:
     qc_metrics: tuple[SidecarMetric, ...] = ()
     options: Mapping[str, str] = field(default_factory=dict)
     bids_ignore: tuple[str, ...] = ()
+    upstream: tuple[Upstream, ...] = ()
     sources: tuple[str, ...] = ()
     definitions: Path = CONTAINERS
 
@@ -170,6 +194,11 @@ class PipelineSpec:
             raise SpecError(f"pipeline {self.name!r} declares measures but no 'measures' output")
         if self.qc_sidecar is not None and self.qc_sidecar not in self.outputs:
             raise SpecError(f"pipeline {self.name!r}: qc_sidecar {self.qc_sidecar!r} is not an output key")
+        clash = sorted({u.key for u in self.upstream} & set(self.options))
+        if clash or len({u.key for u in self.upstream}) != len(self.upstream):
+            raise SpecError(f"pipeline {self.name!r}: upstream keys must be unique and not options ({clash})")
+        if any(u.pipeline == self.name for u in self.upstream):
+            raise SpecError(f"pipeline {self.name!r} cannot take its own outputs as upstream")
         object.__setattr__(self, "outputs", MappingProxyType(dict(self.outputs)))
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
@@ -183,8 +212,9 @@ class PipelineSpec:
         return self.definitions / "lock"
 
     def render(self, input: str, output_dir: str, subject: str, session: str,
-               **optional: object) -> list[str]:
-        """The command for one run, with container or host paths as given.
+               upstream: Mapping[str, str] | None = None, **optional: object) -> list[str]:
+        """The command for one run, with container or host paths as given (``upstream``: key of
+        an :class:`Upstream` -> the path of that file, appended as its flag).
 
         Raises
         ------
@@ -205,6 +235,14 @@ class PipelineSpec:
             value = optional.get(key)
             if value is not None:
                 argv += [flag, str(value)]
+        upstream = dict(upstream or {})
+        known = {u.key: u.flag for u in self.upstream}
+        if set(upstream) - set(known):
+            raise SpecError(f"pipeline {self.name!r} takes no upstream input(s) {sorted(set(upstream) - set(known))}; "
+                            f"known: {sorted(known)}")
+        for key, flag in known.items():
+            if upstream.get(key) is not None:
+                argv += [flag, str(upstream[key])]
         return argv
 
     def expected_outputs(self, subject: str, session: str,

@@ -38,8 +38,14 @@ def build(image: str = typer.Argument("anat", help="Image key: folder containers
           base: str = typer.Option(DEFAULT_BASE, help="Base image (default: the air-gapped "
                                    "Debian base of containers/build_base.sh)."),
           lock: Path = typer.Option(LOCK_PATH, help="Lock file to record the digest in."),
-          no_cache: bool = typer.Option(False, help="Rebuild every layer.")) -> None:
+          cache: bool = typer.Option(False, "--cache/--no-cache",
+                                     help="Reuse podman's layer cache (faster, for trying a change). The "
+                                          "default rebuilds every layer: a cached layer made by another "
+                                          "build leaves that build's IDs in the image history, and the "
+                                          "locked digest then differs from a clean rebuild's (found on "
+                                          "the dwi and bold images).")) -> None:
     """Build IMAGE with podman (--network none) and record its digest in the lock."""
+    no_cache = not cache
     try:
         entry = build_image(spec_for_image(image), base=base, lock_path=lock, no_cache=no_cache)
     except (BuildError, LockError, UnknownPipeline) as err:

@@ -9,10 +9,13 @@ Module map, in the order the stages run:
 - :mod:`pipelines.dwi.motion`     stage 3: motion and eddy-current correction, b-vectors rotated
 - :mod:`pipelines.dwi.tensor`     stage 4: dipy's WLS tensor, maps in um2/ms, the gradient sign
   check, slice dropout
+- :mod:`pipelines.dwi.anatomy`    stage 5b: the same session's T1 white matter registered onto the b0
+  (when the run is given the anat pipeline's T1 and dseg)
+- :mod:`pipelines.dwi.run`        BIDS derivatives: maps, masks, measures with the QC sidecar
+- :mod:`pipelines.dwi.__main__`   the command line (the image's entrypoint, the local backend's)
 
-Not yet here (issue 13 goes on): writing BIDS derivatives and the command line, the pipeline
-spec in ``pipelines/registry.py``, its image in ``containers/``.
+0.2.0 adds the T1 white matter (``*_T1WM`` measures); 0.1.0 had the FA-threshold white matter only.
 """
 
 NAME = "dwi"
-VERSION = "0.1.0"
+VERSION = "0.2.0"

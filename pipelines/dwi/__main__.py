@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run", type=int, help="BIDS run index")
     p.add_argument("--shells", type=_floats, help="the protocol's b-values (s/mm2), e.g. 1000 or 1000,2000")
     p.add_argument("--volumes", type=int, help="the protocol's number of volumes")
+    p.add_argument("--t1w", help="the same session's T1 as the anat pipeline corrected it (desc-preproc_T1w)")
+    p.add_argument("--t1w-dseg", help="the anat pipeline's tissue labels of that T1 (dseg: 1 GM, 2 WM, 3 CSF)")
     p.add_argument("--container-digest", help="sha256:... of the image running this")
     p.add_argument("--threads", type=int, help="accepted for the runner; registration runs on one thread")
     p.add_argument("--version", action="version", version=f"{NAME} {VERSION}")
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     entities = {k: getattr(args, k) for k in ("acq", "rec", "dir", "run") if getattr(args, k) is not None}
     try:
         result = run_dwi(args.input, args.output_dir, args.subject, args.session, entities=entities,
-                         container_digest=args.container_digest, shells=args.shells, volumes=args.volumes)
+                         container_digest=args.container_digest, shells=args.shells, volumes=args.volumes,
+                         t1w=args.t1w, t1w_dseg=args.t1w_dseg)
     except Exception as exc:  # one line, never a traceback, for the runner's provenance
         code = next((c for kind, c in _EXIT if isinstance(exc, kind)), 1)
         print(f"{NAME}: error: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)

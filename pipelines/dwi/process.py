@@ -9,8 +9,11 @@ measures and QC values (no files written here: :mod:`pipelines.dwi.run` writes t
    view, which is not dropout); then motion and eddy-current correction
    (:mod:`pipelines.dwi.motion`), b-vectors rotated;
 4. tensor fit by weighted least squares, FA, MD, AD, RD (:mod:`pipelines.dwi.tensor`);
-5. white matter: FA above 0.2 in the brain eroded by one voxel (no T1 segmentation is given to
-   this pipeline); measures are means over it.
+5. white matter: FA above 0.2 in the brain eroded by one voxel, the measures ``*_WM`` every run
+   reports (one definition across a trial, whether a session has a T1 or not); and, when the run
+   is given the same session's T1 and its anat segmentation, the T1's white matter registered
+   onto the b0 (:mod:`pipelines.dwi.anatomy`), the measures ``*_T1WM``. The FA threshold keeps
+   only coherent white matter (FA_WM runs higher than FA_T1WM, which includes crossing fibres).
 
 No regional atlas values: no installed package ships a volumetric atlas (nilearn's and dipy's
 atlases are fetched from the internet at run time, which these machines refuse).
@@ -27,6 +30,7 @@ import numpy as np
 from dipy.segment.mask import median_otsu
 from scipy import ndimage
 
+from pipelines.dwi.anatomy import T1Unusable, t1_tissues, t1_white_matter
 from pipelines.dwi.errors import DwiInputError, DwiProcessingError
 from pipelines.dwi.gradients import Gradients, distinct_directions, read_gradients
 from pipelines.dwi.motion import correct, rotate_bvecs, shell_means
@@ -40,7 +44,14 @@ MEASURES = {
     "AD_WM": ("um2/ms", "axial diffusivity (first eigenvalue), mean over white matter"),
     "RD_WM": ("um2/ms", "radial diffusivity (mean of the second and third eigenvalues), mean over white matter"),
     "WM_volume": ("mm3", "volume of the white-matter mask"),
+    "FA_T1WM": ("1", "fractional anisotropy, mean over the same session's T1 white matter (registered to the b0)"),
+    "MD_T1WM": ("um2/ms", "mean diffusivity, mean over the T1 white matter"),
+    "AD_T1WM": ("um2/ms", "axial diffusivity, mean over the T1 white matter"),
+    "RD_T1WM": ("um2/ms", "radial diffusivity, mean over the T1 white matter"),
+    "T1WM_volume": ("mm3", "volume of the T1 white matter on the DWI grid (voxels at least half white matter)"),
 }
+#: Reported only when the run is given the session's T1 and the registration is accepted.
+OPTIONAL_MEASURES = ("FA_T1WM", "MD_T1WM", "AD_T1WM", "RD_T1WM", "T1WM_volume")
 
 
 @dataclass
@@ -54,6 +65,7 @@ class DwiMaps:
     wm_mask: np.ndarray
     measures: dict[str, float]
     qc: dict = field(default_factory=dict)
+    t1_wm_mask: np.ndarray | None = None      # the T1's white matter on this grid, when accepted
 
 
 def load_dwi(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
@@ -79,7 +91,7 @@ def brain_mask(b0: np.ndarray) -> np.ndarray:
 
 
 def compute(path: Path, shells: list[float] | None = None, volumes: int | None = None,
-            motion: bool = True) -> DwiMaps:
+            motion: bool = True, t1w: Path | None = None, t1w_dseg: Path | None = None) -> DwiMaps:
     clock = time.perf_counter()
     img, data = load_dwi(path)
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
@@ -114,6 +126,22 @@ def compute(path: Path, shells: list[float] | None = None, volumes: int | None =
     measures = {"FA_WM": float(tensor.fa[wm].mean()), "MD_WM": float(tensor.md[wm].mean()),
                 "AD_WM": float(tensor.ad[wm].mean()), "RD_WM": float(tensor.rd[wm].mean()),
                 "WM_volume": float(wm.sum() * voxel_mm3)}
+    t1_wm = None
+    if t1w is not None and t1w_dseg is not None:
+        try:
+            tissues = t1_tissues(tensor.fa, mask, img.affine, t1w, t1w_dseg)
+            # the eroded brain, as for the FA-threshold white matter: the slab's edge slices lose
+            # signal to motion correction and their tensors diverge (MD up to 1e4 um2/ms there)
+            t1_wm, qc["t1w"] = t1_white_matter(tensor.fa, eroded, zooms, tissues)
+        except T1Unusable as exc:   # another pipeline's files: a review, never a refusal of the site's DWI
+            qc["t1w"] = {"accepted": False, "reason": str(exc)}
+        qc["t1w"] |= {"image": Path(t1w).name, "dseg": Path(t1w_dseg).name}
+        if t1_wm is not None:
+            measures |= {"FA_T1WM": float(tensor.fa[t1_wm].mean()), "MD_T1WM": float(tensor.md[t1_wm].mean()),
+                         "AD_T1WM": float(tensor.ad[t1_wm].mean()), "RD_T1WM": float(tensor.rd[t1_wm].mean()),
+                         "T1WM_volume": float(t1_wm.sum() * voxel_mm3)}
+    qc["wm_from_t1w"] = int(t1_wm is not None)
+    qc["t1w_rejected"] = int(t1w is not None and t1_wm is None)
     gains = coherence(tensor.v1, tensor.fa, zooms)
     best = max(gains, key=lambda k: gains[k])
     csf = eroded & (tensor.md > CSF_MD)
@@ -128,4 +156,4 @@ def compute(path: Path, shells: list[float] | None = None, volumes: int | None =
         "gradient_flip_suspected": best if gains[best] > FLIP_MARGIN else None,
         "seconds": round(time.perf_counter() - clock, 2),
     })
-    return DwiMaps(tensor.fa, tensor.md, tensor.ad, tensor.rd, b0, mask, wm, measures, qc)
+    return DwiMaps(tensor.fa, tensor.md, tensor.ad, tensor.rd, b0, mask, wm, measures, qc, t1_wm)

@@ -75,6 +75,13 @@ def output_names(prefix: str) -> dict[str, str]:
     return names
 
 
+def with_t1_mask(names: dict[str, str]) -> dict[str, str]:
+    """The outputs of a run given the session's T1: the T1's white matter too, before the measures."""
+    base = names["wm_mask"].removesuffix("_label-WM_mask.nii.gz")
+    return {**{k: v for k, v in names.items() if k != "measures"},
+            "t1_wm_mask": f"{base}_label-WM_desc-T1w_mask.nii.gz", "measures": names["measures"]}
+
+
 def dataset_description(container_digest: str | None) -> dict[str, Any]:
     return {"Name": f"{NAME} {VERSION}: diffusion tensor maps (FA, MD, AD, RD), masks, white-matter measures",
             "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
@@ -93,13 +100,20 @@ def _sidecars(names: dict[str, str], maps: DwiMaps, common: dict[str, Any]) -> d
                     "Sources": [f"bids::{names['fa']}", f"bids::{names['brain_mask']}"]},
         "b0": {"Description": "mean of the b0 volumes after motion correction", "Sources": source},
         "measures": {"Description": "white-matter means of the tensor maps",
-                     "Sources": [f"bids::{names[p]}" for p in PARAMS] + [f"bids::{names['wm_mask']}"],
+                     "Sources": [f"bids::{names[p]}" for p in PARAMS]
+                                + [f"bids::{names[k]}" for k in ("wm_mask", "t1_wm_mask") if k in names],
                      "measure": {"Description": "measure name",
                                  "Levels": {k: d for k, (_, d) in MEASURES.items()}},
                      "value": {"Description": "measured value"},
                      "unit": {"Description": "unit of value (um2/ms = 1e-3 mm2/s, mm3, or 1)"},
                      "QC": maps.qc},
     }
+    if "t1_wm_mask" in names:
+        t1 = maps.qc["t1w"]
+        own["t1_wm_mask"] = {
+            "Description": f"white matter of the same session's T1 ({t1['image']}, labels {t1['dseg']}) registered "
+                           "rigidly onto the b0 (SimpleITK Mattes MI): voxels at least half white matter",
+            "Label": "WM", "Type": "ROI", "Sources": [f"bids::{names['b0']}", f"bids::{names['brain_mask']}"]}
     units = {"fa": "1", "md": "um2/ms", "ad": "um2/ms", "rd": "um2/ms"}
     for p in PARAMS:
         own[p] = {"Description": f"diffusion tensor {p.upper()} (dipy WLS fit of the motion-corrected series)",
@@ -109,14 +123,22 @@ def _sidecars(names: dict[str, str], maps: DwiMaps, common: dict[str, Any]) -> d
 
 def run_dwi(input_path: str | Path, output_dir: str | Path, subject: str, session: str, *,
             entities: Mapping[str, Any] | None = None, container_digest: str | None = None,
-            shells: list[float] | None = None, volumes: int | None = None) -> DwiResult:
-    """Process one diffusion series and write its derivatives under ``output_dir`` (all or nothing)."""
+            shells: list[float] | None = None, volumes: int | None = None,
+            t1w: str | Path | None = None, t1w_dseg: str | Path | None = None) -> DwiResult:
+    """Process one diffusion series and write its derivatives under ``output_dir`` (all or nothing).
+
+    ``t1w`` and ``t1w_dseg``: the same session's anat run (its ``desc-preproc_T1w`` and ``dseg``),
+    both or neither; with them the T1's white matter is measured too (``*_T1WM``).
+    """
+    if (t1w is None) != (t1w_dseg is None):
+        raise DwiArgumentError("give the T1 and its dseg together (--t1w and --t1w-dseg), or neither")
     start = time.perf_counter()
     input_path, root = Path(input_path), Path(output_dir)
     prefix = file_prefix(subject, session, entities)
     description = dataset_description(check_digest(container_digest))
     check_dataset(root, description)
-    maps = compute(input_path, shells=shells, volumes=volumes)
+    maps = compute(input_path, shells=shells, volumes=volumes, t1w=Path(t1w) if t1w else None,
+                   t1w_dseg=Path(t1w_dseg) if t1w_dseg else None)
     ref = nib.load(str(input_path))
     ref = nib.Nifti1Image(np.zeros(ref.shape[:3], np.uint8), ref.affine)
     names = output_names(prefix)
@@ -131,9 +153,12 @@ def run_dwi(input_path: str | Path, output_dir: str | Path, subject: str, sessio
     with Staging(root, prefix) as stage:
         images = {"brain_mask": (maps.brain_mask, np.uint8), "wm_mask": (maps.wm_mask, np.uint8),
                   "b0": (maps.b0, np.float32), **{p: (getattr(maps, p), np.float32) for p in PARAMS}}
+        if maps.t1_wm_mask is not None:
+            names = with_t1_mask(names)
+            images["t1_wm_mask"] = (maps.t1_wm_mask, np.uint8)
         for key, (data, dtype) in images.items():
             nib.save(nifti_like(data, ref, dtype), str(stage.path(names[key])))
-        units = {k: u for k, (u, _) in MEASURES.items()}
+        units = {k: u for k, (u, _) in MEASURES.items() if k in maps.measures}
         stage.path(names["measures"]).write_text(measures_tsv(maps.measures, units))
         for key, content in _sidecars(names, maps, common).items():
             write_json(stage.path(sidecar_name(names[key])), content)

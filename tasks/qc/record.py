@@ -70,13 +70,18 @@ def biomarker_rows(run: PipelineRun, study: Study, scanner_epoch: str, qc_status
              "flow_run_id": flow_run_id, "created_at": now} for m in run.measures if math.isfinite(m["value"])]
 
 
-def already_judged(lake: Lake, site: str, series_uid: str, pipeline: str, version: str) -> bool:
+def judged_status(lake: Lake, site: str, series_uid: str, pipeline: str, version: str) -> str | None:
+    """The verdict (``PASS``/``WARN``/``FAIL``) this pipeline version gave the series, or None."""
     qc = tables.read_table(lake, "qc", [site])
     if qc.empty:
-        return False
+        return None
     hit = qc[(qc.series_uid == series_uid) & (qc.pipeline_name == pipeline)
              & (qc.pipeline_version == version) & (qc.metric == "verdict")]
-    return not hit.empty
+    return None if hit.empty else str(hit.iloc[-1].status)
+
+
+def already_judged(lake: Lake, site: str, series_uid: str, pipeline: str, version: str) -> bool:
+    return judged_status(lake, site, series_uid, pipeline, version) is not None
 
 
 def skip_if_judged(lake: Lake, study: Study, spec: PipelineSpec, series_uid: str) -> bool:

@@ -21,6 +21,7 @@ import io
 import json
 import posixpath
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data_contracts.bids import parse_entities
+from pipelines.registry import get_spec
 from pipelines.spec import PipelineSpec, bids_prefix
 from tasks.errors import TRANSIENT_RETRIES
 from tasks.lake.storage import Lake
@@ -101,10 +103,41 @@ def stage_bids_image(lake: Lake, bids_image: str, tmp: Path) -> Path:
     return Path(lake.local_file(bids_image, folder))
 
 
+def stage_upstream(lake: Lake, upstream: Mapping[str, str], tmp: Path) -> dict[str, Path]:
+    """Local paths of other pipelines' outputs (lake paths) this run takes; copied on an object store."""
+    if lake.is_local:
+        return {k: Path(lake.path(v)) for k, v in upstream.items()}
+    out = {}
+    for key, rel in upstream.items():
+        folder = tmp / "upstream" / posixpath.dirname(rel)
+        folder.mkdir(parents=True, exist_ok=True)
+        out[key] = Path(lake.local_file(rel, folder))
+    return out
+
+
+def upstream_inputs(spec: PipelineSpec, subject: str, session: str,
+                    usable: Mapping[str, list[str]]) -> dict[str, str]:
+    """The lake paths of the upstream outputs ``spec`` takes for one session.
+
+    ``usable`` maps an upstream pipeline's name to the BIDS images of this session it processed
+    and judged usable (PASS or WARN), in series order; the first one's outputs are taken (a
+    session with two T1s gives the dwi pipeline the first usable one, and the run's inputs name
+    it). A pipeline with nothing usable gives nothing: the pipeline runs without it.
+    """
+    out: dict[str, str] = {}
+    for up in spec.upstream:
+        images = usable.get(up.pipeline) or []
+        if images:
+            producer = get_spec(up.pipeline)
+            out[up.key] = lake_outputs(producer, subject, session, image_entities(images[0]))[up.output]
+    return out
+
+
 def run_on_image(lake: Lake, spec: PipelineSpec, bids_image: str, subject: str, session: str,
                  series_uid: str, backend: str, allow_version_mismatch: bool = False,
-                 threads: int | None = None) -> PipelineRun:
-    """Run ``spec`` on one BIDS image into the lake's derivatives.
+                 threads: int | None = None, upstream: Mapping[str, str] | None = None) -> PipelineRun:
+    """Run ``spec`` on one BIDS image into the lake's derivatives (``upstream``: key -> lake path
+    of another pipeline's output it takes, see :func:`upstream_inputs`).
 
     A run that failed on the data is recorded in the result. A run that could not be attempted
     (ContainerRunError: no engine, a refused image, a version mismatch) and a transient failure
@@ -128,7 +161,8 @@ def run_on_image(lake: Lake, spec: PipelineSpec, bids_image: str, subject: str, 
         # refusals (digest, stale lock, versions) and a missing engine raise ContainerRunError
         record = run_pipeline(spec, stage_bids_image(lake, bids_image, tmp_path), work, subject, session,
                               backend=backend, entities=entities, threads=threads,
-                              allow_version_mismatch=allow_version_mismatch)
+                              allow_version_mismatch=allow_version_mismatch,
+                              upstream=stage_upstream(lake, upstream or {}, tmp_path))
         if record.exit_code == ENGINE_ERROR_EXIT and backend in OCI_ENGINES:
             raise EngineUnavailable(f"{backend} failed to run {spec.name} {spec.version} (exit "
                                     f"{ENGINE_ERROR_EXIT}, the engine's own error): {record.error}")
@@ -185,9 +219,11 @@ def read_measures(lake: Lake, spec: PipelineSpec, run: PipelineRun) -> None:
     run.measures = measures_table(lake.read_bytes(rel))
     declared = {m.name: m.unit for m in spec.measures}
     reported = {m["measure"]: m["unit"] for m in run.measures}
-    if reported != declared:
-        wrong = sorted(f"{k} [{reported.get(k, 'absent')}, declared {declared.get(k, 'nothing')}]"
-                       for k in set(reported) | set(declared) if reported.get(k) != declared.get(k))
+    optional = {m.name for m in spec.measures if m.optional}
+    wrong = sorted(f"{k} [{reported.get(k, 'absent')}, declared {declared.get(k, 'nothing')}]"
+                   for k in set(reported) | set(declared)
+                   if reported.get(k) != declared.get(k) and not (k in optional and k not in reported))
+    if wrong:
         run.measures = []
         run.fail(f"{run.pipeline} {run.version} measures differ from its spec: {'; '.join(wrong)}",
                  "pipeline_incomplete")
@@ -202,6 +238,6 @@ def measures_table(data: bytes) -> list[dict[str, Any]]:
 @task(name="run-pipeline", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def run_on_image_task(lake: Lake, spec: PipelineSpec, bids_image: str, subject: str, session: str,
                       series_uid: str, backend: str, allow_version_mismatch: bool = False,
-                      threads: int | None = None) -> PipelineRun:
+                      threads: int | None = None, upstream: Mapping[str, str] | None = None) -> PipelineRun:
     return run_on_image(lake, spec, bids_image, subject, session, series_uid, backend, allow_version_mismatch,
-                        threads)
+                        threads, upstream)

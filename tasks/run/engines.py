@@ -105,16 +105,21 @@ def companions(input_path: Path) -> list[Path]:
                   if p.name != input_path.name and p.suffix in (".json", ".bval", ".bvec") and p.is_file())
 
 
-def plan_mounts(input_path: Path, output_dir: Path) -> tuple[list[Mount], str, str]:
-    """Mounts for one input file (with its :func:`companions`, read-only beside it) and one output
-    folder, and the input's and output's paths inside the container."""
+def plan_mounts(input_path: Path, output_dir: Path, upstream: Mapping[str, Path] | None = None
+                ) -> tuple[list[Mount], str, str, dict[str, str]]:
+    """Mounts for one input file (with its :func:`companions`, read-only beside it), the upstream
+    files (read-only, as ``<key>-<name>`` beside the input: no name can collide with it) and one
+    output folder; the input's, output's and upstream files' paths inside the container."""
     input_path, output_dir = input_path.resolve(), output_dir.resolve()
+    extra = {k: Path(p).resolve() for k, p in (upstream or {}).items()}
     beside = companions(input_path)
-    for path in (input_path, output_dir, *beside):
+    for path in (input_path, output_dir, *beside, *extra.values()):
         check_mount_path(path)
     inside = f"{IN_DIR}/{input_path.name}"
+    inside_extra = {k: f"{IN_DIR}/{k}-{p.name}" for k, p in extra.items()}
     return ([Mount(input_path, inside, True), *(Mount(p, f"{IN_DIR}/{p.name}", True) for p in beside),
-             Mount(output_dir, OUT_DIR, False)], inside, OUT_DIR)
+             *(Mount(p, inside_extra[k], True) for k, p in extra.items()),
+             Mount(output_dir, OUT_DIR, False)], inside, OUT_DIR, inside_extra)
 
 
 def oci_command(engine: str, image_id: str, mounts: list[Mount], argv: list[str], *,

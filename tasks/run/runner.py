@@ -172,17 +172,18 @@ def environment_hash(versions: Mapping[str, str]) -> str:
 
 def plan_container(backend: str, spec: PipelineSpec, entry: LockedImage, input_path: Path,
                    output_dir: Path, subject: str, session: str, options: dict,
-                   containers: Path = CONTAINERS, sif_dir: Path = SIF_DIR) -> Plan:
+                   containers: Path = CONTAINERS, sif_dir: Path = SIF_DIR,
+                   upstream: Mapping[str, Path] | None = None) -> Plan:
     """Check the pinned image and build the container command (raises RunRefused)."""
     require_engine(backend)
     drift = definition_drift(entry, (), containers)
     if drift:
         raise StaleLock(f"containers/lock is stale for image {entry.key!r}: {'; '.join(drift)}. "
                         f"Rebuild with `corelab containers build {entry.key}`.", drift)
-    mounts, inside_input, inside_output = plan_mounts(input_path, output_dir)
+    mounts, inside_input, inside_output, inside_upstream = plan_mounts(input_path, output_dir, upstream)
     if "container_digest" in spec.options:  # the pipeline stamps it into its outputs
         options = options | {"container_digest": entry.digest}
-    argv = spec.render(inside_input, inside_output, subject, session, **options)
+    argv = spec.render(inside_input, inside_output, subject, session, inside_upstream, **options)
     env = RUN_ENV | thread_env(options.get("threads"))
     if backend == "apptainer":
         sif = sif_path(entry, sif_dir)
@@ -201,7 +202,8 @@ def plan_container(backend: str, spec: PipelineSpec, entry: LockedImage, input_p
 
 def plan_local(spec: PipelineSpec, entry: LockedImage, input_path: Path, output_dir: Path,
                subject: str, session: str, options: dict, allow_version_mismatch: bool,
-               containers: Path = CONTAINERS, repo: Path = REPO) -> Plan:
+               containers: Path = CONTAINERS, repo: Path = REPO,
+               upstream: Mapping[str, Path] | None = None) -> Plan:
     """Check this environment against the image's lock and build the local command."""
     mismatches = local_mismatches(spec, entry, containers, repo)
     if mismatches and not allow_version_mismatch:
@@ -211,7 +213,7 @@ def plan_local(spec: PipelineSpec, entry: LockedImage, input_path: Path, output_
             "environment (make setup), or pass allow_version_mismatch=True (recorded).", mismatches)
     # No image runs here: the outputs never name one (their provenance names the environment).
     argv = spec.render(str(input_path.resolve()), str(output_dir.resolve()), subject, session,
-                       **options)
+                       {k: str(Path(p).resolve()) for k, p in (upstream or {}).items()}, **options)
     if argv[0] in ("python", "python3"):
         argv[0] = sys.executable
     env = dict(os.environ) | {k: v for k, v in RUN_ENV.items() if k != "HOME"}
@@ -287,7 +289,7 @@ def run_pipeline(spec: PipelineSpec, input_path: str | Path, output_dir: str | P
                  entities: Mapping[str, str] | None = None, threads: int | None = None,
                  allow_version_mismatch: bool = False, timeout_s: float | None = None,
                  lock_path: Path | None = None, containers: Path | None = None,
-                 sif_dir: Path = SIF_DIR) -> RunRecord:
+                 sif_dir: Path = SIF_DIR, upstream: Mapping[str, Path] | None = None) -> RunRecord:
     """Run ``spec`` on one input file with ``backend`` and return its provenance.
 
     Parameters
@@ -310,6 +312,9 @@ def run_pipeline(spec: PipelineSpec, input_path: str | Path, output_dir: str | P
         Stop (and remove) the run after this many seconds.
     lock_path, containers : Path, optional
         The lock and the image definitions (default: the spec's ``definitions`` folder).
+    upstream : mapping of str to path, optional
+        Files of other pipelines' runs this one takes (key of one of the spec's
+        :class:`~pipelines.spec.Upstream` -> path), mounted read-only and hashed with the inputs.
 
     Returns
     -------
@@ -326,24 +331,27 @@ def run_pipeline(spec: PipelineSpec, input_path: str | Path, output_dir: str | P
     if backend not in BACKENDS:
         raise ContainerRunError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     input_path, output_dir = Path(input_path), Path(output_dir)
-    if not input_path.is_file():
-        raise ContainerRunError(f"input {input_path} does not exist or is not a file")
+    upstream = {k: Path(p) for k, p in (upstream or {}).items()}
+    for path in (input_path, *upstream.values()):
+        if not path.is_file():
+            raise ContainerRunError(f"input {path} does not exist or is not a file")
     containers = containers or spec.definitions
     entry = _locked(spec, lock_path or spec.lock_path)
     entities = {k: v for k, v in (entities or {}).items() if v is not None}
     options = dict(entities) | {"threads": threads}
     if backend == "local":
         plan = plan_local(spec, entry, input_path, output_dir, subject, session, options,
-                          allow_version_mismatch, containers, repo=containers.parent)
+                          allow_version_mismatch, containers, repo=containers.parent, upstream=upstream)
     else:
         plan = plan_container(backend, spec, entry, input_path, output_dir, subject, session,
-                              options, containers, sif_dir)
+                              options, containers, sif_dir, upstream=upstream)
     output_dir.mkdir(parents=True, exist_ok=True)  # only once the run is allowed
     record = RunRecord(
         run_id=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "_" + uuid.uuid4().hex[:8],
         pipeline=spec.name, pipeline_version=spec.version, backend=backend,
         image=entry.reference, digest=plan.digest, command=plan.command, started_at="",
-        inputs={str(input_path.resolve()): sha256_file(input_path)}, versions=plan.versions,
+        inputs={str(p.resolve()): sha256_file(p) for p in (input_path, *upstream.values())},
+        versions=plan.versions,
         version_override=bool(plan.mismatches), version_mismatches=list(plan.mismatches),
         environment_sha256=plan.environment_sha256)
     if record.version_override:

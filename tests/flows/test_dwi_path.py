@@ -88,3 +88,70 @@ def test_a_planted_fault_fails_the_gate_with_its_reason_and_a_site_query(prefect
     assert read_table(lake, "biomarkers").empty
     queries = read_table(lake, "queries")
     assert len(queries) == 1 and queries["status"].iloc[0] == "open" and metric in queries["message"].iloc[0]
+
+
+# --- the same session's T1: the anat pipeline first, its white matter in the dwi pipeline ---------
+
+SESSION_TAGS = ("StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
+                "StudyTime", "AccessionNumber", "StudyID", "DeviceSerialNumber", "SoftwareVersions",
+                "StationName", "InstitutionName")
+
+
+def _with_t1(upload: Path) -> None:
+    """The Philips MPRAGE of ../shared/data (same scanner model) sent in the DWI's study: the
+    study, patient and scanner elements of the DWI's first file written into every T1 file."""
+    first = pydicom.dcmread(sorted(upload.glob("*.dcm"))[0], stop_before_pixels=True)
+    for f in sorted(shared_path("dcm_qa_philips_enh", "In", "cl").glob("*.dcm.gz")):
+        ds = pydicom.dcmread(io.BytesIO(gzip.decompress(f.read_bytes())))
+        for tag in SESSION_TAGS:
+            if tag in first:
+                setattr(ds, tag, first.data_element(tag).value)
+            elif tag in ds:
+                delattr(ds, tag)
+        ds.save_as(upload / f"T1_{f.name.removesuffix('.gz')}")
+
+
+@pytest.fixture(scope="module")
+def t1_site_trial(tmp_path_factory):
+    """The demo trial with T1w series also accepted from the DWI site."""
+    from data_contracts.trial import load_trial
+    from tests.helpers import DEMO_TRIAL
+
+    text = Path(DEMO_TRIAL).read_text()
+    line = "      sites: [philips-ingenia, siemens-xa30]\n"
+    assert text.count(line) == 1
+    path = tmp_path_factory.mktemp("trial") / "trial.yaml"
+    path.write_text(text.replace(line, "      sites: [philips-ingenia, siemens-xa30, philips-dwi]\n"))
+    return load_trial(path)
+
+
+def test_a_t1_of_the_same_session_gives_the_dwi_its_white_matter(prefect_harness, t1_site_trial, tmp_path):
+    lake_url = str(tmp_path / "lake")
+    upload = _upload(tmp_path)
+    _with_t1(upload)
+    (o,) = receive_study(str(upload), SITE, lake_url=lake_url, trial=t1_site_trial)
+    assert o.status == "accepted"
+    assert sorted((s.series_type, s.verdict) for s in o.series) == [("T1w", "conform"), ("dwi", "conform")]
+    done = process_study(o.study.study_key, SITE, lake_url=lake_url, trial=t1_site_trial, pipelines=["dwi", "anat"])
+    by = {sq.run.pipeline: sq for sq in done}
+    assert by["anat"].verdict.status in ("PASS", "WARN"), by["anat"].verdict.reasons
+    dwi = by["dwi"]
+    assert dwi.verdict.status == "PASS", dwi.verdict.reasons
+    # the dwi run took the anat run's T1 and labels: in its command and, hashed, in its inputs
+    anat_out = by["anat"].run.outputs
+    lake = open_lake(lake_url)
+    inputs = {Path(p).name for p in dwi.run.record["inputs"]}
+    assert {Path(anat_out["preproc"]).name, Path(anat_out["dseg"]).name} <= inputs
+    command = dwi.run.record["command"]
+    assert command[command.index("--t1w") + 1] == lake.path(anat_out["preproc"])
+    assert command[command.index("--t1w-dseg") + 1] == lake.path(anat_out["dseg"])
+    assert dwi.metrics["dwi_t1w_rejected"] == 0
+    bio = read_table(lake, "biomarkers")
+    dwi_rows = bio[bio.pipeline_name == "dwi"].set_index("measure")
+    assert {"FA_T1WM", "MD_T1WM", "AD_T1WM", "RD_T1WM", "T1WM_volume"} <= set(dwi_rows.index)
+    assert 0.35 <= dwi_rows.loc["FA_T1WM", "value"] <= 0.55 and 0.6 <= dwi_rows.loc["MD_T1WM", "value"] <= 0.9
+    root = Path(lake.root)
+    assert len(list(root.glob("derivatives/dwi-*/sub-*/ses-*/dwi/*_label-WM_desc-T1w_mask.nii.gz"))) == 1
+    for dataset in (root / "derivatives").iterdir():
+        errors, _ = bids_validator(dataset)
+        assert errors == [], (dataset, describe(errors))

@@ -31,3 +31,18 @@ def in_bids(series: Path, root: Path) -> Path:
         shutil.copy(series.with_name(series.name.removesuffix(".nii.gz") + ext), folder / f"sub-01_ses-1_dwi{ext}")
     (root / "dataset_description.json").write_text('{"Name": "raw", "BIDSVersion": "1.10.0"}')
     return folder / "sub-01_ses-1_dwi.nii.gz"
+
+
+def philips_t1_anat(out: Path) -> tuple[Path, Path]:
+    """The Philips MPRAGE of ../shared/data (Ingenia Elition X, as the DWI) through the anat pipeline
+    as corelab runs it: its ``desc-preproc_T1w`` and ``dseg``."""
+    from pipelines.anat.run import run_anat
+
+    dicom = out / "t1-dicom"
+    dicom.mkdir(parents=True)
+    for f in sorted(shared_path("dcm_qa_philips_enh", "In", "cl").glob("*.dcm.gz")):
+        (dicom / f.name.removesuffix(".gz")).write_bytes(gzip.decompress(f.read_bytes()))
+    subprocess.run([dcm2niix_binary(), "-b", "n", "-z", "y", "-f", "sub-01_ses-1_T1w", "-o", str(out), str(dicom)],
+                   check=True, capture_output=True)
+    result = run_anat(out / "sub-01_ses-1_T1w.nii.gz", out / "anat", "01", "1")
+    return result.outputs["preproc"], result.outputs["dseg"]

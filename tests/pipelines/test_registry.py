@@ -64,7 +64,7 @@ def test_sidecar_of_follows_the_bids_rule():
 
 
 def test_the_dwi_spec_promises_what_the_pipeline_writes():
-    from pipelines.dwi.process import MEASURES
+    from pipelines.dwi.process import MEASURES, OPTIONAL_MEASURES
     from pipelines.dwi.run import file_prefix, output_names
 
     spec = get_spec("dwi")
@@ -72,7 +72,11 @@ def test_the_dwi_spec_promises_what_the_pipeline_writes():
     written = output_names(file_prefix("01", "1", {"acq": "b1000"}))
     assert {k: v for k, v in promised.items() if k != "dataset_description"} == written
     assert [(m.name, m.unit) for m in spec.measures] == [(k, u) for k, (u, _) in MEASURES.items()]
+    assert {m.name for m in spec.measures if m.optional} == set(OPTIONAL_MEASURES)
     assert set(spec.entities) == {"acq", "rec", "dir", "run"} and spec.sources == ("pipelines/dwi", "pipelines/anat")
+    # the session's T1 comes from the anat pipeline's outputs, which its spec promises
+    anat = get_spec("anat").outputs
+    assert [(u.pipeline, u.output in anat) for u in spec.upstream] == [("anat", True), ("anat", True)]
 
 
 def test_the_bold_spec_promises_what_the_pipeline_writes():

@@ -43,6 +43,7 @@ def runs(tmp_path_factory):
 def test_the_committed_lock_pins_the_image_this_tree_builds(runs):
     entry, records, _ = runs
     assert read_lock(LOCK_PATH)["bold"].digest == entry.digest
+    assert read_lock(LOCK_PATH)["bold"].reproducible is True     # a clean rebuild gave the same digest
     for backend, rec in records.items():
         assert rec.ok and rec.missing_outputs == [], f"{backend}: {rec.error}\n{rec.stderr_tail}"
     assert records["podman"].digest == entry.digest

@@ -33,7 +33,9 @@ from pipelines.images import (
     write_lock_entry,
 )
 from pipelines.registry import get_spec
-from pipelines.spec import BidsQuery, PipelineSpec, SpecError, bids_prefix
+from pipelines.spec import BidsQuery, Measure, PipelineSpec, SpecError, Upstream, bids_prefix
+from tasks.lake.storage import open_lake
+from tasks.run.derivatives import PipelineRun, read_measures
 from tasks.run.engines import apptainer_command, oci_command, plan_mounts
 from tasks.run.runner import (
     ContainerRunError,
@@ -224,7 +226,7 @@ def test_image_requirements_are_the_repository_pins_and_installed_here():
 # --- command lines ----------------------------------------------------------------------------
 
 def test_oci_and_apptainer_commands_mount_input_read_only_and_cut_the_network(t1, tmp_path):
-    mounts, inside_in, inside_out = plan_mounts(t1, tmp_path)
+    mounts, inside_in, inside_out, _ = plan_mounts(t1, tmp_path)
     argv = ["python", "-m", "x", inside_in, inside_out]
     cmd = oci_command("docker", DIGEST, mounts, argv, name="n", user="1000:1000", env={"A": "1"})
     assert cmd == ["docker", "run", "--rm", "--name", "n", "--pull", "never", "--network", "none",
@@ -443,8 +445,59 @@ def test_a_dwi_goes_in_with_its_gradient_table_and_sidecar_read_only(tmp_path):
         (folder / f"sub-01_ses-1_dwi{ext}").write_text("x")
     (folder / "sub-01_ses-1_dwi2.bval").write_text("another image's")
     (folder / "sub-01_ses-1_dwi.tsv").write_text("not a BIDS companion")
-    mounts, inside_in, _ = plan_mounts(folder / "sub-01_ses-1_dwi.nii.gz", tmp_path / "out")
+    mounts, inside_in, _, _ = plan_mounts(folder / "sub-01_ses-1_dwi.nii.gz", tmp_path / "out")
     assert inside_in == "/data/in/sub-01_ses-1_dwi.nii.gz"
     assert [(m.target, m.read_only) for m in mounts] == [
         ("/data/in/sub-01_ses-1_dwi.nii.gz", True), ("/data/in/sub-01_ses-1_dwi.bval", True),
         ("/data/in/sub-01_ses-1_dwi.bvec", True), ("/data/in/sub-01_ses-1_dwi.json", True), ("/data/out", False)]
+
+
+# --- another pipeline's outputs as inputs (the dwi pipeline's T1) ------------------------------
+
+UPSTREAM_TOY = replace(TOY, upstream=(Upstream("t1w", "anat", "preproc", "--t1w"),))
+
+
+@pytest.mark.parametrize("backend", ["podman", "local"])
+def test_an_upstream_file_goes_in_read_only_beside_the_input_and_is_hashed(setup, t1, tmp_path, backend):
+    other = tmp_path / "deriv" / "sub-01_desc-preproc_T1w.nii.gz"
+    other.parent.mkdir()
+    other.write_bytes(b"the anat run's T1")
+    rec = run_pipeline(UPSTREAM_TOY, t1, setup["out"], "01", "V1", backend=backend, upstream={"t1w": other},
+                       **setup["kw"])
+    assert rec.ok, rec.error
+    assert rec.inputs == {str(t1.resolve()): sha256_file(t1), str(other.resolve()): sha256_file(other)}
+    if backend == "podman":
+        (ran,) = runs(setup["log"])
+        inside = f"/data/in/t1w-{other.name}"
+        assert f"type=bind,source={other.resolve()},target={inside},readonly" in ran
+        assert ran[ran.index("--t1w") + 1] == inside
+    else:
+        assert rec.command[rec.command.index("--t1w") + 1] == str(other.resolve())
+
+
+def test_an_upstream_file_that_is_not_there_or_not_declared_is_refused(setup, t1, tmp_path):
+    with pytest.raises(ContainerRunError, match="does not exist"):
+        run_pipeline(UPSTREAM_TOY, t1, setup["out"], "01", "V1", backend="local",
+                     upstream={"t1w": tmp_path / "absent.nii.gz"}, **setup["kw"])
+    with pytest.raises(SpecError, match="upstream"):
+        TOY.render("/in", "/out", "01", "V1", {"t1w": "/x"})
+    with pytest.raises(SpecError, match="upstream keys"):
+        replace(TOY, upstream=(Upstream("acq", "anat", "preproc", "--t"),))
+
+
+def test_optional_measures_may_be_absent_but_never_undeclared_or_in_another_unit(tmp_path):
+    spec = replace(TOY, outputs={"measures": "m.tsv"}, measures=(
+        Measure("FA_WM", "1"), Measure("FA_T1WM", "1", optional=True)))
+    lake = open_lake(str(tmp_path / "lake"))
+
+    def read(rows: str) -> PipelineRun:
+        lake.write_text("m.tsv", "measure\tvalue\tunit\n" + rows)
+        run = PipelineRun("uid", "bids/x", "sha", "toy", "1.0", outputs={"measures": "m.tsv"})
+        read_measures(lake, spec, run)
+        return run
+
+    assert read("FA_WM\t0.4\t1\n").error is None
+    assert read("FA_WM\t0.4\t1\nFA_T1WM\t0.42\t1\n").error is None
+    assert "FA_WM [absent" in read("FA_T1WM\t0.42\t1\n").error
+    assert "FA_T1WM [um2/ms" in read("FA_WM\t0.4\t1\nFA_T1WM\t0.42\tum2/ms\n").error
+    assert "RD [1, declared nothing]" in read("FA_WM\t0.4\t1\nRD\t0.4\t1\n").error
