@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipelines.dwi.process import MEASURES
 from pipelines.image_build import build_image
 from pipelines.images import LOCK_PATH, read_lock
-from pipelines.dwi.process import MEASURES
 from pipelines.registry import get_spec
 from tasks.run.runner import run_pipeline
 from tests.pipelines.dwi_data import in_bids, philips_dwi, philips_t1_anat
