@@ -36,6 +36,14 @@ class HarmonizationSettings(BaseModel):
                           "pipeline; none: the only pipeline whose measures are there")
     seed: int = Field(
         0, ge=0, description="seed of the k-fold penalty search of smooth terms (reproducible fits)")
+    eb: bool = Field(True, description="empirical Bayes shrinkage of the site estimates (Johnson et al. 2007)")
+    parametric: bool = Field(
+        True, description="parametric priors (normal/inverse gamma); False: neuroCombat's non-parametric "
+                          "Monte-Carlo-free integration over the other features")
+    mean_only: bool = Field(False, description="adjust the site means only, never the scale")
+    ref_batch: str | None = Field(
+        None, description="reference batch: its values stay as measured and the others are brought onto "
+                          "it (reference-batch ComBat, Zhang et al. 2018)")
 
     @model_validator(mode="after")
     def _smooth_are_covariates(self) -> "HarmonizationSettings":
@@ -44,6 +52,8 @@ class HarmonizationSettings(BaseModel):
         if unknown:
             raise ValueError(f"smooth_terms/categorical_covariates {unknown} are not in covariates "
                              f"{self.covariates}")
+        if self.parametric is False and self.eb is False:
+            raise ValueError("parametric=False chooses the non-parametric empirical Bayes priors: it needs eb=True")
         both = set(self.smooth_terms) & set(self.categorical_covariates)
         if both:
             raise ValueError(f"{sorted(both)} cannot be both smooth and categorical")

@@ -332,5 +332,21 @@ def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
     design[np.arange(len(codes.codes)), codes.codes] = 1.0
     design[:, len(codes.labels):] = encoded.to_numpy(dtype=float)
     findings += check_design_rank(design, [*codes.labels, *encoded.columns], len(codes.labels))
+    findings += check_reference_batch(settings.ref_batch, data.batch, mapping)
     raise_if_refused(findings)
     return encoding, encoded, batch, mapping, findings, assoc
+
+
+def check_reference_batch(ref: str | None, batch: pd.Series, mapping: dict[str, str]) -> list[Finding]:
+    """A reference batch must be one of the fit's batches, and a batch of its own (not pooled)."""
+    if ref is None:
+        return []
+    if ref not in mapping:
+        return [Finding("refusal", "unknown_reference_batch",
+                        f"the reference batch {ref!r} is not in the data (its batches: "
+                        f"{', '.join(sorted(map(str, batch.unique())))})", {"ref_batch": ref})]
+    if mapping[ref] != ref:
+        return [Finding("refusal", "pooled_reference_batch",
+                        f"the reference batch {ref!r} is below the minimum size and was pooled "
+                        f"into {mapping[ref]!r}: a reference must be estimated on its own", {"ref_batch": ref})]
+    return []

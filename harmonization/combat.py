@@ -30,19 +30,20 @@ Apply
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import warnings
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from neuroCombat.neuroCombat import find_parametric_adjustments
-from neuroHarmonize.harmonizationLearn import fitLSModelAndFindPriors
+from neuroCombat.neuroCombat import (
+    find_non_eb_adjustments,
+    find_non_parametric_adjustments,
+    find_parametric_adjustments,
+    fit_LS_model_and_find_priors,
+)
 
 from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization import checks, gam
@@ -57,6 +58,32 @@ VOLATILE = ("created_at", "fit_seconds", "source")
 # Below this many bytes of features the input is fingerprinted before the fit, above it
 # in a thread while ComBat runs (a thread costs milliseconds to start and hand the GIL to).
 PARALLEL_FINGERPRINT_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Options:
+    """The ComBat variant: neuroCombat's ``eb``, ``parametric``, ``mean_only`` and ``ref_batch``
+    (as the index of the reference among the sorted batches)."""
+
+    eb: bool = True
+    parametric: bool = True
+    mean_only: bool = False
+    ref: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"eb": self.eb, "parametric": self.parametric, "mean_only": self.mean_only, "ref": self.ref}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "Options":
+        """From a stored model's metadata (models stored before the options: parametric EB ComBat)."""
+        return cls(**d) if d else cls()
+
+    @classmethod
+    def of(cls, settings: HarmonizationSettings, labels: np.ndarray) -> "Options":
+        ref = None
+        if settings.ref_batch is not None:
+            ref = int(np.nonzero(labels == settings.ref_batch)[0][0])   # checks.py made sure it is there
+        return cls(settings.eb, settings.parametric, settings.mean_only, ref)
 
 
 @dataclass
@@ -94,6 +121,7 @@ class ComBatModel:
     gamma_hat: np.ndarray
     delta_hat: np.ndarray
     eb: bool = True
+    options: Options = field(default_factory=Options)
     spline: gam.SplineSpec | None = None
     alphas: np.ndarray | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -157,16 +185,7 @@ class FitResult:
     association: dict[str, float]
 
 
-@contextlib.contextmanager
-def _quiet_neuroharmonize() -> Iterator[None]:
-    """neuroHarmonize 2.5.2 builds one np.matrix per fit, which numpy warns about on every call."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=PendingDeprecationWarning,
-                                message="the matrix subclass")
-        yield
-
-
-def _info_dict(codes: np.ndarray, n_batch: int) -> dict[str, Any]:
+def _info_dict(codes: np.ndarray, n_batch: int, ref: int | None = None) -> dict[str, Any]:
     """neuroCombat's bookkeeping of which rows belong to which batch.
 
     ``batch_info`` holds index arrays where neuroHarmonize builds lists of Python
@@ -177,7 +196,7 @@ def _info_dict(codes: np.ndarray, n_batch: int) -> dict[str, Any]:
     order = np.argsort(codes, kind="stable")
     return {"batch_levels": np.arange(n_batch), "n_batch": n_batch, "n_sample": int(len(codes)),
             "sample_per_batch": counts.astype(int),
-            "batch_info": np.split(order, np.cumsum(counts)[:-1]), "ref_level": None}
+            "batch_info": np.split(order, np.cumsum(counts)[:-1]), "ref_level": ref}
 
 
 def fit(data: HarmonizationData, settings: HarmonizationSettings) -> FitResult:
@@ -194,26 +213,27 @@ def fit(data: HarmonizationData, settings: HarmonizationSettings) -> FitResult:
     if x.nbytes < PARALLEL_FINGERPRINT_BYTES:
         # small input: hashing takes about a millisecond, less than handing it to a thread
         fingerprint = data.fingerprint()
-        model, bayes = _fit_model(x, encoded, batch, encoding, settings.seed)
+        model, bayes = _fit_model(x, encoded, batch, encoding, settings)
     else:
         # hashlib releases the GIL on large buffers: the input's fingerprint (a third of a
         # second for 100,000 x 300) is computed while ComBat fits
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(data.fingerprint)
-            model, bayes = _fit_model(x, encoded, batch, encoding, settings.seed)
+            model, bayes = _fit_model(x, encoded, batch, encoding, settings)
             fingerprint = pending.result()
     model.batch_map = mapping
     model.features = [str(c) for c in data.features.columns]
+    _refuse_non_finite(model, settings)
     model.metadata = _metadata(model, data, settings, findings, assoc, fingerprint)
     harmonized = pd.DataFrame(bayes, index=data.features.index, columns=data.features.columns)
     return FitResult(model, harmonized, batch, encoded, findings, assoc)
 
 
 def _fit_model(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series,
-               encoding: CovariateEncoding, seed: int) -> tuple[ComBatModel, np.ndarray]:
+               encoding: CovariateEncoding, settings: HarmonizationSettings) -> tuple[ComBatModel, np.ndarray]:
     if encoding.smooth_terms:
-        return _fit_gam(x, encoded, batch, encoding, seed)
-    return _fit_linear(x, encoded, batch, encoding)
+        return _fit_gam(x, encoded, batch, encoding, settings)
+    return _fit_linear(x, encoded, batch, encoding, settings)
 
 
 def _batch_codes(batch: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -222,33 +242,43 @@ def _batch_codes(batch: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(labels, dtype=str), codes
 
 
+def _batch_design(codes: np.ndarray, n_batch: int, ref: int | None) -> np.ndarray:
+    """neuroCombat's batch part of the design: one indicator per batch, the reference's all ones."""
+    out = np.eye(n_batch)[codes]
+    if ref is not None:
+        out[:, ref] = 1.0
+    return out
+
+
 def _fit_linear(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series,
-                encoding: CovariateEncoding) -> tuple[ComBatModel, np.ndarray]:
+                encoding: CovariateEncoding, settings: HarmonizationSettings) -> tuple[ComBatModel, np.ndarray]:
     labels, codes = _batch_codes(batch)
     n_batch = len(labels)
+    options = Options.of(settings, labels)
     # neuroCombat's make_design_matrix: every batch's indicator, then the covariates as float32
     design = np.zeros((len(codes), n_batch + len(encoding.columns)))
-    design[np.arange(len(codes)), codes] = 1.0
+    design[:, :n_batch] = _batch_design(codes, n_batch, options.ref)
     covariates = encoded if list(encoded.columns) == encoding.columns else encoded[encoding.columns]
     design[:, n_batch:] = covariates.to_numpy(dtype=np.float32)
     # neuroHarmonize's standardizeAcrossFeatures, term for term
     b_hat = np.dot(np.dot(np.linalg.inv(np.dot(design.T, design)), design.T), x)
-    model, bayes = _combat(x, design, codes, n_batch, b_hat)
+    model, bayes = _combat(x, design, codes, n_batch, b_hat, options)
     model.batches = [str(b) for b in labels]
     model.encoding = encoding
     return model, bayes
 
 
 def _fit_gam(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series, encoding: CovariateEncoding,
-             seed: int) -> tuple[ComBatModel, np.ndarray]:
+             settings: HarmonizationSettings) -> tuple[ComBatModel, np.ndarray]:
     labels, codes = _batch_codes(batch)
     n_batch = len(labels)
-    linear = np.column_stack([np.eye(n_batch)[codes],
+    options = Options.of(settings, labels)
+    linear = np.column_stack([_batch_design(codes, n_batch, options.ref),
                               encoded[encoding.linear_columns].to_numpy(dtype=float)])
     bs = gam.make_bsplines(encoded[encoding.smooth_terms].to_numpy(dtype=float))
-    smooth = gam.fit_smooth(linear, bs, x, np.random.default_rng(seed))
+    smooth = gam.fit_smooth(linear, bs, x, np.random.default_rng(settings.seed))
     design = np.column_stack([linear, bs.basis])
-    model, bayes = _combat(x, design, codes, n_batch, smooth.coef)
+    model, bayes = _combat(x, design, codes, n_batch, smooth.coef, options)
     model.batches = [str(b) for b in labels]
     model.encoding = encoding
     model.spline = gam.spec_of(bs, encoding.smooth_terms)
@@ -257,47 +287,81 @@ def _fit_gam(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series, encoding: C
 
 
 def _combat(x: np.ndarray, design: np.ndarray, codes: np.ndarray, n_batch: int,
-            b_hat: np.ndarray) -> tuple[ComBatModel, np.ndarray]:
-    """ComBat once the coefficients ``b_hat`` of ``design`` (batch indicators first) are known.
+            b_hat: np.ndarray, options: Options = Options()) -> tuple[ComBatModel, np.ndarray]:
+    """ComBat once the coefficients ``b_hat`` of ``design`` (batch part first) are known.
 
-    Standardization and the final adjustment are neuroHarmonize's
-    ``standardizeAcrossFeatures`` and neuroCombat's ``adjust_data_final``
-    written row-major over whole arrays (they build (F, n) matrices of ones and
-    loop over batches with index lists); the estimates in between are their own
-    functions: ``fitLSModelAndFindPriors`` and ``find_parametric_adjustments``.
+    Standardization and the final adjustment are neuroCombat's ``standardize_across_features``
+    and ``adjust_data_final`` written row-major over whole arrays (they build (F, n) matrices of
+    ones and loop over batches with index lists), with its reference-batch rules: the grand mean
+    is the reference's coefficient, the pooled variance the reference's rows', and the reference
+    rows come back as they went in. The estimates in between are neuroCombat's own functions
+    (``fit_LS_model_and_find_priors`` and the parametric, non-parametric or no-EB adjustments).
     """
-    info = _info_dict(codes, n_batch)
-    eb = x.shape[1] > 1  # neuroHarmonize bypasses empirical Bayes for a single feature
-    grand_mean = (info["sample_per_batch"] / len(codes)) @ b_hat[:n_batch]
+    ref = options.ref
+    info = _info_dict(codes, n_batch, ref)
+    eb = options.eb and x.shape[1] > 1  # neuroHarmonize bypasses empirical Bayes for a single feature
+    grand_mean = b_hat[ref].copy() if ref is not None else (info["sample_per_batch"] / len(codes)) @ b_hat[:n_batch]
     covariate_part = design[:, n_batch:] @ b_hat[n_batch:]
     # x minus the covariate part, row-major whatever the layout of x; it becomes the
     # standardized data, then the result
     s = np.subtract(x, covariate_part, order="C")
-    resid = s - b_hat[:n_batch][codes]
-    var_pooled = np.einsum("ij,ij->j", resid, resid) / len(codes)
+    if ref is None:
+        resid = s - b_hat[:n_batch][codes]
+        var_pooled = np.einsum("ij,ij->j", resid, resid) / len(codes)
+    else:
+        rows = codes == ref
+        resid = x[rows] - design[rows] @ b_hat
+        var_pooled = np.einsum("ij,ij->j", resid, resid) / int(rows.sum())
     del resid
+    var_pooled[var_pooled == 0] = np.median(var_pooled != 0)   # neuroCombat's rule, as it is
     sd = np.sqrt(var_pooled)
     s -= grand_mean
     s /= sd
     s_data = s.T  # neuroCombat's (features, samples) orientation, a view
-    with _quiet_neuroharmonize():
-        ls = fitLSModelAndFindPriors(s_data, design, info, eb=eb)
-    if eb:
-        gamma_star, delta_star = find_parametric_adjustments(s_data, ls, info, mean_only=False)
+    ls = fit_LS_model_and_find_priors(s_data, design, info, options.mean_only)
+    if not eb:
+        gamma_star, delta_star = find_non_eb_adjustments(s_data, ls, info)
+    elif options.parametric:
+        gamma_star, delta_star = find_parametric_adjustments(s_data, ls, info, options.mean_only)
     else:
-        gamma_star, delta_star = ls["gamma_hat"], np.array(ls["delta_hat"])
-    gamma_star, delta_star = np.asarray(gamma_star), np.asarray(delta_star)
-    s -= gamma_star[codes]
+        gamma_star, delta_star = find_non_parametric_adjustments(s_data, ls, info, options.mean_only)
+    gamma_star, delta_star = np.asarray(gamma_star, dtype=float), np.asarray(delta_star, dtype=float)
+    s -= _batch_design(codes, n_batch, ref) @ gamma_star
     s /= np.sqrt(delta_star)[codes]
     s *= sd
     s += grand_mean
     s += covariate_part
+    if ref is not None:
+        s[codes == ref] = x[codes == ref]
     model = ComBatModel(
         batches=[], batch_sizes=[int(n) for n in info["sample_per_batch"]], batch_map={},
         features=[], encoding=CovariateEncoding(), B_hat=b_hat, grand_mean=grand_mean,
         var_pooled=var_pooled, gamma_star=gamma_star, delta_star=delta_star,
-        gamma_hat=np.asarray(ls["gamma_hat"]), delta_hat=np.asarray(ls["delta_hat"]), eb=eb)
+        gamma_hat=np.asarray(ls["gamma_hat"]), delta_hat=np.asarray(ls["delta_hat"], dtype=float), eb=eb,
+        options=options)
     return model, s
+
+
+def _refuse_non_finite(model: ComBatModel, settings: HarmonizationSettings) -> None:
+    """Estimates that are not numbers are refused, never written as harmonized NaN.
+
+    Found with neuroCombat's own non-parametric priors (``int_eprior``): with ``mean_only`` and a
+    reference batch, the likelihood of a batch's scans under every other feature's estimates can
+    underflow to 0 and the estimate is 0/0 (ABIDE, AGE+SEX+DX, NYU as reference: site UM_1,
+    features WM- and non-WM-hypointensities; neuroCombat 0.2.12 returns 1,720 NaN values).
+    """
+    bad = ~(np.isfinite(model.gamma_star) & np.isfinite(model.delta_star))
+    if not bad.any():
+        return
+    findings = [Finding("refusal", "estimates_not_finite",
+                        f"batch {b!r}: the {'non-' if not settings.parametric else ''}parametric empirical Bayes "
+                        f"estimates of {int(row.sum())} feature(s) are not numbers "
+                        f"(e.g. {[f for f, x in zip(model.features, row) if x][:3]}); "
+                        + ("the non-parametric likelihood of its scans underflows: fit with parametric "
+                           "priors" if not settings.parametric else "check the feature's values"),
+                        {"batch": b, "features": int(row.sum())})
+                for b, row in zip(model.batches, bad) if row.any()]
+    raise HarmonizationRefused(findings)
 
 
 def _metadata(model: ComBatModel, data: HarmonizationData, settings: HarmonizationSettings,
@@ -306,6 +370,8 @@ def _metadata(model: ComBatModel, data: HarmonizationData, settings: Harmonizati
         "schema": "corelab.harmonization.model/1",
         "method": model.method,
         "empirical_bayes": model.eb,
+        "options": model.options.to_dict(),
+        "reference_batch": model.batches[model.options.ref] if model.options.ref is not None else None,
         "batches": dict(zip(model.batches, model.batch_sizes)),
         "batch_map": model.batch_map,
         "features": model.features,
@@ -395,6 +461,9 @@ def apply(model: ComBatModel, data: HarmonizationData, model_id: str = "",
         s /= np.sqrt(model.delta_star)[idx]
         s *= sd
         s += centre
+        if model.options.ref is not None:   # the reference's rows stay as measured, as in the fit
+            own = idx == model.options.ref
+            s[own] = (x if every else x[ok])[own]
         if every:
             out = s
         else:

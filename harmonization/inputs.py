@@ -253,7 +253,8 @@ class HarmonizationData:
         h.update(values.T.data)
         for frame in (self.covariates, self.batch.to_frame()):
             h.update("\x1f".join(map(str, frame.columns)).encode())
-            h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+            if frame.shape[1]:   # pandas cannot hash a frame without columns (a fit without covariates)
+                h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
         return h.hexdigest()
 
 

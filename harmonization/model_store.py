@@ -32,7 +32,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from harmonization import gam
-from harmonization.combat import ComBatModel
+from harmonization.combat import ComBatModel, Options
 from harmonization.errors import (
     HarmonizationError,
     ModelNotFoundError,
@@ -109,7 +109,7 @@ def from_parts(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> ComBatMod
         B_hat=arrays["B_hat"], grand_mean=arrays["grand_mean"], var_pooled=arrays["var_pooled"],
         gamma_star=arrays["gamma_star"], delta_star=arrays["delta_star"],
         gamma_hat=arrays["gamma_hat"], delta_hat=arrays["delta_hat"],
-        eb=bool(meta["empirical_bayes"]),
+        eb=bool(meta["empirical_bayes"]), options=Options.from_dict(meta.get("options")),
         spline=gam.SplineSpec.from_dict(meta["spline"]) if "spline" in meta else None,
         alphas=arrays.get("alphas"), metadata=meta)
 
