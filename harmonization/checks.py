@@ -333,6 +333,10 @@ def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
     design[:, len(codes.labels):] = encoded.to_numpy(dtype=float)
     findings += check_design_rank(design, [*codes.labels, *encoded.columns], len(codes.labels))
     findings += check_reference_batch(settings.ref_batch, data.batch, mapping)
+    if not settings.covariates:
+        findings.append(Finding("warning", "no_covariates",
+                                "no covariates: every difference between sites is removed as site effect, "
+                                "biological ones (age, sex, diagnosis) included", {}))
     raise_if_refused(findings)
     return encoding, encoded, batch, mapping, findings, assoc
 

@@ -88,6 +88,9 @@ def coefficients(values: pd.DataFrame, encoded: pd.DataFrame, batch: pd.Series |
         rows.append(pd.DataFrame({"feature": values.columns, "term": term, "estimate": est,
                                   "se": se, "ci_low": est - tcrit * se, "ci_high": est + tcrit * se,
                                   "p": p, "q": q, "significant": sig}))
+    if not rows:   # a model without covariates: no biology to follow through the harmonization
+        return pd.DataFrame(columns=["feature", "term", "estimate", "se", "ci_low", "ci_high", "p", "q",
+                                     "significant"]).astype({"significant": bool})
     return pd.concat(rows, ignore_index=True)
 
 

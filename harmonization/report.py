@@ -193,13 +193,14 @@ def render_html(report: dict[str, Any]) -> str:
         fig["sites"] = figures.sites(report["sites"]["rows"], report["sites"]["covariates"])
     if d:
         fig["site_effect"] = figures.site_effect(d["site_effect"]["per_feature"], d["alpha"])
-        fig["biology"] = figures.biology(d["biology"]["before"], d["biology"]["after"])
+        if d["biology"]["before"]:     # none without covariates
+            fig["biology"] = figures.biology(d["biology"]["before"], d["biology"]["after"])
         fig["boxplots"] = figures.boxplots(d["boxplots"])
         fig["pca"] = figures.pca(d["pca"])
     if report.get("location_scale"):
         fig["location_scale"] = figures.location_scale(report["location_scale"])
     has = {"summary": True, "findings": bool(report["findings"]), "sites": "sites" in fig,
-           "site_effect": bool(d), "biology": bool(d), "boxplots": bool(d), "pca": bool(d),
+           "site_effect": bool(d), "biology": "biology" in fig, "boxplots": bool(d), "pca": bool(d),
            "location_scale": "location_scale" in fig, "penalties": bool(report.get("penalties")),
            "apply": bool(report.get("apply")), "methods": True}
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE), autoescape=True)

@@ -89,6 +89,13 @@ def fit(
     small_site: str = typer.Option("refuse", help="refuse | pool batches below --min-site-n"),
     max_confounding: float = typer.Option(0.8, help="refuse above this covariate-site association"),
     seed: int = typer.Option(0, help="seed of the smooth-term penalty search"),
+    eb: bool = typer.Option(True, "--eb/--no-eb", help="empirical Bayes shrinkage of the site estimates"),
+    parametric: bool = typer.Option(True, "--parametric/--non-parametric",
+                                    help="parametric or non-parametric empirical Bayes priors"),
+    mean_only: bool = typer.Option(False, "--mean-only", help="adjust site means only, never the scale"),
+    ref_batch: Optional[str] = typer.Option(None, "--ref-batch",
+                                            help="reference site: its values stay as measured, the others "
+                                                 "are brought onto it"),
     out: Optional[str] = typer.Option(None, help="harmonized table (.csv/.tsv/.parquet)"),
     report: Optional[str] = typer.Option(None, help="HTML report (a .json of it is written beside)"),
     lake: Optional[str] = typer.Option(None, help="lake holding the models (and biomarkers in lake mode)"),
@@ -99,14 +106,15 @@ def fit(
     if table is None:
         _lake_flow(lake, trial, covariates_table, "fit")
         return
-    if not batch or not covariates or not out:
-        fail("table mode needs --batch COL, --covariates A,B,C and --out FILE")
+    if not batch or not out:
+        fail("table mode needs --batch COL and --out FILE (and --covariates A,B,C to keep their effects)")
     from harmonization import service
     try:
         settings = HarmonizationSettings(
             batch="site", covariates=_split(covariates), smooth_terms=_split(smooth),
             categorical_covariates=_split(categorical), min_site_n=min_site_n,
-            small_site=small_site, max_confounding=max_confounding, seed=seed)
+            small_site=small_site, max_confounding=max_confounding, seed=seed, eb=eb,
+            parametric=parametric, mean_only=mean_only, ref_batch=ref_batch)
     except ValidationError as exc:
         fail("invalid options: " + "; ".join(e["msg"] for e in exc.errors()))
     try:

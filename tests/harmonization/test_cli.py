@@ -142,3 +142,31 @@ def test_smooth_term_fit_from_the_command_line(tables):
                                       "rh_MeanThickness_thickness"}
     enc = CovariateEncoding.from_dict(meta["covariates"])
     assert [c.smooth for c in enc.covariates] == [True, False, False]
+
+
+def test_every_combat_option_and_no_covariates_from_the_command_line(tables):
+    root, df = tables
+    features = [c for c in df.columns[5:] if c not in constant_columns(df)]
+    res = runner.invoke(app, ["fit", "--table", str(root / "abide.csv"), "--batch", "SITE",
+                              "--covariates", "AGE,SEX,DX", "--exclude", _exclude(df), "--no-eb", "--mean-only",
+                              "--ref-batch", "NYU", "--out", str(root / "ref.csv"), "--lake", str(root / "lake")])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((root / "lake" / "models" / "harmonization" / _model_id(res.output) / "model.json").read_text())
+    ref = sorted(df["SITE"].unique()).index("NYU")
+    assert meta["options"] == {"eb": False, "parametric": True, "mean_only": True, "ref": ref}
+    assert meta["reference_batch"] == "NYU"
+    out = pd.read_csv(root / "ref.csv")
+    nyu = (df["SITE"] == "NYU").to_numpy()
+    np.testing.assert_array_equal(out.loc[nyu, features].to_numpy(), df.loc[nyu, features].to_numpy())
+    assert not np.allclose(out.loc[~nyu, features], df.loc[~nyu, features])
+    # no covariates: said, and the report has no biology section to draw
+    res = runner.invoke(app, ["fit", "--table", str(root / "abide.csv"), "--batch", "SITE", "--non-parametric",
+                              "--exclude", _exclude(df) + ",AGE,SEX,DX", "--out", str(root / "plain.csv"),
+                              "--report", str(root / "plain.html"), "--lake", str(root / "lake")])
+    assert res.exit_code == 0, res.output
+    assert "no covariates: every difference between sites is removed" in res.output
+    report = json.loads((root / "plain.json").read_text())
+    assert report["diagnostics"]["biology"]["survival"] == [] and report["model"]["covariates"] == []
+    bad = runner.invoke(app, ["fit", "--table", str(root / "abide.csv"), "--batch", "SITE", "--no-eb",
+                              "--non-parametric", "--out", str(root / "x.csv")])
+    assert bad.exit_code == 2 and "needs eb=True" in bad.output
