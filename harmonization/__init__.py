@@ -2,7 +2,8 @@
 
 inputs       tables in and out (CSV/TSV/Parquet), covariate encoding, HarmonizationData
 checks       the honest refusals: NaN/constant features, small sites, missing and confounded covariates
-combat       fit (neuroHarmonize; ComBat-GAM via gam) and the frozen-model apply
+combat       fit (every neuroCombat variant; ComBat-GAM via gam) and the frozen-model apply
+extend       new batches estimated against a frozen model: a child model, nothing harmonized moves
 gam          neuroHarmonize's smooth-term GAM for all features at once
 model_store  versioned models under models/harmonization/<model_id>/
 diagnostics  site effect and biology before/after, PCA, per-site summaries

@@ -301,12 +301,11 @@ def _combat(x: np.ndarray, design: np.ndarray, codes: np.ndarray, n_batch: int,
     info = _info_dict(codes, n_batch, ref)
     eb = options.eb and x.shape[1] > 1  # neuroHarmonize bypasses empirical Bayes for a single feature
     grand_mean = b_hat[ref].copy() if ref is not None else (info["sample_per_batch"] / len(codes)) @ b_hat[:n_batch]
-    covariate_part = design[:, n_batch:] @ b_hat[n_batch:]
-    # x minus the covariate part, row-major whatever the layout of x; it becomes the
-    # standardized data, then the result
-    s = np.subtract(x, covariate_part, order="C")
+    # the covariate part of the fitted mean, as apply() builds it (the same operands in the same
+    # order, so a stored model applied to its training rows gives the fit's values to the bit)
+    centre = np.ascontiguousarray(design[:, n_batch:]) @ b_hat[n_batch:]
     if ref is None:
-        resid = s - b_hat[:n_batch][codes]
+        resid = x - centre - b_hat[:n_batch][codes]
         var_pooled = np.einsum("ij,ij->j", resid, resid) / len(codes)
     else:
         rows = codes == ref
@@ -315,7 +314,9 @@ def _combat(x: np.ndarray, design: np.ndarray, codes: np.ndarray, n_batch: int,
     del resid
     var_pooled[var_pooled == 0] = np.median(var_pooled != 0)   # neuroCombat's rule, as it is
     sd = np.sqrt(var_pooled)
-    s -= grand_mean
+    centre += grand_mean
+    # x minus the centre, row-major whatever the layout of x: the standardized data, then the result
+    s = np.subtract(x, centre, order="C")
     s /= sd
     s_data = s.T  # neuroCombat's (features, samples) orientation, a view
     ls = fit_LS_model_and_find_priors(s_data, design, info, options.mean_only)
@@ -326,11 +327,10 @@ def _combat(x: np.ndarray, design: np.ndarray, codes: np.ndarray, n_batch: int,
     else:
         gamma_star, delta_star = find_non_parametric_adjustments(s_data, ls, info, options.mean_only)
     gamma_star, delta_star = np.asarray(gamma_star, dtype=float), np.asarray(delta_star, dtype=float)
-    s -= _batch_design(codes, n_batch, ref) @ gamma_star
+    s -= gamma_star[codes]          # a reference batch's own row of gamma_star is 0
     s /= np.sqrt(delta_star)[codes]
     s *= sd
-    s += grand_mean
-    s += covariate_part
+    s += centre
     if ref is not None:
         s[codes == ref] = x[codes == ref]
     model = ComBatModel(

@@ -63,7 +63,8 @@ def _sites(covariates: pd.DataFrame, batch: pd.Series, kinds: list[dict[str, Any
 def _model_section(model: ComBatModel, model_id: str) -> dict[str, Any]:
     meta = model.metadata
     keep = ("method", "batches", "batch_map", "features", "covariates", "settings", "input",
-            "source", "created_at", "association_with_batch", "empirical_bayes")
+            "source", "created_at", "association_with_batch", "empirical_bayes", "options", "reference_batch",
+            "parent", "extended_batches")
     return dict({k: meta[k] for k in keep if k in meta}, model_id=model_id)
 
 
@@ -71,6 +72,12 @@ def _location_scale(model: ComBatModel) -> dict[str, Any]:
     return {"batches": model.batches, "features": model.features,
             "gamma_star": model.gamma_star.round(6).tolist(),
             "delta_star": model.delta_star.round(6).tolist()}
+
+
+def _reference_text(model: ComBatModel) -> str:
+    if model.options.ref is None:
+        return ""
+    return f", with {model.batches[model.options.ref]} as reference batch (its values unchanged)"
 
 
 def methods_text(model: ComBatModel) -> str:
@@ -82,7 +89,16 @@ def methods_text(model: ComBatModel) -> str:
     text = (f"{len(model.features)} features were harmonized across {len(model.batches)} batches "
             f"({'site and scanner epoch' if s.get('batch') == 'site_epoch' else 'site'}) with ComBat "
             f"(Johnson et al. 2007; Fortin et al. 2018) as implemented in neuroHarmonize {nh}, "
-            f"{'with' if model.eb else 'without'} empirical Bayes, preserving {covs}. ")
+            f"{'with' if model.eb else 'without'} empirical Bayes"
+            f"{' (non-parametric priors)' if model.eb and not model.options.parametric else ''}"
+            f"{', adjusting site means only' if model.options.mean_only else ''}"
+            f"{_reference_text(model)}"
+            f", preserving {covs or 'no covariate'}. ")
+    if meta.get("extended_batches"):
+        text += (f"Batches {', '.join(meta['extended_batches'])} were added afterwards to model {meta.get('parent')} "
+                 "without refitting it: their location and scale were estimated against its frozen grand mean, "
+                 "pooled variance and covariate coefficients, with their own empirical-Bayes shrinkage, so no "
+                 "value harmonized before changed. ")
     if model.spline is not None:
         text += (f"{', '.join(model.spline.terms)} entered as penalised cubic B-splines "
                  f"(df {model.spline.df}; ComBat-GAM, Pomponio et al. 2020) with the penalty "
@@ -142,6 +158,17 @@ def apply_report(model: ComBatModel, model_id: str, data: HarmonizationData, res
                                                 _adjust_for(model, encoded))
     r["location_scale"] = _location_scale(model)
     r["methods"] = methods_text(model)
+    return r
+
+
+def extend_report(model: ComBatModel, model_id: str, data: HarmonizationData, result: ApplyResult,
+                  estimated: dict[str, int]) -> dict[str, Any]:
+    """Report of an extension: the apply report of the child model, saying which batches were estimated."""
+    r = apply_report(model, model_id, data, result,
+                     title=f"Model {model.metadata.get('parent')} extended with {', '.join(estimated)} as {model_id}")
+    r["kind"] = "extend"
+    r["outcome"] = (f"batches {', '.join(f'{b} ({n} rows)' for b, n in estimated.items())} estimated against the "
+                    f"frozen model {model.metadata.get('parent')}; " + r["outcome"])
     return r
 
 

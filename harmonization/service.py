@@ -22,6 +22,7 @@ from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization import combat, model_store, report
 from harmonization import lake as lake_io
 from harmonization.errors import Finding, HarmonizationRefused, NoRowsToHarmonize
+from harmonization.extend import extend as extend_model
 from harmonization.inputs import from_wide_table, read_table_file, write_back, write_table_file
 from tasks.lake.audit import append_event
 from tasks.lake.storage import Lake
@@ -100,6 +101,31 @@ def apply_table(lake: Lake, model_id: str, table: str, out: str, batch_col: str 
                                        report_path)
         outputs.update(report=str(html), report_json=str(js))
     return Outcome(model_id, data.n, int(result.ok.sum()), result.findings, outputs)
+
+
+def extend_table(lake: Lake, model_id: str, table: str, out: str, batch_col: str | None = None,
+                 report_path: str | None = None) -> Outcome:
+    """Estimate the table's new batches against a stored model (:mod:`harmonization.extend`), store
+    the child model, write the whole table harmonized with it (old batches exactly as the parent)."""
+    parent = model_store.load_model(lake, model_id)
+    batch_col = batch_col or parent.metadata.get("batch_column") or "SITE"
+    df = read_table_file(table)
+    data = from_wide_table(df, batch_col, parent.encoding.names, parent.features, source=table)
+    if data.n == 0:
+        raise NoRowsToHarmonize([Finding("refusal", "no_rows", f"{table}: no rows to harmonize",
+                                         {"source": table})])
+    result = extend_model(parent, data, model_id)
+    result.model.metadata["created_at"] = _now()
+    child_id = model_store.save_model(lake, result.model)
+    outputs = {"table": str(write_table_file(write_back(df, result.applied.harmonized, result.applied.status), out)),
+               "model": lake.uri(model_store.model_dir(child_id))}
+    if report_path:
+        rep = report.extend_report(result.model, child_id, data, result.applied, result.estimated)
+        html, js = report.write_report(rep, report_path)
+        outputs.update(report=str(html), report_json=str(js))
+    append_event(lake, "harmonization_model_extended", model_id=child_id, parent=model_id,
+                 batches=result.estimated)
+    return Outcome(child_id, data.n, int(result.applied.ok.sum()), result.findings, outputs)
 
 
 def fit_lake(lake: Lake, rows: pd.DataFrame, covariates: pd.DataFrame,

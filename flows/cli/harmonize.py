@@ -152,6 +152,25 @@ def apply(
     _report(outcome, "harmonized")
 
 
+@app.command()
+def extend(
+    model_id: str = typer.Argument(..., help="id of the stored model to extend (hm-...)"),
+    table: str = typer.Option(..., help="CSV/TSV/Parquet with the new batches' rows (old batches' too, if wished)"),
+    batch: Optional[str] = typer.Option(None, help="batch column (default: the one the model was fitted with)"),
+    out: str = typer.Option(..., help="the table harmonized with the extended model (.csv/.tsv/.parquet)"),
+    report: Optional[str] = typer.Option(None, help="HTML report (a .json of it is written beside)"),
+    lake: Optional[str] = typer.Option(None, help="lake holding the model"),
+) -> None:
+    """Add new sites or scanner epochs to a model without refitting it: nothing harmonized before changes."""
+    from harmonization import service
+    try:
+        outcome = service.extend_table(open_lake(lake), model_id, table, out, batch, report)
+    except HarmonizationError as exc:
+        fail(str(exc))
+    typer.echo(f"model {outcome.model_id} extends {model_id}")
+    _report(outcome, "harmonized")
+
+
 def _trial_id(trial: Optional[Path]) -> str:
     try:
         return load_trial(trial_path(trial)).trial_id
