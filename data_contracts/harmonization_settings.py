@@ -36,6 +36,16 @@ class HarmonizationSettings(BaseModel):
                           "pipeline; none: the only pipeline whose measures are there")
     seed: int = Field(
         0, ge=0, description="seed of the k-fold penalty search of smooth terms (reproducible fits)")
+    smooth_term_bounds: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="range each smooth term's spline covers (neuroHarmonize's smooth_term_bounds), e.g. "
+                    "AGE: [18, 95], wider than the fitted rows so later visits stay inside the model")
+    covariate_limits: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {"AGE": (0.0, 120.0)},
+        description="values a covariate can take at all; a row outside is refused, never harmonized")
+    repeated: Literal["refuse", "independent"] = Field(
+        "refuse", description="subjects with more than one scan: refuse (ComBat takes scans as independent), "
+                              "or fit them as independent scans anyway (said in the report)")
     eb: bool = Field(True, description="empirical Bayes shrinkage of the site estimates (Johnson et al. 2007)")
     parametric: bool = Field(
         True, description="parametric priors (normal/inverse gamma); False: neuroCombat's non-parametric "
@@ -52,6 +62,9 @@ class HarmonizationSettings(BaseModel):
         if unknown:
             raise ValueError(f"smooth_terms/categorical_covariates {unknown} are not in covariates "
                              f"{self.covariates}")
+        bad = [t for t, (lo, hi) in self.smooth_term_bounds.items() if t not in self.smooth_terms or not lo < hi]
+        if bad:
+            raise ValueError(f"smooth_term_bounds {bad}: each must be a smooth term with lower < upper")
         if self.parametric is False and self.eb is False:
             raise ValueError("parametric=False chooses the non-parametric empirical Bayes priors: it needs eb=True")
         both = set(self.smooth_terms) & set(self.categorical_covariates)

@@ -15,6 +15,8 @@ Association of a covariate with batch (the confounding check)
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -24,6 +26,11 @@ from harmonization.inputs import CovariateEncoding, HarmonizationData, infer_enc
 
 WARN_ASSOCIATION = 0.5
 POOLED = "pooled"
+
+
+def rows_text(labels: pd.Series, mask: np.ndarray, limit: int = 5) -> str:
+    """The first ``limit`` labels of the rows in ``mask`` (by subject where the table names one)."""
+    return _rows(labels, mask, limit)
 
 
 def _rows(labels: pd.Series, mask: np.ndarray, limit: int = 5) -> str:
@@ -305,7 +312,7 @@ def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
         raise NoRowsToHarmonize(empty)
     labels = data.row_labels
     values = data.features.to_numpy(dtype=float)
-    findings = check_features(data.features, labels, values)
+    findings = list(data.notes) + check_features(data.features, labels, values)
     findings += check_covariates(data.covariates, settings.covariates, labels)
     if data.batch.isna().any():
         findings.append(Finding("refusal", "missing_batch", "the batch (site) is empty in "
@@ -318,6 +325,13 @@ def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
     raise_if_refused(findings)
     encoding = infer_encoding(data.covariates, settings.covariates,
                               settings.categorical_covariates, settings.smooth_terms)
+    not_smooth = [c.name for c in encoding.covariates if c.name in settings.smooth_terms and not c.smooth]
+    if not_smooth:   # a text covariate asked to be smooth was dropped from the smooth terms, silently
+        findings.append(Finding("refusal", "smooth_categorical",
+                                f"covariate(s) {not_smooth} are categorical (text or boolean values, e.g. "
+                                f"{data.covariates[not_smooth[0]].dropna().iloc[0]!r}): a smooth term needs "
+                                "numbers; remove them from the smooth terms", {"covariates": not_smooth}))
+        raise_if_refused(findings)
     encoded, _ = encoding.encode(data.covariates)
     if batch is not data.batch:  # small batches were pooled
         codes = BatchCodes(batch)
@@ -333,6 +347,9 @@ def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
     design[:, len(codes.labels):] = encoded.to_numpy(dtype=float)
     findings += check_design_rank(design, [*codes.labels, *encoded.columns], len(codes.labels))
     findings += check_reference_batch(settings.ref_batch, data.batch, mapping)
+    findings += check_limits(data.covariates, settings.covariates, settings.covariate_limits, labels)
+    findings += check_repeated(data.subjects, settings.repeated)
+    findings += check_smooth_bounds(data.covariates, settings.smooth_term_bounds, labels)
     if not settings.covariates:
         findings.append(Finding("warning", "no_covariates",
                                 "no covariates: every difference between sites is removed as site effect, "
@@ -354,3 +371,82 @@ def check_reference_batch(ref: str | None, batch: pd.Series, mapping: dict[str, 
                         f"the reference batch {ref!r} is below the minimum size and was pooled "
                         f"into {mapping[ref]!r}: a reference must be estimated on its own", {"ref_batch": ref})]
     return []
+
+
+def limits_of(names: list[str], limits: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """The limits that apply to these covariates (names matched without regard to case)."""
+    lower = {k.lower(): v for k, v in limits.items()}
+    return {n: tuple(lower[n.lower()]) for n in names if n.lower() in lower}
+
+
+def outside_limits(covariates: pd.DataFrame, names: list[str],
+                   limits: dict[str, tuple[float, float]]) -> dict[str, np.ndarray]:
+    """Covariate -> the rows whose value is a number outside what the covariate can be."""
+    out = {}
+    for name, (lo, hi) in limits_of(names, limits).items():
+        if name in covariates.columns:
+            v = pd.to_numeric(covariates[name], errors="coerce").to_numpy(dtype=float)
+            bad = np.isfinite(v) & ((v < lo) | (v > hi))
+            if bad.any():
+                out[name] = bad
+    return out
+
+
+def check_limits(covariates: pd.DataFrame, names: list[str], limits: dict[str, tuple[float, float]],
+                 labels: pd.Series) -> list[Finding]:
+    """A covariate value no subject can have (an age of -3 or 150): a data error, refused by row."""
+    lims = limits_of(names, limits)
+    return [Finding("refusal", "impossible_covariate",
+                    f"{name} is outside {lims[name][0]:g}..{lims[name][1]:g} in {int(bad.sum())} row(s) "
+                    f"({_rows(labels, bad)}): correct the value or drop the row", {"covariate": name,
+                                                                                "rows": int(bad.sum())})
+            for name, bad in outside_limits(covariates, names, limits).items()]
+
+
+def check_smooth_bounds(covariates: pd.DataFrame, bounds: dict[str, tuple[float, float]],
+                        labels: pd.Series) -> list[Finding]:
+    """Rows outside the spline range the settings give cannot be fitted by it."""
+    out = []
+    for term, (lo, hi) in bounds.items():
+        v = pd.to_numeric(covariates[term], errors="coerce").to_numpy(dtype=float)
+        bad = np.isfinite(v) & ((v < lo) | (v > hi))
+        if bad.any():
+            out.append(Finding("refusal", "outside_smooth_bounds",
+                               f"{term} lies outside the smooth-term bounds {lo:g}..{hi:g} in {int(bad.sum())} "
+                               f"row(s) ({_rows(labels, bad)}): widen the bounds", {"covariate": term}))
+    return out
+
+
+def covariate_ranges(covariates: pd.DataFrame, encoding, batch: pd.Series) -> dict[str, Any]:
+    """Per numeric covariate: the fitted range overall and per batch (stored with the model)."""
+    out: dict[str, Any] = {}
+    for spec in encoding.covariates:
+        if spec.kind != "numeric":
+            continue
+        v = pd.to_numeric(covariates[spec.name], errors="coerce")
+        per = v.groupby(batch.to_numpy()).agg(["min", "max"])
+        out[spec.name] = {"min": float(v.min()), "max": float(v.max()),
+                          "batches": {str(b): [float(r["min"]), float(r["max"])] for b, r in per.iterrows()}}
+    return out
+
+
+def check_repeated(subjects: pd.Series | None, repeated: str) -> list[Finding]:
+    """Subjects scanned more than once: ComBat's scans are independent, a subject's are not."""
+    if subjects is None:
+        return []
+    counts = subjects.value_counts()
+    many = counts[counts > 1]
+    if many.empty:
+        return []
+    example = ", ".join(f"{s} ({n} scans)" for s, n in many.head(3).items())
+    where = {"subjects": int(len(many)), "scans": int(many.sum())}
+    if repeated == "independent":
+        return [Finding("warning", "repeated_subjects",
+                        f"{len(many)} subject(s) have more than one scan ({int(many.sum())} scans, e.g. {example}), "
+                        "fitted as independent scans as asked: their within-subject correlation is ignored "
+                        "(Beer et al. 2020)", where)]
+    return [Finding("refusal", "repeated_subjects",
+                    f"{len(many)} subject(s) have more than one scan ({int(many.sum())} scans, e.g. {example}): "
+                    "ComBat takes every scan as independent, and a subject's scans are not (Beer et al. 2020). "
+                    "Fit on one scan per subject (their baseline) and apply the model to the others, or ask for "
+                    "independent scans (--repeated independent)", where)]

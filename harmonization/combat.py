@@ -225,6 +225,7 @@ def fit(data: HarmonizationData, settings: HarmonizationSettings) -> FitResult:
     model.features = [str(c) for c in data.features.columns]
     _refuse_non_finite(model, settings)
     model.metadata = _metadata(model, data, settings, findings, assoc, fingerprint)
+    model.metadata["covariate_ranges"] = checks.covariate_ranges(data.covariates, encoding, batch)
     harmonized = pd.DataFrame(bayes, index=data.features.index, columns=data.features.columns)
     return FitResult(model, harmonized, batch, encoded, findings, assoc)
 
@@ -275,7 +276,8 @@ def _fit_gam(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series, encoding: C
     options = Options.of(settings, labels)
     linear = np.column_stack([_batch_design(codes, n_batch, options.ref),
                               encoded[encoding.linear_columns].to_numpy(dtype=float)])
-    bs = gam.make_bsplines(encoded[encoding.smooth_terms].to_numpy(dtype=float))
+    bs = gam.make_bsplines(encoded[encoding.smooth_terms].to_numpy(dtype=float),
+                           [settings.smooth_term_bounds.get(t) for t in encoding.smooth_terms])
     smooth = gam.fit_smooth(linear, bs, x, np.random.default_rng(settings.seed))
     design = np.column_stack([linear, bs.basis])
     model, bayes = _combat(x, design, codes, n_batch, smooth.coef, options)
@@ -443,7 +445,7 @@ def apply(model: ComBatModel, data: HarmonizationData, model_id: str = "",
     encoded, why = model.encoding.encode(data.covariates)
     status = _row_status(model, data, model_id, x, why)
     batch = data.batch.map(model.batch_map)
-    findings = _status_findings(status, data.batch)
+    findings = _status_findings(status, data.batch) + _extrapolation(model, data, status, batch)
     ok = (status == "").to_numpy()
     if not ok.any() and refuse_empty:
         raise HarmonizationRefused([Finding("refusal", f.code, f.message, f.where) for f in findings])
@@ -489,11 +491,41 @@ def _row_status(model: ComBatModel, data: HarmonizationData, model_id: str, x: n
             v = pd.to_numeric(data.covariates[term], errors="coerce").to_numpy(dtype=float)
             out = ((v < lo) | (v > hi)) & (status == "")
             status[out] = f"{term} is outside the fitted range {lo:g}..{hi:g}: needs a refit"
+    limits = model.metadata.get("settings", {}).get("covariate_limits", {})
+    for name, bad in checks.outside_limits(data.covariates, model.encoding.names, limits).items():
+        lo, hi = checks.limits_of([name], limits)[name]
+        free = bad & (status == "")
+        status[free] = f"{name} is outside what it can be ({lo:g}..{hi:g}): a data error, not harmonized"
     bad_rows = ~np.isfinite(x).all(axis=1)
     for i in np.nonzero(bad_rows & (status == ""))[0]:
         cols = [model.features[j] for j in np.nonzero(~np.isfinite(x[i]))[0]]
         status[i] = f"feature(s) {cols[:3]} missing"
     return pd.Series(status, index=data.features.index)
+
+
+def _extrapolation(model: ComBatModel, data: HarmonizationData, status: pd.Series, batch: pd.Series) -> list[Finding]:
+    """Harmonized rows whose numeric covariate lies outside what the model was fitted on: overall
+    (the covariate's fitted effect is extrapolated) or their own batch's range (its site effect
+    was estimated on other values). Harmonized, and said."""
+    out = []
+    ok = (status == "").to_numpy()
+    for name, r in model.metadata.get("covariate_ranges", {}).items():
+        v = pd.to_numeric(data.covariates[name], errors="coerce").to_numpy(dtype=float)
+        beyond = ok & ((v < r["min"]) | (v > r["max"]))
+        if beyond.any():
+            out.append(Finding("warning", "extrapolated_covariate",
+                               f"{int(beyond.sum())} row(s) have {name} outside the fitted {r['min']:g}..{r['max']:g} "
+                               f"({checks.rows_text(data.row_labels, beyond)}): their {name} effect is extrapolated "
+                               "from the model's linear term", {"covariate": name, "rows": int(beyond.sum())}))
+        own = np.array([r["batches"].get(str(b), [np.nan, np.nan]) for b in batch], dtype=float).reshape(-1, 2)
+        outside_own = ok & ~beyond & ((v < own[:, 0]) | (v > own[:, 1]))
+        if outside_own.any():
+            out.append(Finding("warning", "outside_batch_range",
+                               f"{int(outside_own.sum())} row(s) have {name} outside their own batch's fitted range "
+                               f"({checks.rows_text(data.row_labels, outside_own)}): their site effect was "
+                               f"estimated on other {name} values",
+                               {"covariate": name, "rows": int(outside_own.sum())}))
+    return out
 
 
 def _status_findings(status: pd.Series, batch: pd.Series) -> list[Finding]:

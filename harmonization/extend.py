@@ -29,6 +29,7 @@ from neuroCombat.neuroCombat import (
     fit_LS_model_and_find_priors,
 )
 
+from harmonization.checks import covariate_ranges
 from harmonization.combat import ApplyResult, ComBatModel, apply, covariate_design
 from harmonization.errors import Finding, HarmonizationRefused, ModelMismatchError
 from harmonization.inputs import HarmonizationData
@@ -141,6 +142,9 @@ def _child(model: ComBatModel, data: HarmonizationData, x: np.ndarray, usable: n
                            *[c for c in meta.get("design_columns", []) if not c.startswith("batch:")]],
         "extend_input": {"fingerprint": data.fingerprint(), "rows": data.n, "source": data.source},
     })
+    ranges = covariate_ranges(data.covariates[rows], model.encoding, batch[rows])
+    meta["covariate_ranges"] = {name: {**r, "batches": {**r["batches"], **ranges[name]["batches"]}}
+                                for name, r in meta.get("covariate_ranges", {}).items() if name in ranges}
     return replace(
         model, batches=[*model.batches, *new], batch_sizes=[*model.batch_sizes, *map(int, counts)],
         batch_map={**model.batch_map, **{b: b for b in new}}, B_hat=b_hat,

@@ -79,13 +79,18 @@ class SplineSpec:
                    int(d["degree"]), int(d["df"]))
 
 
-def make_bsplines(x: np.ndarray) -> BSplines:
-    """The basis neuroHarmonize builds for smooth columns ``x`` (n, k)."""
+def make_bsplines(x: np.ndarray, bounds: list[tuple[float, float] | None] | None = None) -> BSplines:
+    """The basis neuroHarmonize builds for smooth columns ``x`` (n, k); ``bounds`` (one (lo, hi) or
+    None per column) are its ``smooth_term_bounds``: the outer knots, so values the fit did not see
+    (a follow-up two years older than the oldest baseline) stay inside the model."""
     x = np.asarray(x, dtype=float)
+    bounds = bounds or [None] * x.shape[1]
+    kwds = [{"lower_bound": b[0] if b else None, "upper_bound": b[1] if b else None} for b in bounds]
     if x.shape[1] == 1:
-        return BSplines(x, df=DF, degree=DEGREE,
-                        knot_kwds=[{"lower_bound": None, "upper_bound": None}])
-    return BSplines(x, df=[DF] * x.shape[1], degree=[DEGREE] * x.shape[1])
+        return BSplines(x, df=DF, degree=DEGREE, knot_kwds=kwds)
+    if not any(bounds):
+        return BSplines(x, df=[DF] * x.shape[1], degree=[DEGREE] * x.shape[1])
+    return BSplines(x, df=[DF] * x.shape[1], degree=[DEGREE] * x.shape[1], knot_kwds=kwds)
 
 
 def spec_of(bs: BSplines, terms: list[str]) -> SplineSpec:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from harmonization.errors import InputTableError
+from harmonization.errors import Finding, InputTableError
 
 READERS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
 
@@ -231,6 +232,8 @@ class HarmonizationData:
     batch: pd.Series
     row_labels: pd.Series
     source: str = ""
+    notes: list = field(default_factory=list)     # Findings about how the table was read
+    subjects: pd.Series | None = None              # who each row is, when known (repeated scans)
 
     def __post_init__(self) -> None:
         self.batch = self.batch.map(lambda v: None if pd.isna(v) else level_of(v))
@@ -242,7 +245,8 @@ class HarmonizationData:
     def subset(self, mask: np.ndarray) -> "HarmonizationData":
         mask = np.asarray(mask, dtype=bool)
         return HarmonizationData(self.features[mask], self.covariates[mask], self.batch[mask],
-                                 self.row_labels[mask], self.source)
+                                 self.row_labels[mask], self.source, list(self.notes),
+                                 None if self.subjects is None else self.subjects[mask])
 
     def fingerprint(self) -> str:
         """sha256 of the values used (features, covariates, batch), independent of file format."""
@@ -258,9 +262,12 @@ class HarmonizationData:
         return h.hexdigest()
 
 
+SUBJECT_COLUMN = re.compile(r"^(sub(ject)?|participant|patient)([ _-]?(id|label|key))?$", re.IGNORECASE)
+
+
 def from_wide_table(df: pd.DataFrame, batch_col: str, covariates: list[str],
                     features: list[str] | None = None, exclude: list[str] | None = None,
-                    source: str = "table") -> HarmonizationData:
+                    source: str = "table", subject_col: str | None = None) -> HarmonizationData:
     """Split a statistician's wide table into features, covariates and batch.
 
     Raises
@@ -270,11 +277,49 @@ def from_wide_table(df: pd.DataFrame, batch_col: str, covariates: list[str],
     """
     require_columns(df, [batch_col], "batch", source)
     require_columns(df, covariates, "covariate", source)
-    cols = select_features(df, [batch_col, *covariates], features, exclude, source)
-    labels = pd.Series([f"row {i + 2}" for i in range(len(df))], index=df.index)  # file line numbers
+    if subject_col is not None:
+        require_columns(df, [subject_col], "subject", source)
+    else:   # a column named as subjects are (subject, participant_id, SUB_ID): who each row is
+        subject_col = next((c for c in df.columns if SUBJECT_COLUMN.match(str(c))), None)
+    reserved = [batch_col, *covariates, *([subject_col] if subject_col is not None else [])]
+    ids = [c for c in df.columns if c not in reserved and identifier_like(df[c])]
+    notes = []
+    if not features:   # named features are the user's choice; the default never takes an identifier
+        numeric_ids = [c for c in ids if pd.api.types.is_numeric_dtype(df[c])]
+        reserved += numeric_ids
+        notes += [Finding("warning", "identifier_column",
+                          f"column {c!r} holds a different whole number in every row (an identifier): it is not "
+                          "harmonized; name it in --features to harmonize it anyway", {"column": str(c)})
+                  for c in numeric_ids]
+    cols = select_features(df, reserved, features, exclude, source)
+    lines = [f"row {i + 2}" for i in range(len(df))]   # file line numbers
+    id_col = subject_col if subject_col is not None else next((c for c in ids if c not in cols), None)
+    if id_col is not None:                            # name rows by the subject, and where they are
+        lines = [f"{id_col}={level_of(v)} ({line})" for v, line in zip(df[id_col], lines)]
     return HarmonizationData(
         features=df[cols].astype(float), covariates=df[covariates].copy(),
-        batch=df[batch_col], row_labels=labels, source=source)
+        batch=df[batch_col], row_labels=pd.Series(lines, index=df.index), source=source, notes=notes,
+        subjects=None if subject_col is None else df[subject_col].map(level_of))
+
+
+IDENTIFIER_NAME = re.compile(r"(^|[^a-z])(id|no|nr|num|number|key|index|idx|code|mrn)$|^id", re.IGNORECASE)
+
+
+def identifier_like(column: pd.Series) -> bool:
+    """A column that names rows: a different value in every row, text, or whole numbers that are
+    named like an identifier (``SUB_ID``, ``scan_no``) or dense like a running number (their span at
+    most twice the number of rows). A measurement in whole numbers (voxel counts) is neither named
+    so nor dense, even where a few rows make it unique. Nothing is told from three rows or fewer."""
+    if len(column) <= 3 or column.isna().any() or not column.is_unique:
+        return False
+    if pd.api.types.is_bool_dtype(column):
+        return False
+    if pd.api.types.is_numeric_dtype(column):
+        values = column.to_numpy(dtype=float)
+        if not (np.all(np.isfinite(values)) and np.all(values == np.round(values))):
+            return False
+        return bool(IDENTIFIER_NAME.search(str(column.name)) or values.max() - values.min() < 2 * len(values))
+    return True
 
 
 def write_back(original: pd.DataFrame, harmonized: pd.DataFrame,

@@ -151,8 +151,9 @@ def to_wide(rows: pd.DataFrame, covariates: pd.DataFrame, settings: Harmonizatio
         findings.append(_left_out(wide.index[no_cov], "have no covariates"))
     keep = ~incomplete & ~no_cov
     labels = pd.Series([f"{s}/sub-{sub} ses-{ses}" for s, sub, ses, _ in wide.index], index=wide.index)
+    subjects = pd.Series([f"{s}/{sub}" for s, sub, _, _ in wide.index], index=wide.index)
     data = HarmonizationData(features=wide[keep], covariates=cov.drop(columns=keys)[keep],
-                             batch=batch[keep], row_labels=labels[keep], source=source)
+                             batch=batch[keep], row_labels=labels[keep], source=source, subjects=subjects[keep])
     return data, findings
 
 

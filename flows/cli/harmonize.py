@@ -89,6 +89,9 @@ def fit(
     small_site: str = typer.Option("refuse", help="refuse | pool batches below --min-site-n"),
     max_confounding: float = typer.Option(0.8, help="refuse above this covariate-site association"),
     seed: int = typer.Option(0, help="seed of the smooth-term penalty search"),
+    subject: Optional[str] = typer.Option(None, help="subject column (default: one named subject, participant_id, "
+                                                     "SUB_ID ...): names rows in messages, finds repeated scans"),
+    repeated: str = typer.Option("refuse", help="subjects with several scans: refuse | independent"),
     eb: bool = typer.Option(True, "--eb/--no-eb", help="empirical Bayes shrinkage of the site estimates"),
     parametric: bool = typer.Option(True, "--parametric/--non-parametric",
                                     help="parametric or non-parametric empirical Bayes priors"),
@@ -114,12 +117,12 @@ def fit(
             batch="site", covariates=_split(covariates), smooth_terms=_split(smooth),
             categorical_covariates=_split(categorical), min_site_n=min_site_n,
             small_site=small_site, max_confounding=max_confounding, seed=seed, eb=eb,
-            parametric=parametric, mean_only=mean_only, ref_batch=ref_batch)
+            parametric=parametric, mean_only=mean_only, ref_batch=ref_batch, repeated=repeated)
     except ValidationError as exc:
         fail("invalid options: " + "; ".join(e["msg"] for e in exc.errors()))
     try:
         outcome = service.fit_table(open_lake(lake), table, batch, settings, out, report,
-                                    _split(features) or None, _split(exclude))
+                                    _split(features) or None, _split(exclude), subject)
     except HarmonizationError as exc:
         fail(str(exc) + (f"\n(report of the refusal: {report})" if report else ""))
     _report(outcome, "harmonized")
