@@ -43,9 +43,10 @@ class HarmonizationSettings(BaseModel):
     covariate_limits: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: {"AGE": (0.0, 120.0)},
         description="values a covariate can take at all; a row outside is refused, never harmonized")
-    repeated: Literal["refuse", "independent"] = Field(
+    repeated: Literal["refuse", "independent", "longitudinal"] = Field(
         "refuse", description="subjects with more than one scan: refuse (ComBat takes scans as independent), "
-                              "or fit them as independent scans anyway (said in the report)")
+                              "fit them as independent scans anyway (said in the report), or fit longitudinal "
+                              "ComBat (a random intercept per subject, Beer et al. 2020)")
     eb: bool = Field(True, description="empirical Bayes shrinkage of the site estimates (Johnson et al. 2007)")
     parametric: bool = Field(
         True, description="parametric priors (normal/inverse gamma); False: neuroCombat's non-parametric "
@@ -65,6 +66,9 @@ class HarmonizationSettings(BaseModel):
         bad = [t for t, (lo, hi) in self.smooth_term_bounds.items() if t not in self.smooth_terms or not lo < hi]
         if bad:
             raise ValueError(f"smooth_term_bounds {bad}: each must be a smooth term with lower < upper")
+        if self.repeated == "longitudinal" and (self.smooth_terms or self.ref_batch):
+            raise ValueError("longitudinal ComBat here is linear without a reference batch: drop smooth_terms "
+                             "and ref_batch, or fit one scan per subject")
         if self.parametric is False and self.eb is False:
             raise ValueError("parametric=False chooses the non-parametric empirical Bayes priors: it needs eb=True")
         both = set(self.smooth_terms) & set(self.categorical_covariates)

@@ -4,6 +4,7 @@ inputs       tables in and out (CSV/TSV/Parquet), covariate encoding, Harmonizat
 checks       the honest refusals: NaN/constant features, small sites, missing and confounded covariates
 combat       fit (every neuroCombat variant; ComBat-GAM via gam) and the frozen-model apply
 extend       new batches estimated against a frozen model: a child model, nothing harmonized moves
+longitudinal longitudinal ComBat's mixed model (random subject intercept) in closed form
 gam          neuroHarmonize's smooth-term GAM for all features at once
 model_store  versioned models under models/harmonization/<model_id>/
 diagnostics  site effect and biology before/after, PCA, per-site summaries

@@ -433,13 +433,19 @@ def covariate_ranges(covariates: pd.DataFrame, encoding, batch: pd.Series) -> di
 def check_repeated(subjects: pd.Series | None, repeated: str) -> list[Finding]:
     """Subjects scanned more than once: ComBat's scans are independent, a subject's are not."""
     if subjects is None:
-        return []
+        return [] if repeated != "longitudinal" else [Finding(
+            "refusal", "no_subjects", "longitudinal ComBat needs to know whose scan each row is: name the subject "
+            "column (--subject COL)", {})]
     counts = subjects.value_counts()
     many = counts[counts > 1]
     if many.empty:
         return []
     example = ", ".join(f"{s} ({n} scans)" for s, n in many.head(3).items())
     where = {"subjects": int(len(many)), "scans": int(many.sum())}
+    if repeated == "longitudinal":
+        return [Finding("info", "longitudinal",
+                        f"{len(many)} subject(s) have more than one scan ({int(many.sum())} scans): fitted with a "
+                        "random intercept per subject (longitudinal ComBat, Beer et al. 2020)", where)]
     if repeated == "independent":
         return [Finding("warning", "repeated_subjects",
                         f"{len(many)} subject(s) have more than one scan ({int(many.sum())} scans, e.g. {example}), "

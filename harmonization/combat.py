@@ -46,7 +46,7 @@ from neuroCombat.neuroCombat import (
 )
 
 from data_contracts.harmonization_settings import HarmonizationSettings
-from harmonization import checks, gam
+from harmonization import checks, gam, longitudinal
 from harmonization.errors import Finding, HarmonizationRefused, ModelMismatchError
 from harmonization.inputs import CovariateEncoding, HarmonizationData
 from tasks.lake.versions import software_versions
@@ -124,6 +124,8 @@ class ComBatModel:
     options: Options = field(default_factory=Options)
     spline: gam.SplineSpec | None = None
     alphas: np.ndarray | None = None
+    subjects: list[str] | None = None          # longitudinal ComBat: the subjects fitted, in order
+    intercepts: np.ndarray | None = None       # (subjects, F) their random intercepts (BLUPs)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -134,6 +136,8 @@ class ComBatModel:
         out = {k: np.asarray(getattr(self, k), dtype=float) for k in ARRAYS}
         if self.alphas is not None:
             out["alphas"] = np.asarray(self.alphas, dtype=float)
+        if self.intercepts is not None:
+            out["intercepts"] = np.asarray(self.intercepts, dtype=float)
         return out
 
     @property
@@ -213,13 +217,13 @@ def fit(data: HarmonizationData, settings: HarmonizationSettings) -> FitResult:
     if x.nbytes < PARALLEL_FINGERPRINT_BYTES:
         # small input: hashing takes about a millisecond, less than handing it to a thread
         fingerprint = data.fingerprint()
-        model, bayes = _fit_model(x, encoded, batch, encoding, settings)
+        model, bayes = _fit_model(x, encoded, batch, encoding, settings, data.subjects)
     else:
         # hashlib releases the GIL on large buffers: the input's fingerprint (a third of a
         # second for 100,000 x 300) is computed while ComBat fits
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(data.fingerprint)
-            model, bayes = _fit_model(x, encoded, batch, encoding, settings)
+            model, bayes = _fit_model(x, encoded, batch, encoding, settings, data.subjects)
             fingerprint = pending.result()
     model.batch_map = mapping
     model.features = [str(c) for c in data.features.columns]
@@ -230,11 +234,12 @@ def fit(data: HarmonizationData, settings: HarmonizationSettings) -> FitResult:
     return FitResult(model, harmonized, batch, encoded, findings, assoc)
 
 
-def _fit_model(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series,
-               encoding: CovariateEncoding, settings: HarmonizationSettings) -> tuple[ComBatModel, np.ndarray]:
+def _fit_model(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series, encoding: CovariateEncoding,
+               settings: HarmonizationSettings, subjects: pd.Series | None = None) -> tuple[ComBatModel, np.ndarray]:
     if encoding.smooth_terms:
         return _fit_gam(x, encoded, batch, encoding, settings)
-    return _fit_linear(x, encoded, batch, encoding, settings)
+    return _fit_linear(x, encoded, batch, encoding, settings,
+                       subjects if settings.repeated == "longitudinal" else None)
 
 
 def _batch_codes(batch: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -251,8 +256,8 @@ def _batch_design(codes: np.ndarray, n_batch: int, ref: int | None) -> np.ndarra
     return out
 
 
-def _fit_linear(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series,
-                encoding: CovariateEncoding, settings: HarmonizationSettings) -> tuple[ComBatModel, np.ndarray]:
+def _fit_linear(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series, encoding: CovariateEncoding,
+                settings: HarmonizationSettings, subjects: pd.Series | None = None) -> tuple[ComBatModel, np.ndarray]:
     labels, codes = _batch_codes(batch)
     n_batch = len(labels)
     options = Options.of(settings, labels)
@@ -261,9 +266,16 @@ def _fit_linear(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series,
     design[:, :n_batch] = _batch_design(codes, n_batch, options.ref)
     covariates = encoded if list(encoded.columns) == encoding.columns else encoded[encoding.columns]
     design[:, n_batch:] = covariates.to_numpy(dtype=np.float32)
-    # neuroHarmonize's standardizeAcrossFeatures, term for term
-    b_hat = np.dot(np.dot(np.linalg.inv(np.dot(design.T, design)), design.T), x)
-    model, bayes = _combat(x, design, codes, n_batch, b_hat, options)
+    if subjects is not None:   # longitudinal ComBat (Beer et al. 2020): a random intercept per subject
+        subject_codes, subject_labels = pd.factorize(subjects.astype(str), sort=True)
+        mixed = longitudinal.fit_random_intercept(x, design, subject_codes)
+        model, bayes = _combat(x, design, codes, n_batch, mixed.b_hat, options,
+                               mixed.intercepts[subject_codes], mixed.sigma2)
+        model.subjects, model.intercepts = [str(s) for s in subject_labels], mixed.intercepts
+    else:
+        # neuroHarmonize's standardizeAcrossFeatures, term for term
+        b_hat = np.dot(np.dot(np.linalg.inv(np.dot(design.T, design)), design.T), x)
+        model, bayes = _combat(x, design, codes, n_batch, b_hat, options)
     model.batches = [str(b) for b in labels]
     model.encoding = encoding
     return model, bayes
@@ -289,7 +301,8 @@ def _fit_gam(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series, encoding: C
 
 
 def _combat(x: np.ndarray, design: np.ndarray, codes: np.ndarray, n_batch: int,
-            b_hat: np.ndarray, options: Options = Options()) -> tuple[ComBatModel, np.ndarray]:
+            b_hat: np.ndarray, options: Options = Options(), subject_part: np.ndarray | None = None,
+            residual_var: np.ndarray | None = None) -> tuple[ComBatModel, np.ndarray]:
     """ComBat once the coefficients ``b_hat`` of ``design`` (batch part first) are known.
 
     Standardization and the final adjustment are neuroCombat's ``standardize_across_features``
@@ -298,6 +311,10 @@ def _combat(x: np.ndarray, design: np.ndarray, codes: np.ndarray, n_batch: int,
     is the reference's coefficient, the pooled variance the reference's rows', and the reference
     rows come back as they went in. The estimates in between are neuroCombat's own functions
     (``fit_LS_model_and_find_priors`` and the parametric, non-parametric or no-EB adjustments).
+
+    Longitudinal ComBat passes each row's subject intercept (``subject_part``) and the mixed
+    model's residual variance: the centre then holds the subject, and the batch's scale acts on
+    the residual only (Beer et al. 2020).
     """
     ref = options.ref
     info = _info_dict(codes, n_batch, ref)
@@ -306,7 +323,12 @@ def _combat(x: np.ndarray, design: np.ndarray, codes: np.ndarray, n_batch: int,
     # the covariate part of the fitted mean, as apply() builds it (the same operands in the same
     # order, so a stored model applied to its training rows gives the fit's values to the bit)
     centre = np.ascontiguousarray(design[:, n_batch:]) @ b_hat[n_batch:]
-    if ref is None:
+    if subject_part is not None:
+        centre += subject_part
+    if residual_var is not None:
+        resid = None
+        var_pooled = np.array(residual_var, dtype=float)
+    elif ref is None:
         resid = x - centre - b_hat[:n_batch][codes]
         var_pooled = np.einsum("ij,ij->j", resid, resid) / len(codes)
     else:
@@ -388,6 +410,9 @@ def _metadata(model: ComBatModel, data: HarmonizationData, settings: Harmonizati
         "association_with_batch": assoc,
         "findings": [f.to_dict() for f in findings],
     }
+    if model.subjects is not None:
+        meta["longitudinal"] = {"method": "random subject intercept (Beer et al. 2020), closed form",
+                                "subjects": model.subjects}
     if model.spline is not None:
         meta["spline"] = model.spline.to_dict()
         meta["penalties"] = {f: [float(a) for a in row] for f, row in zip(model.features, model.alphas)}
@@ -455,6 +480,9 @@ def apply(model: ComBatModel, data: HarmonizationData, model_id: str = "",
         idx = pd.Index(model.batches).get_indexer((batch if every else batch[ok]).to_numpy())
         design = covariate_design(model, encoded if every else encoded[ok])
         centre = design @ model.B_hat[len(model.batches):]
+        if model.intercepts is not None:
+            who = pd.Index(model.subjects).get_indexer(data.subjects.astype(str)[ok if not every else slice(None)])
+            centre += model.intercepts[who]
         centre += model.grand_mean
         sd = np.sqrt(model.var_pooled)
         s = np.subtract(x if every else x[ok], centre, order="C")
@@ -496,6 +524,12 @@ def _row_status(model: ComBatModel, data: HarmonizationData, model_id: str, x: n
         lo, hi = checks.limits_of([name], limits)[name]
         free = bad & (status == "")
         status[free] = f"{name} is outside what it can be ({lo:g}..{hi:g}): a data error, not harmonized"
+    if model.intercepts is not None:   # a longitudinal model knows its subjects' intercepts only
+        known_subject = (np.zeros(len(x), bool) if data.subjects is None
+                         else data.subjects.astype(str).isin(model.subjects).to_numpy())
+        free = ~known_subject & (status == "")
+        status[free] = ("subject not in the longitudinal model (it holds the intercepts of the subjects it was "
+                        "fitted on): refit with this subject's scans")
     bad_rows = ~np.isfinite(x).all(axis=1)
     for i in np.nonzero(bad_rows & (status == ""))[0]:
         cols = [model.features[j] for j in np.nonzero(~np.isfinite(x[i]))[0]]

@@ -111,7 +111,8 @@ def from_parts(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> ComBatMod
         gamma_hat=arrays["gamma_hat"], delta_hat=arrays["delta_hat"],
         eb=bool(meta["empirical_bayes"]), options=Options.from_dict(meta.get("options")),
         spline=gam.SplineSpec.from_dict(meta["spline"]) if "spline" in meta else None,
-        alphas=arrays.get("alphas"), metadata=meta)
+        alphas=arrays.get("alphas"), subjects=meta.get("longitudinal", {}).get("subjects"),
+        intercepts=arrays.get("intercepts"), metadata=meta)
 
 
 def list_models(lake: Lake) -> list[dict[str, Any]]:

@@ -39,6 +39,8 @@ REFERENCES = [
     "Pomponio R, et al. Harmonization of large MRI datasets for the analysis of brain imaging "
     "patterns throughout the lifespan. NeuroImage 2020;208:116450. "
     "doi:10.1016/j.neuroimage.2019.116450",
+    "Beer JC, et al. Longitudinal ComBat: a method for harmonizing longitudinal multi-scanner imaging "
+    "data. NeuroImage 2020;220:117129. doi:10.1016/j.neuroimage.2020.117129",
     "Benjamini Y, Hochberg Y. Controlling the false discovery rate: a practical and powerful "
     "approach to multiple testing. J R Stat Soc B 1995;57(1):289-300. "
     "doi:10.1111/j.2517-6161.1995.tb02031.x",
@@ -94,6 +96,11 @@ def methods_text(model: ComBatModel) -> str:
             f"{', adjusting site means only' if model.options.mean_only else ''}"
             f"{_reference_text(model)}"
             f", preserving {covs or 'no covariate'}. ")
+    if meta.get("longitudinal"):
+        text += (f"Subjects with repeated scans entered with a random intercept each (longitudinal ComBat, Beer et "
+                 f"al. 2020; {len(meta['longitudinal']['subjects'])} subjects), estimated in closed form "
+                 "(Swamy-Arora variance components, GLS fixed effects, BLUP intercepts): the batch scale acts on "
+                 "each scan's residual, not on the subject's lasting difference. ")
     if meta.get("extended_batches"):
         text += (f"Batches {', '.join(meta['extended_batches'])} were added afterwards to model {meta.get('parent')} "
                  "without refitting it: their location and scale were estimated against its frozen grand mean, "

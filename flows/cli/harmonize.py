@@ -91,7 +91,8 @@ def fit(
     seed: int = typer.Option(0, help="seed of the smooth-term penalty search"),
     subject: Optional[str] = typer.Option(None, help="subject column (default: one named subject, participant_id, "
                                                      "SUB_ID ...): names rows in messages, finds repeated scans"),
-    repeated: str = typer.Option("refuse", help="subjects with several scans: refuse | independent"),
+    repeated: str = typer.Option("refuse", help="subjects with several scans: refuse | independent | "
+                                                "longitudinal (a random intercept per subject, Beer 2020)"),
     eb: bool = typer.Option(True, "--eb/--no-eb", help="empirical Bayes shrinkage of the site estimates"),
     parametric: bool = typer.Option(True, "--parametric/--non-parametric",
                                     help="parametric or non-parametric empirical Bayes priors"),
