@@ -17,6 +17,11 @@ Prints four tables:
    ComBat's own estimation noise sets (the same pipeline on data where ComBat's
    model holds exactly) and the F-test's false-positive level.
 
+5. the ComBat options (issue 14): every neuroCombat variant, ours against bare neuroCombat on
+   ABIDE (interleaved rounds; bare neuroCombat prints, silenced for both); ``extend`` of a
+   17-site model with 3 sites against the refit it replaces; longitudinal ComBat on 1,000
+   subjects x 3 visits x 100 features (target <= 10 s) and one statsmodels MixedLM feature.
+
 Run: .venv/bin/python bench/harmonize.py [--quick] (``--quick`` skips the second,
 unseeded neuroHarmonize ComBat-GAM run, about two minutes; ``--holdout-only`` prints table 4
 alone, in seconds).
@@ -353,19 +358,92 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the unseeded ComBat-GAM reference")
     parser.add_argument("--holdout-only", action="store_true", help="only table 4 (held-out apply)")
+    parser.add_argument("--options-only", action="store_true", help="only table 5 (options, extend, longitudinal)")
     args = parser.parse_args()
     abide = load_abide()
     data = from_wide_table(abide, "SITE", COVS, exclude=["FILE_ID", *constant_columns(abide)])
     print(f"harmonization bench: {os.cpu_count()} cores, load average "
           f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    if args.options_only:
+        options_table(abide, data)
+        return
     if not args.holdout_only:
         tables_1_to_3(abide, data, args.quick)
+        options_table(abide, data)
     rows, verdict = holdout_table(abide, data)
     print_table(f"4. frozen model on held-out data: fit on a random 70 % of each site, apply to the "
                 f"other 30 %, {HOLDOUT_SPLITS} splits; share of features with a site effect "
                 "(F-test, BH 0.05) and the median partial eta^2 of site",
                 ["held-out 30 %", "median share", "mean share", "range", "median eta^2"], rows)
     print("\n".join(verdict))
+
+
+def options_table(abide: pd.DataFrame, data: HarmonizationData) -> None:
+    import itertools
+    import warnings
+
+    from harmonization.extend import extend
+    from harmonization.longitudinal import fit_random_intercept
+
+    rows = []
+    x = data.features.to_numpy()
+    covars = nh_covars(abide)
+    np.int = int   # neuroCombat 0.2.12's ref_batch path calls np.int (gone from numpy 1.24)
+    for eb, par, mean, ref in itertools.product((True, False), (True, False), (False, True), (None, "NYU")):
+        if not eb and not par:
+            continue
+        settings = HarmonizationSettings(covariates=COVS, eb=eb, parametric=par, mean_only=mean, ref_batch=ref)
+        if (eb, par, mean, ref) == (True, False, True, "NYU"):
+            continue   # refused: neuroCombat's own priors give NaN (UM_1)
+
+        def bare(eb=eb, par=par, mean=mean, ref=ref):
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return neuroCombat(x.T, covars, "SITE", categorical_cols=["SEX", "DX"], continuous_cols=["AGE"],
+                                   eb=eb, parametric=par, mean_only=mean, ref_batch=ref)["data"].T
+
+        def ours(settings=settings):
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return combat.fit(data, settings).harmonized.to_numpy()
+        t = interleaved({"bare": bare, "ours": ours}, 5 if par else 2)
+        name = f"{'eb' if eb else 'no-eb'} {'par' if par else 'non-par'} {'mean' if mean else 'mean+var'} " \
+               f"{'ref NYU' if ref else 'no ref'}"
+        diff = float(np.abs(t["ours"]["out"] - t["bare"]["out"]).max())
+        rows.append([name, f"{t['bare']['median']:.3f}", f"{t['ours']['median']:.3f}",
+                     f"{t['ours']['median'] / t['bare']['median']:.2f}x", f"{diff:.1e}"])
+    old = ~abide["SITE"].isin(["NYU", "UM_1", "USM"]).to_numpy()
+    parent = combat.fit(data.subset(old), HarmonizationSettings(covariates=COVS))
+    t = interleaved({"refit": lambda: combat.fit(data, HarmonizationSettings(covariates=COVS)),
+                     "extend": lambda: extend(parent.model, data, "hm-bench")}, 5)
+    rows.append(["extend 17-site model with 3 sites, vs a refit", f"{t['refit']['median']:.3f}",
+                 f"{t['extend']['median']:.3f}", f"{t['extend']['median'] / t['refit']['median']:.2f}x", "-"])
+    rng = np.random.default_rng(0)
+    n_subj, visits, feats = 1000, 3, 100
+    subj = np.repeat(np.arange(n_subj), visits)
+    site = np.repeat(rng.integers(0, 5, n_subj), visits)
+    age = np.repeat(rng.uniform(50, 80, n_subj), visits) + np.tile(np.arange(visits), n_subj)
+    sex = np.repeat(rng.integers(0, 2, n_subj), visits)
+    values = (rng.normal(0, 1, (n_subj, feats))[subj] + rng.normal(0, 0.5, (5, feats))[site]
+              + 0.03 * age[:, None] + rng.normal(0, 0.5, (n_subj * visits, feats)))
+    sim = HarmonizationData(pd.DataFrame(values, columns=[f"f{i}" for i in range(feats)]),
+                            pd.DataFrame({"AGE": age, "SEX": sex}), pd.Series(site.astype(str)),
+                            pd.Series(np.arange(len(subj)).astype(str)), subjects=pd.Series(subj.astype(str)))
+    seconds, _, _ = timed(lambda: combat.fit(sim, HarmonizationSettings(covariates=["AGE", "SEX"],
+                                                                          repeated="longitudinal")), 3)
+    import statsmodels.api as sm
+    design = np.column_stack([np.eye(5)[site], age, sex])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one, _, _ = timed(lambda: sm.MixedLM(values[:, 0], design, groups=subj).fit(reml=True), 1)
+    closed, _, _ = timed(lambda: fit_random_intercept(values, design, subj), 3)
+    rows.append([f"longitudinal fit {n_subj} x {visits} x {feats} (target <= 10 s)", "-", f"{seconds:.2f}",
+                 "yes" if seconds <= 10 else "NO", "-"])
+    rows.append(["  of which the mixed model, closed form, all features", "-", f"{closed:.2f}", "-", "-"])
+    rows.append(["  statsmodels MixedLM, one feature", f"{one:.2f}", "-", f"x{feats} = {one * feats:.0f} s", "-"])
+    print_table("5. ComBat options on ABIDE (1035 x 121): seconds, bare neuroCombat against ours (median of "
+                "interleaved rounds), and the largest difference; extend; longitudinal",
+                ["variant", "bare neuroCombat", "ours", "ours/bare", "max |diff|"], rows)
 
 
 def _timing_cells(row: list) -> list[str]:
