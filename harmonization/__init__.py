@@ -8,6 +8,7 @@ longitudinal longitudinal ComBat's mixed model (random subject intercept) in clo
 gam          neuroHarmonize's smooth-term GAM for all features at once
 model_store  versioned models under models/harmonization/<model_id>/
 diagnostics  site effect and biology before/after, PCA, per-site summaries
+validation   held-out k-fold site effect, scale test, multivariate site prediction, EB prior fit, balance
 report       the JSON report and its self-contained HTML (figures, report_spec.yaml, report.html.j2)
 lake         biomarkers (long) <-> ComBat (wide) <-> biomarkers_harmonized
 service      fit/apply on a table file or on the lake; cli: ``corelab harmonize``

@@ -349,6 +349,7 @@ def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
     findings += check_reference_batch(settings.ref_batch, data.batch, mapping)
     findings += check_limits(data.covariates, settings.covariates, settings.covariate_limits, labels)
     findings += check_repeated(data.subjects, settings.repeated)
+    findings += check_overlap(covariate_balance(data.covariates, encoding, batch))
     findings += check_smooth_bounds(data.covariates, settings.smooth_term_bounds, labels)
     if not settings.covariates:
         findings.append(Finding("warning", "no_covariates",
@@ -456,3 +457,35 @@ def check_repeated(subjects: pd.Series | None, repeated: str) -> list[Finding]:
                     "ComBat takes every scan as independent, and a subject's scans are not (Beer et al. 2020). "
                     "Fit on one scan per subject (their baseline) and apply the model to the others, or ask for "
                     "independent scans (--repeated independent)", where)]
+
+
+def covariate_balance(covariates: pd.DataFrame, encoding: CovariateEncoding, batch: pd.Series) -> list[dict[str, Any]]:
+    """Per batch and numeric covariate: SMD against the other batches and the share of its rows
+    inside the other batches' range."""
+    out = []
+    labels = batch.astype(str).to_numpy()
+    for spec in encoding.covariates:
+        if spec.kind != "numeric":
+            continue
+        v = pd.to_numeric(covariates[spec.name], errors="coerce").to_numpy(dtype=float)
+        for b in sorted(set(labels)):
+            mine, rest = v[labels == b], v[labels != b]
+            pooled = np.sqrt((np.nanvar(mine, ddof=1) + np.nanvar(rest, ddof=1)) / 2) if len(mine) > 1 else np.nan
+            smd = (np.nanmean(mine) - np.nanmean(rest)) / pooled if pooled and pooled > 0 else np.nan
+            inside = np.mean((mine >= np.nanmin(rest)) & (mine <= np.nanmax(rest))) if len(rest) else np.nan
+            out.append({"covariate": spec.name, "batch": b, "smd": round(float(smd), 3),
+                        "share_in_others_range": round(float(inside), 3)})
+    return out
+
+
+MIN_OVERLAP = 0.5   # share of a batch's rows inside the other batches' range of a covariate
+
+
+def check_overlap(balance: list[dict[str, Any]]) -> list[Finding]:
+    """A batch whose covariate values mostly lie where no other batch has any: its site effect and
+    that covariate's effect are told apart by extrapolation only (eta misses it when means agree)."""
+    return [Finding("warning", "covariate_overlap",
+                    f"batch {r['batch']!r}: only {100 * r['share_in_others_range']:.0f} % of its rows have "
+                    f"{r['covariate']} inside the other batches' range (standardized mean difference "
+                    f"{r['smd']:+.2f}): its site effect rests on extrapolating the {r['covariate']} effect", dict(r))
+            for r in balance if r["share_in_others_range"] < MIN_OVERLAP]

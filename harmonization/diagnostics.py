@@ -66,11 +66,12 @@ def site_effect(values: pd.DataFrame, encoded: pd.DataFrame, batch: pd.Series,
     k = int(reduced["df"] - full["df"])
     f = ((reduced["rss"] - full["rss"]) / k) / (full["rss"] / full["df"])
     p_f = stats.f.sf(f, k, full["df"])
+    log10p_f = stats.f.logsf(f, k, full["df"]) / np.log(10)   # p below 1e-308 too
     groups = [reduced["resid"][(batch == b).to_numpy()] for b in sorted(batch.unique())]
     kw = stats.kruskal(*groups, axis=0)
     sig_f, q_f = _bh(p_f, alpha)
     sig_kw, q_kw = _bh(np.asarray(kw.pvalue), alpha)
-    return pd.DataFrame({"F": f, "p_F": p_f, "q_F": q_f, "significant_F": sig_f,
+    return pd.DataFrame({"F": f, "p_F": p_f, "log10p_F": log10p_f, "q_F": q_f, "significant_F": sig_f,
                          "H": kw.statistic, "p_KW": kw.pvalue, "q_KW": q_kw,
                          "significant_KW": sig_kw}, index=values.columns)
 
@@ -131,6 +132,9 @@ def box_stats(values: pd.Series, batch: pd.Series) -> list[dict[str, Any]]:
     """Per-batch boxplot statistics (matplotlib ``bxp`` format, Tukey whiskers, no fliers)."""
     out = []
     for b, v in values.groupby(batch.to_numpy()):
+        v = v.dropna()   # one missing value used to blank the batch's whole box
+        if v.empty:
+            continue
         q1, med, q3 = np.percentile(v, [25, 50, 75])
         iqr = q3 - q1
         inside = v[(v >= q1 - 1.5 * iqr) & (v <= q3 + 1.5 * iqr)]

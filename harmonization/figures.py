@@ -63,16 +63,19 @@ def sites(rows: list[dict[str, Any]], covariates: list[dict[str, Any]]) -> str:
 
 def site_effect(per_feature: list[dict[str, Any]], alpha: float) -> str:
     """-log10 of the BH-adjusted F-test p-value per feature, before against after."""
-    q_before = np.array([r["q_F_before"] for r in per_feature])
-    q_after = np.array([r["q_F_after"] for r in per_feature])
-    lb, la = -np.log10(np.clip(q_before, 1e-300, 1)), -np.log10(np.clip(q_after, 1e-300, 1))
+    if per_feature and "log10p_F_before" in per_feature[0]:   # from log sf: no p-value clipped at 1e-300
+        lb = -np.array([r["log10p_F_before"] for r in per_feature])
+        la = -np.array([r["log10p_F_after"] for r in per_feature])
+    else:   # a report written before the log p-values were kept
+        lb = -np.log10(np.clip([r["q_F_before"] for r in per_feature], 1e-300, 1))
+        la = -np.log10(np.clip([r["q_F_after"] for r in per_feature], 1e-300, 1))
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.scatter(lb, la, s=12, color="tab:blue")
     cut = -np.log10(alpha)
-    ax.axhline(cut, color="tab:red", lw=1, ls="--", label=f"q = {alpha}")
+    ax.axhline(cut, color="tab:red", lw=1, ls="--", label=f"p = {alpha} (before BH)")
     ax.axvline(cut, color="tab:red", lw=1, ls="--")
-    ax.set_xlabel("site effect before: -log10 q")
-    ax.set_ylabel("site effect after: -log10 q")
+    ax.set_xlabel("site effect before: -log10 p (F-test)")
+    ax.set_ylabel("site effect after: -log10 p (F-test)")
     ax.legend(fontsize=8)
     return _png(fig)
 
@@ -148,8 +151,12 @@ def location_scale(section: dict[str, Any]) -> str:
     fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.45 * len(section["batches"])), 6))
     for ax, key, ref, label in ((axes[0], "gamma_star", 0.0, "location gamma*"),
                                 (axes[1], "delta_star", 1.0, "scale delta*")):
-        ax.boxplot(np.array(section[key]).T, showfliers=False)
+        values = np.array(section[key])
+        ax.boxplot(values.T, showfliers=True, flierprops={"markersize": 3})   # every estimate, outliers too
         ax.set_xticks(range(1, len(section["batches"]) + 1), section["batches"])
+        worst = np.unravel_index(np.argmax(np.abs(values - ref)), values.shape)
+        ax.annotate(f"{values[worst]:.2f}", (worst[0] + 1, values[worst]), fontsize=7, color="tab:red",
+                    xytext=(4, 0), textcoords="offset points")
         ax.axhline(ref, color="k", lw=0.7)
         ax.set_ylabel(label)
         ax.tick_params(axis="x", labelrotation=90, labelsize=7)

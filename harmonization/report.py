@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import numpy as np
 import pandas as pd
 import yaml
 
-from harmonization import combat, diagnostics, figures
+from data_contracts.harmonization_settings import HarmonizationSettings
+from harmonization import combat, diagnostics, figures, validation
 from harmonization.combat import ApplyResult, ComBatModel, FitResult
 from harmonization.errors import Finding, HarmonizationRefused
 from harmonization.inputs import HarmonizationData
@@ -140,9 +142,27 @@ def fit_report(data: HarmonizationData, result: FitResult, model_id: str,
     r["diagnostics"] = diagnostics.diagnose(data.features, result.harmonized, result.encoded,
                                             result.batch, _adjust_for(model, result.encoded))
     r["location_scale"] = _location_scale(model)
+    r["validation"] = _validation(data, result)
     r["penalties"] = _penalties(model)
     r["methods"] = methods_text(model)
     return r
+
+
+def _validation(data: HarmonizationData, result: FitResult) -> dict[str, Any]:
+    """Held-out site effect, scale, multivariate site signal, EB priors, covariate balance."""
+    model = result.model
+    settings = HarmonizationSettings(**model.metadata.get("settings", {}))
+    fitted = data.subset(np.ones(data.n, bool))
+    fitted.batch = result.batch
+    return {
+        "held_out": validation.held_out(fitted, settings, result.encoded),
+        "scale": {"before": validation.scale_effect(data.features, result.encoded, result.batch),
+                  "after": validation.scale_effect(result.harmonized, result.encoded, result.batch)},
+        "site_prediction": {"before": validation.site_prediction(data.features, result.encoded, result.batch),
+                            "after": validation.site_prediction(result.harmonized, result.encoded, result.batch)},
+        "priors": validation.prior_fit(model),
+        "balance": validation.covariate_balance(data.covariates, model.encoding, result.batch),
+    }
 
 
 def apply_report(model: ComBatModel, model_id: str, data: HarmonizationData, result: ApplyResult,
@@ -235,7 +255,8 @@ def render_html(report: dict[str, Any]) -> str:
         fig["location_scale"] = figures.location_scale(report["location_scale"])
     has = {"summary": True, "findings": bool(report["findings"]), "sites": "sites" in fig,
            "site_effect": bool(d), "biology": "biology" in fig, "boxplots": bool(d), "pca": bool(d),
-           "location_scale": "location_scale" in fig, "penalties": bool(report.get("penalties")),
+           "location_scale": "location_scale" in fig, "validation": bool(report.get("validation")),
+           "penalties": bool(report.get("penalties")),
            "apply": bool(report.get("apply")), "methods": True}
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE), autoescape=True)
     env.filters["num"] = _num
