@@ -489,3 +489,23 @@ def check_overlap(balance: list[dict[str, Any]]) -> list[Finding]:
                     f"{r['covariate']} inside the other batches' range (standardized mean difference "
                     f"{r['smd']:+.2f}): its site effect rests on extrapolating the {r['covariate']} effect", dict(r))
             for r in balance if r["share_in_others_range"] < MIN_OVERLAP]
+
+
+OUTLIER_Z = 8.0
+
+
+def outlier_rows(values: np.ndarray, design: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Rows with a value more than ``OUTLIER_Z`` robust SDs from their batch's residual median in
+    some feature (residuals of the ComBat design, so age, sex and site do not make outliers)."""
+    coef, *_ = np.linalg.lstsq(design, values, rcond=None)
+    resid = values - design @ coef
+    z = np.zeros_like(resid)
+    # a batch's MAD floored at a quarter of the whole table's: a feature that is mostly 0 in a site
+    # (ABIDE's 5th-Ventricle) has a MAD near 0 there and would flag every row that is not
+    floor = 0.25 * 1.4826 * np.median(np.abs(resid - np.median(resid, axis=0)), axis=0)
+    for b in np.unique(codes):
+        rows = codes == b
+        med = np.median(resid[rows], axis=0)
+        mad = np.maximum(1.4826 * np.median(np.abs(resid[rows] - med), axis=0), floor)
+        z[rows] = np.abs(resid[rows] - med) / np.where(mad > 0, mad, np.inf)
+    return (z > OUTLIER_Z).any(axis=1)

@@ -29,6 +29,8 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
+from harmonization.inputs import level_of
+
 ALPHA = 0.05
 MAX_POINTS = 3000   # PCA points kept for the plot and the JSON
 MAIN_FEATURES = 4   # per-site boxplots of the features with the largest site effect
@@ -158,7 +160,7 @@ def site_table(covariates: pd.DataFrame, batch: pd.Series, kinds: dict[str, str]
                              "min": float(v.min()), "max": float(v.max())}
                 row[f"{name}:box"] = box_stats(v, pd.Series(str(b), index=v.index))[0]
             else:
-                row[name] = {str(k): int(n) for k, n in col.astype(str).value_counts().sort_index().items()}
+                row[name] = {str(k): int(n) for k, n in col.dropna().map(level_of).value_counts().sort_index().items()}
         rows.append(row)
     return rows
 

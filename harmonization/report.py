@@ -53,10 +53,16 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _kinds(covariates: pd.DataFrame, names: list[str]) -> list[dict[str, Any]]:
+def _kinds(covariates: pd.DataFrame, names: list[str], categorical: list[str] = ()) -> list[dict[str, Any]]:
+    """Numeric or categorical, as the model encodes it: a 1/2-coded SEX is counted by level, not
+    shown as "1.2 +/- 0.4"."""
     return [{"name": n, "kind": "numeric" if pd.api.types.is_numeric_dtype(covariates[n])
-             and not pd.api.types.is_bool_dtype(covariates[n]) else "categorical"}
+             and not pd.api.types.is_bool_dtype(covariates[n]) and n not in categorical else "categorical"}
             for n in names if n in covariates.columns]
+
+
+def _categorical(model: ComBatModel) -> list[str]:
+    return [c.name for c in model.encoding.covariates if c.kind == "categorical"]
 
 
 def _sites(covariates: pd.DataFrame, batch: pd.Series, kinds: list[dict[str, Any]]) -> dict:
@@ -138,7 +144,8 @@ def fit_report(data: HarmonizationData, result: FitResult, model_id: str,
     r["outcome"] = f"fitted {model.method} model {model_id}"
     r["model"] = _model_section(model, model_id)
     r["association"] = result.association
-    r["sites"] = _sites(data.covariates, result.batch, _kinds(data.covariates, model.encoding.names))
+    r["sites"] = _sites(data.covariates, result.batch,
+                        _kinds(data.covariates, model.encoding.names, _categorical(model)))
     r["diagnostics"] = diagnostics.diagnose(data.features, result.harmonized, result.encoded,
                                             result.batch, _adjust_for(model, result.encoded))
     r["location_scale"] = _location_scale(model)
@@ -177,7 +184,7 @@ def apply_report(model: ComBatModel, model_id: str, data: HarmonizationData, res
     sub = data.subset(ok)
     batch = result.batch[ok]
     if ok.any():
-        r["sites"] = _sites(sub.covariates, batch, _kinds(sub.covariates, model.encoding.names))
+        r["sites"] = _sites(sub.covariates, batch, _kinds(sub.covariates, model.encoding.names, _categorical(model)))
     if batch.nunique() >= 2 and ok.sum() > batch.nunique() + len(model.encoding.columns) + 1:
         encoded, _ = model.encoding.encode(sub.covariates)
         r["diagnostics"] = diagnostics.diagnose(sub.features[model.features],

@@ -110,8 +110,9 @@ def test_fit_on_reference_set_then_apply_to_every_qc_passed_scan(world):
 def test_covariates_that_match_no_subject_are_a_named_refusal_for_fit_and_apply(world):
     root, lake, _, _ = world
     rows = lake_io.select_rows(read_table(lake, "biomarkers"), "ABIDEH", ["PASS", "WARN"])
-    data, _ = lake_io.to_wide(rows, lake_io.read_covariates(str(root / "covariates.tsv")), SETTINGS)
-    model = combat.fit(data, SETTINGS).model
+    baseline = lake_io.select_rows(read_table(lake, "biomarkers"), "ABIDEH", ["PASS", "WARN"], ["baseline"])
+    data, _ = lake_io.to_wide(baseline, lake_io.read_covariates(str(root / "covariates.tsv")), SETTINGS)
+    model = combat.fit(data, SETTINGS).model      # one scan per subject, as the flow fits (reference visits)
     # another study's export of the same people, under its own subject ids
     cov = pd.read_csv(root / "covariates.tsv", sep="\t")
     other = root / "other_study.tsv"

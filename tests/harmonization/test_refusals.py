@@ -80,7 +80,9 @@ def test_missing_covariate_column_and_value_are_named(abide):
     df = abide.copy()
     df.loc[[3, 4], "AGE"] = np.nan
     err = _refusal(df)
-    assert "covariate 'AGE' is empty in 2 row(s) (row 5, row 6)" in str(err)
+    # rows named by the table's identifier (ABIDE's FILE_ID) and their line in the file
+    assert (f"covariate 'AGE' is empty in 2 row(s) (FILE_ID={abide['FILE_ID'][3]} (row 5), "
+            f"FILE_ID={abide['FILE_ID'][4]} (row 6))") in str(err)
     data = _data(abide)
     data.covariates = data.covariates.drop(columns="DX")
     err = _refusal_of(data)

@@ -95,3 +95,28 @@ def test_repeated_subjects_are_refused_unless_asked_for(abide):
     assert "200 subject(s) have more than one scan (400 scans" in str(err) and "Beer et al. 2020" in str(err)
     fitted = combat.fit(_data(both), HarmonizationSettings(covariates=COVS, repeated="independent"))
     assert any(f.code == "repeated_subjects" and f.level == "warning" for f in fitted.findings)
+
+
+def test_outliers_are_named_and_the_fit_without_them_is_compared(abide):
+    fitted = combat.fit(_data(abide), HarmonizationSettings(covariates=COVS))
+    (finding,) = [f for f in fitted.findings if f.code == "outliers"]
+    change = fitted.model.metadata["outliers"]["largest_delta_change"]
+    # ABIDE as it is: OLIN's CSF scale estimate rests on a few rows (delta* 9.1 with them, about 1 without)
+    assert finding.level == "warning" and change["batch"] == "OLIN" and change["feature"] == "CSF"
+    assert change["with"] > 5 and change["without"] < 2 and "SUB_ID=" in finding.message
+    # three planted values in one site's feature are among the rows named
+    planted = abide.copy()
+    rows = planted.index[planted["SITE"] == "USM"][:3]
+    spread = planted["Left-Hippocampus"].std()
+    planted.loc[rows, "Left-Hippocampus"] += 12 * spread
+    again = combat.fit(_data(planted), HarmonizationSettings(covariates=COVS))
+    assert again.model.metadata["outliers"]["by_batch"]["USM"] >= fitted.model.metadata["outliers"]["by_batch"].get(
+        "USM", 0) + 3
+
+
+def test_harmonized_values_below_zero_for_a_positive_feature_are_said(abide):
+    fitted = combat.fit(_data(abide), HarmonizationSettings(covariates=COVS))
+    negative = [f for f in fitted.findings if f.code == "impossible_harmonized"]
+    assert negative and all("positive in every input row but harmonized below 0" in f.message for f in negative)
+    for f in negative:
+        assert (fitted.harmonized[f.where["feature"]] < 0).any() and (abide[f.where["feature"]] > 0).all()
