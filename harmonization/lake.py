@@ -135,6 +135,7 @@ def to_wide(rows: pd.DataFrame, covariates: pd.DataFrame, settings: Harmonizatio
     incomplete = wide.isna().any(axis=1).to_numpy()
     if incomplete.any():
         findings.append(_left_out(wide.index[incomplete], "lack some measures"))
+        findings.append(_missingness(wide, batch))
     keys = ["subject", "session"] if "session" in covariates.columns else ["subject"]
     names = [c for c in settings.covariates if c in covariates.columns]
     table = covariates[keys + names].astype({k: str for k in keys})
@@ -181,6 +182,21 @@ def _keyed(rows: pd.DataFrame) -> pd.DataFrame:
     """Rows with a text key: a scan without a series UID is keyed by '' (NaN never matches)."""
     return rows.assign(series_uid=rows["series_uid"].fillna("").astype(str),
                        subject=rows["subject"].astype(str), session=rows["session"].astype(str))
+
+
+def _missingness(wide: pd.DataFrame, batch: pd.Series) -> Finding:
+    """Per batch: the share of its scans left out for a missing measure, and the measures missing
+    most (ComBat needs every measure of a scan; one missing value costs the scan all of them)."""
+    missing = wide.isna()
+    per = missing.any(axis=1).groupby(batch.to_numpy()).agg(["sum", "size"])
+    by_measure = missing.sum().sort_values(ascending=False)
+    worst = ", ".join(f"{m} ({int(n)})" for m, n in by_measure[by_measure > 0].head(5).items())
+    sites = "; ".join(f"{b} {int(r['sum'])} of {int(r['size'])} ({100 * r['sum'] / r['size']:.0f} %)"
+                      for b, r in per.sort_values("sum", ascending=False).iterrows() if r["sum"])
+    return Finding("warning", "missingness",
+                   f"scans left out for a missing measure, by site: {sites}; measures missing most: {worst}",
+                   {"by_batch": {str(b): [int(r["sum"]), int(r["size"])] for b, r in per.iterrows()},
+                    "by_measure": {str(m): int(n) for m, n in by_measure[by_measure > 0].items()}})
 
 
 def _left_out(index: pd.MultiIndex, why: str) -> Finding:

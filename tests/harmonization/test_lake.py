@@ -187,3 +187,17 @@ def test_harmonize_flow_fit_then_nightly_apply(world, prefect_harness):
                                    str(root / "trial.yaml"), "--covariates-table",
                                    str(root / "covariates.tsv")])
     assert bad.exit_code == 2 and "no harmonization model hm-0000000000000000" in bad.output
+
+
+def test_missing_measures_are_counted_by_site_and_measure(world):
+    """One missing value costs a scan every measure (ComBat needs them all): how many, where, which."""
+    root, lake, _, _ = world
+    rows = lake_io.select_rows(read_table(lake, "biomarkers"), "ABIDEH", ["PASS", "WARN"], ["baseline"])
+    nyu = rows.index[(rows["site"] == "NYU") & (rows["measure"] == "CSF")][:40]
+    lost = rows.drop(index=nyu)
+    _, findings = lake_io.to_wide(lost, lake_io.read_covariates(str(root / "covariates.tsv")), SETTINGS)
+    (miss,) = [f for f in findings if f.code == "missingness"]
+    n_nyu = int(((rows["site"] == "NYU") & (rows["measure"] == "CSF")).sum())
+    (nyu_batch,) = [b for b in miss.where["by_batch"] if b.startswith("NYU")]       # batch = site:epoch
+    assert miss.where["by_measure"] == {"CSF": 40} and miss.where["by_batch"][nyu_batch] == [40, n_nyu]
+    assert f"{nyu_batch} 40 of {n_nyu}" in miss.message and "CSF (40)" in miss.message
