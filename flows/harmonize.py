@@ -26,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 from data_contracts.trial import load_trial
 from harmonization import model_store
 from harmonization.lake import covariates_from_studies, read_biomarkers_task, read_covariates, select_rows
-from harmonization.service import apply_lake_task, fit_lake_task, skipped, summary_markdown
+from harmonization.service import apply_lake_task, extend_lake_task, fit_lake_task, skipped, summary_markdown
 from tasks.lake.storage import open_lake
 
 QC_USABLE = ["PASS", "WARN"]
@@ -74,7 +74,20 @@ def harmonize(lake_url: str, trial_file: str, covariates_file: str | None = None
         model = model_store.load_model_task(lake, model_id)
         # an explicit model may come from a table file; a promoted one is the trial's own
         model_store.check_trial(model, model_id, trial.trial_id, strict=promoted is not None)
-    # 3. harmonize every QC-passed scan the model can speak for
+    # 3. nightly: a new site or scanner epoch with enough scans is estimated against the promoted
+    #    model (a child model that changes nothing harmonized before), and promoted in its place
+    if promoted is not None:
+        model, child_id, extended = extend_lake_task(lake, model, model_id, rows, covariates, settings)
+        if extended is not None:
+            summary["extend"] = extended.summary()
+            for f in extended.findings:
+                log.warning(f.message)
+        if child_id != model_id:
+            promoted, _ = model_store.promote(lake, child_id, trial.trial_id,
+                                              f"nightly extension of {model_id} (promoted by {promoted.actor})")
+            log.info("extended %s into %s and promoted it", model_id, child_id)
+            model_id = child_id
+    # 4. harmonize every QC-passed scan the model can speak for
     applied = apply_lake_task(lake, model, model_id, rows, covariates, settings, only_new)
     summary["apply"] = applied.summary()
     if promoted is not None:
@@ -82,7 +95,7 @@ def harmonize(lake_url: str, trial_file: str, covariates_file: str | None = None
     for f in applied.findings:
         log.warning(f.message)
     log.info("%d of %d scans harmonized with %s", applied.harmonized, applied.rows, model_id)
-    # 4. a summary people find in the Prefect UI, one version per run
+    # 5. a summary people find in the Prefect UI, one version per run
     create_markdown_artifact(key=ARTIFACT, markdown=summary_markdown(summary),
                              description=f"harmonization with model {model_id}")
     return summary

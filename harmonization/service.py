@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -190,6 +191,37 @@ def apply_lake(lake: Lake, model: combat.ComBatModel, model_id: str, rows: pd.Da
                    {"report": html, "report_json": js})
 
 
+def extend_lake(lake: Lake, model: combat.ComBatModel, model_id: str, rows: pd.DataFrame,
+                covariates: pd.DataFrame, settings: HarmonizationSettings
+                ) -> tuple[combat.ComBatModel, str, Outcome | None]:
+    """The nightly's new batches (a site that joined, a scanner epoch that began) estimated against
+    the frozen model once they have ``min_site_n`` usable scans: a child model, stored and
+    audited, which changes no value harmonized before. Each subject counts once in a new batch
+    (its first scan there: a new scanner epoch has follow-up visits only). Returns the model to
+    apply (the child, or the model as it was) and what was done (None: nothing new)."""
+    usable = lake_io.select_rows(rows, None, settings.reference_qc_status)
+    data, _ = lake_io.to_wide(usable, covariates, settings, "lake biomarkers (new batches)")
+    new = sorted(set(data.batch.dropna()) - set(model.batch_map))
+    if not new:
+        return model, model_id, None
+    fresh = data.subset(data.batch.isin(new).to_numpy())
+    first = ~fresh.subjects.duplicated().to_numpy() if fresh.subjects is not None else np.ones(fresh.n, bool)
+    candidates = fresh.subset(first)
+    try:
+        result = extend_model(model, candidates, model_id, settings.min_site_n)
+    except HarmonizationRefused as exc:   # too few scans yet: the apply says they need more
+        return model, model_id, Outcome(model_id, candidates.n, 0, exc.findings, {})
+    result.model.metadata["created_at"] = _now()
+    child_id = model_store.save_model(lake, result.model)
+    html, js = report.save_report(lake, report.extend_report(result.model, child_id, candidates, result.applied,
+                                                             result.estimated), child_id)
+    append_event(lake, "harmonization_model_extended", model_id=child_id, parent=model_id,
+                 batches=result.estimated, report=html)
+    return result.model, child_id, Outcome(child_id, candidates.n, int(result.applied.ok.sum()), result.findings,
+                                           {"model": model_store.model_dir(child_id), "report": html,
+                                            "report_json": js})
+
+
 def skipped(reason: str) -> dict[str, Any]:
     """The summary of a step that did nothing, on purpose (e.g. no model is promoted)."""
     return {"model_id": None, "rows": 0, "harmonized": 0, "warnings": [], "outputs": {},
@@ -210,6 +242,14 @@ def summary_markdown(summary: dict[str, dict[str, Any]]) -> str:
         lines += [f"- {kind}: `{where}`" for kind, where in s["outputs"].items()]
         lines += [f"- warning: {w}" for w in s["warnings"]]
     return "\n".join(lines)
+
+
+@task(name="extend-harmonization-model", cache_policy=NO_CACHE)
+def extend_lake_task(lake: Lake, model: combat.ComBatModel, model_id: str, rows: pd.DataFrame,
+                     covariates: pd.DataFrame, settings: HarmonizationSettings
+                     ) -> tuple[combat.ComBatModel, str, Outcome | None]:
+    """Prefect wrapper of :func:`extend_lake`."""
+    return extend_lake(lake, model, model_id, rows, covariates, settings)
 
 
 @task(name="fit-harmonization-model", cache_policy=NO_CACHE)

@@ -201,3 +201,35 @@ def test_missing_measures_are_counted_by_site_and_measure(world):
     (nyu_batch,) = [b for b in miss.where["by_batch"] if b.startswith("NYU")]       # batch = site:epoch
     assert miss.where["by_measure"] == {"CSF": 40} and miss.where["by_batch"][nyu_batch] == [40, n_nyu]
     assert f"{nyu_batch} 40 of {n_nyu}" in miss.message and "CSF (40)" in miss.message
+
+
+@pytest.mark.prefect
+def test_the_nightly_extends_a_new_scanner_epoch_and_changes_nothing_harmonized(world, prefect_harness):
+    """NYU's scanner changed before the 12-month visit: the nightly estimates NYU:e2 against the promoted
+    model, promotes the child, harmonizes those scans, and every row harmonized before stays as it was."""
+    from flows.harmonize import harmonize
+
+    root, lake, _, follow = world
+    covariates = lake_io.read_covariates(str(root / "covariates.tsv"))
+    baseline = lake_io.select_rows(read_table(lake, "biomarkers"), "ABIDEH", ["PASS"], ["baseline"])
+    model, fitted = service.fit_lake(lake, baseline, covariates, SETTINGS)
+    model_store.promote(lake, fitted.model_id, "ABIDEH", "dr-stat")
+    args = dict(lake_url=lake.url, trial_file=str(root / "trial.yaml"), covariates_file=str(root / "covariates.tsv"),
+                mode="apply")
+    first = harmonize(**args)
+    before = read_table(lake, "biomarkers_harmonized")
+    assert first["extend"]["harmonized"] >= 20
+    child = model_store.current(lake, "ABIDEH")
+    assert child.model_id != fitted.model_id and child.previous == fitted.model_id
+    stored = model_store.load_model(lake, child.model_id)
+    assert stored.metadata["parent"] == fitted.model_id and list(stored.metadata["extended_batches"]) == ["NYU:e2"]
+    nyu_m12 = int((follow["SITE"] == "NYU").sum())
+    assert first["apply"]["harmonized"] == first["apply"]["rows"]           # NYU's 12-month scans included
+    assert ((before["session"] == "m12") & (before["site"] == "NYU")).sum() == nyu_m12 * len(MEASURES)
+    # a later night with nothing new: no extension, nothing rewritten
+    second = harmonize(**args)
+    assert "extend" not in second and second["apply"]["harmonized"] == 0
+    after = read_table(lake, "biomarkers_harmonized")
+    key = ["site", "subject", "session", "measure"]
+    pd.testing.assert_frame_equal(before.sort_values(key).reset_index(drop=True)[key + ["value"]],
+                                  after.sort_values(key).reset_index(drop=True)[key + ["value"]])
