@@ -1,7 +1,8 @@
 """The bold image, really built with podman, computes exactly what the local backend computes.
 
 ``make test-containers``: builds the image from containers/bold/ into a temporary copy of the lock
-(a cache hit when the committed lock's image is in podman's store), runs the bold pipeline on the
+(without the layer cache: a cached build may reuse layers another build made, whose IDs then
+stand in the image history and change its digest; the lock holds a clean build's), runs the bold pipeline on the
 XA61 multiband BOLD of ../shared/data in the container (its JSON sidecar mounted beside it) and
 with the ``local`` backend, and compares: same files, same voxels, same confounds and measures.
 """
@@ -31,7 +32,7 @@ def runs(tmp_path_factory):
         pytest.fail("podman is not installed: run containers/setup_podman.sh (make test-containers)")
     lock = tmp_path_factory.mktemp("lock") / "lock"
     shutil.copy(LOCK_PATH, lock)
-    entry = build_image(get_spec("bold"), lock_path=lock)
+    entry = build_image(get_spec("bold"), lock_path=lock, no_cache=True)   # see the lock test below
     raw = in_bids(convert("xa61", tmp_path_factory.mktemp("bold")), tmp_path_factory.mktemp("raw"))
     out = tmp_path_factory.mktemp("runs")
     records = {b: run_pipeline(get_spec("bold"), raw, out / b, "01", "1", backend=b, entities={"task": "rest"},

@@ -1,7 +1,8 @@
 """The dwi image, really built with podman, computes exactly what the local backend computes.
 
 ``make test-containers``: builds the image from containers/dwi/ into a temporary copy of the lock
-(a cache hit when the committed lock's image is in podman's store), runs the dwi pipeline on the
+(without the layer cache: a cached build may reuse layers another build made, whose IDs then
+stand in the image history and change its digest; the lock holds a clean build's), runs the dwi pipeline on the
 Philips DWI of ../shared/data in the container (its .bval and .bvec mounted beside it, and the
 anat pipeline's run on the Philips MPRAGE as the session's T1, mounted as upstream files) and with
 the ``local`` backend, and compares: same files, same voxels, same measures within 1e-6.
@@ -33,7 +34,7 @@ def runs(tmp_path_factory):
         pytest.fail("podman is not installed: run containers/setup_podman.sh (make test-containers)")
     lock = tmp_path_factory.mktemp("lock") / "lock"
     shutil.copy(LOCK_PATH, lock)
-    entry = build_image(get_spec("dwi"), lock_path=lock)
+    entry = build_image(get_spec("dwi"), lock_path=lock, no_cache=True)   # see the lock test below
     raw = in_bids(philips_dwi(tmp_path_factory.mktemp("dwi")), tmp_path_factory.mktemp("raw"))
     preproc, dseg = philips_t1_anat(tmp_path_factory.mktemp("t1"))
     out = tmp_path_factory.mktemp("runs")
