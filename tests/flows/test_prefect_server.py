@@ -69,18 +69,19 @@ def test_an_interval_schedule_fires_and_a_worker_completes_the_run(server):
         starts = sorted(r.expected_start_time for r in scheduled)
         assert len(starts) >= 2 and {(b - a).total_seconds() for a, b in zip(starts, starts[1:])} == {INTERVAL}
 
+        line = TICK_LINE.format(n=41)
         with server.worker(pool):
             done = wait_for(lambda: _runs_of(client, deployment_id, state="COMPLETED"), RUN_WAIT, every=2)
-        worker_log = (server.home / f"worker-{pool}.log").read_text(errors="replace")
-        assert done, f"no scheduled run completed in {RUN_WAIT} s; worker log:\n{worker_log[-3000:]}"
-        run = done[0]
+            worker_log = (server.home / f"worker-{pool}.log").read_text(errors="replace")
+            assert done, f"no scheduled run completed in {RUN_WAIT} s; worker log:\n{worker_log[-3000:]}"
+            run = done[0]
+            by_run = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))
+            # awaited while the worker runs: the run's process reports COMPLETED, then ships its
+            # last batch of logs as it exits; stopping the worker at COMPLETED killed it before
+            # that batch left in several CI runs (the line never arrived, not even in 300 s)
+            logged = wait_for(lambda: line in [m.message for m in client.read_logs(by_run)], 120)
         assert run.auto_scheduled and run.state.is_completed() and run.parameters == {"n": 41}
-        by_run = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))
-        line = TICK_LINE.format(n=41)
-        # the run's process ships its logs in batches: on a loaded machine (make test runs two
-        # workers) the last batch reached the server after 30 s once
-        assert wait_for(lambda: line in [m.message for m in client.read_logs(by_run)], 300), \
-            f"the run's log has no {line!r}: {[m.message for m in client.read_logs(by_run)]}"
+        assert logged, f"the run's log has no {line!r}: {[m.message for m in client.read_logs(by_run)]}"
 
 
 def _refs(value) -> set[str]:
