@@ -169,6 +169,7 @@ def _validation(data: HarmonizationData, result: FitResult) -> dict[str, Any]:
                             "after": validation.site_prediction(result.harmonized, result.encoded, result.batch)},
         "priors": validation.prior_fit(model),
         "balance": validation.covariate_balance(data.covariates, model.encoding, result.batch),
+        "outliers": combat.outlier_effect(result, data, settings),
     }
 
 
