@@ -189,7 +189,7 @@ class FitResult:
     association: dict[str, float]
 
 
-def _info_dict(codes: np.ndarray, n_batch: int, ref: int | None = None) -> dict[str, Any]:
+def info_dict(codes: np.ndarray, n_batch: int, ref: int | None = None) -> dict[str, Any]:
     """neuroCombat's bookkeeping of which rows belong to which batch.
 
     ``batch_info`` holds index arrays where neuroHarmonize builds lists of Python
@@ -367,6 +367,20 @@ def _fit_gam(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series, encoding: C
     return model, bayes
 
 
+def location_scale(s_data: np.ndarray, design: np.ndarray, info: dict[str, Any], eb: bool,
+                   options: Options) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """neuroCombat's L/S estimates and their adjustment (EB parametric, non-parametric, or none) of
+    standardized data (features, samples): the priors, gamma* and delta*."""
+    ls = fit_LS_model_and_find_priors(s_data, design, info, options.mean_only)
+    if not eb:
+        gamma, delta = find_non_eb_adjustments(s_data, ls, info)
+    elif options.parametric:
+        gamma, delta = find_parametric_adjustments(s_data, ls, info, options.mean_only)
+    else:
+        gamma, delta = find_non_parametric_adjustments(s_data, ls, info, options.mean_only)
+    return ls, np.asarray(gamma, dtype=float), np.asarray(delta, dtype=float)
+
+
 def _combat(x: np.ndarray, design: np.ndarray, codes: np.ndarray, n_batch: int,
             b_hat: np.ndarray, options: Options = Options(), subject_part: np.ndarray | None = None,
             residual_var: np.ndarray | None = None) -> tuple[ComBatModel, np.ndarray]:
@@ -384,7 +398,7 @@ def _combat(x: np.ndarray, design: np.ndarray, codes: np.ndarray, n_batch: int,
     the residual only (Beer et al. 2020).
     """
     ref = options.ref
-    info = _info_dict(codes, n_batch, ref)
+    info = info_dict(codes, n_batch, ref)
     eb = options.eb and x.shape[1] > 1  # neuroHarmonize bypasses empirical Bayes for a single feature
     grand_mean = b_hat[ref].copy() if ref is not None else (info["sample_per_batch"] / len(codes)) @ b_hat[:n_batch]
     # the covariate part of the fitted mean, as apply() builds it (the same operands in the same
@@ -410,14 +424,7 @@ def _combat(x: np.ndarray, design: np.ndarray, codes: np.ndarray, n_batch: int,
     s = np.subtract(x, centre, order="C")
     s /= sd
     s_data = s.T  # neuroCombat's (features, samples) orientation, a view
-    ls = fit_LS_model_and_find_priors(s_data, design, info, options.mean_only)
-    if not eb:
-        gamma_star, delta_star = find_non_eb_adjustments(s_data, ls, info)
-    elif options.parametric:
-        gamma_star, delta_star = find_parametric_adjustments(s_data, ls, info, options.mean_only)
-    else:
-        gamma_star, delta_star = find_non_parametric_adjustments(s_data, ls, info, options.mean_only)
-    gamma_star, delta_star = np.asarray(gamma_star, dtype=float), np.asarray(delta_star, dtype=float)
+    ls, gamma_star, delta_star = location_scale(s_data, design, info, eb, options)
     s -= gamma_star[codes]          # a reference batch's own row of gamma_star is 0
     s /= np.sqrt(delta_star)[codes]
     s *= sd

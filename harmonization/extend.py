@@ -22,15 +22,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-from neuroCombat.neuroCombat import (
-    find_non_eb_adjustments,
-    find_non_parametric_adjustments,
-    find_parametric_adjustments,
-    fit_LS_model_and_find_priors,
-)
 
 from harmonization.checks import covariate_ranges
-from harmonization.combat import ApplyResult, ComBatModel, apply, covariate_design
+from harmonization.combat import ApplyResult, ComBatModel, apply, covariate_design, info_dict, location_scale
 from harmonization.errors import Finding, HarmonizationRefused, ModelMismatchError
 from harmonization.inputs import HarmonizationData
 
@@ -111,20 +105,9 @@ def _child(model: ComBatModel, data: HarmonizationData, x: np.ndarray, usable: n
     centre = covariate_design(model, encoded) @ model.B_hat[n_parent:] + model.grand_mean
     sd = np.sqrt(model.var_pooled)
     s_data = ((x[rows] - centre) / sd).T            # neuroCombat's (features, samples)
-    counts = np.bincount(codes, minlength=len(new))
-    info = {"batch_levels": np.arange(len(new)), "n_batch": len(new), "n_sample": int(rows.sum()),
-            "sample_per_batch": counts, "ref_level": None,
-            "batch_info": [np.nonzero(codes == i)[0] for i in range(len(new))]}
-    design = np.eye(len(new))[codes]
-    opts = model.options
-    ls = fit_LS_model_and_find_priors(s_data, design, info, opts.mean_only)
-    if not model.eb:
-        gamma, delta = find_non_eb_adjustments(s_data, ls, info)
-    elif opts.parametric:
-        gamma, delta = find_parametric_adjustments(s_data, ls, info, opts.mean_only)
-    else:
-        gamma, delta = find_non_parametric_adjustments(s_data, ls, info, opts.mean_only)
-    gamma, delta = np.asarray(gamma, dtype=float), np.asarray(delta, dtype=float)
+    info = info_dict(codes, len(new))
+    counts = info["sample_per_batch"]
+    ls, gamma, delta = location_scale(s_data, np.eye(len(new))[codes], info, model.eb, model.options)
     if not (np.isfinite(gamma).all() and np.isfinite(delta).all()):
         raise HarmonizationRefused([Finding("refusal", "estimates_not_finite",
                                             "the new batches' estimates are not numbers (non-parametric "

@@ -86,16 +86,23 @@ def fit_table(lake: Lake, table: str, batch_col: str, settings: HarmonizationSet
     return Outcome(model_id, data.n, data.n, result.findings, outputs)
 
 
-def apply_table(lake: Lake, model_id: str, table: str, out: str, batch_col: str | None = None,
-                report_path: str | None = None) -> Outcome:
-    """Apply a stored model to a wide table file; rows it cannot speak for keep a reason."""
-    model = model_store.load_model(lake, model_id)
+def _table_for(model: combat.ComBatModel, table: str, batch_col: str | None) -> tuple[pd.DataFrame, Any]:
+    """A table file read for a stored model: its features and covariates, its batch column unless
+    another is named; a table without rows is refused."""
     batch_col = batch_col or model.metadata.get("batch_column") or "SITE"
     df = read_table_file(table)
     data = from_wide_table(df, batch_col, model.encoding.names, model.features, source=table)
     if data.n == 0:
         raise NoRowsToHarmonize([Finding("refusal", "no_rows", f"{table}: no rows to harmonize",
                                          {"source": table})])
+    return df, data
+
+
+def apply_table(lake: Lake, model_id: str, table: str, out: str, batch_col: str | None = None,
+                report_path: str | None = None) -> Outcome:
+    """Apply a stored model to a wide table file; rows it cannot speak for keep a reason."""
+    model = model_store.load_model(lake, model_id)
+    df, data = _table_for(model, table, batch_col)
     result = combat.apply(model, data, model_id)
     outputs = {"table": str(write_table_file(write_back(df, result.harmonized, result.status), out))}
     if report_path:
@@ -110,12 +117,7 @@ def extend_table(lake: Lake, model_id: str, table: str, out: str, batch_col: str
     """Estimate the table's new batches against a stored model (:mod:`harmonization.extend`), store
     the child model, write the whole table harmonized with it (old batches exactly as the parent)."""
     parent = model_store.load_model(lake, model_id)
-    batch_col = batch_col or parent.metadata.get("batch_column") or "SITE"
-    df = read_table_file(table)
-    data = from_wide_table(df, batch_col, parent.encoding.names, parent.features, source=table)
-    if data.n == 0:
-        raise NoRowsToHarmonize([Finding("refusal", "no_rows", f"{table}: no rows to harmonize",
-                                         {"source": table})])
+    df, data = _table_for(parent, table, batch_col)
     result = extend_model(parent, data, model_id)
     result.model.metadata["created_at"] = _now()
     child_id = model_store.save_model(lake, result.model)
