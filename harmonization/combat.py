@@ -246,8 +246,13 @@ def _outlier_screen(model: ComBatModel, x: np.ndarray, encoded: pd.DataFrame, ba
     if model.intercepts is not None or not np.isfinite(x).all():
         return []
     labels, codes = _batch_codes(batch)
-    design = np.column_stack([np.eye(len(labels))[codes], encoded[encoding.columns].to_numpy(dtype=float)])
-    out = checks.outlier_rows(x, design, codes)
+    if model.spline is None:   # the fit's own design and least-squares coefficients
+        design = np.column_stack([_batch_design(codes, len(labels), model.options.ref),
+                                  encoded[encoding.columns].to_numpy(dtype=np.float32)])
+        out = checks.outlier_rows(x, design, codes, model.B_hat)
+    else:                      # ComBat-GAM's coefficients are penalized: a linear design's instead
+        design = np.column_stack([np.eye(len(labels))[codes], encoded[encoding.columns].to_numpy(dtype=float)])
+        out = checks.outlier_rows(x, design, codes)
     if not out.any():
         return []
     per = pd.Series(labels[codes[out]]).value_counts()
