@@ -38,7 +38,8 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 # Programs the tests talk to as real peers: dcmtk's storescu/echoscu (Debian package dcmtk) and
-# Orthanc playing a site's PACS (Debian package orthanc; the tests run their own Orthanc process).
+# Orthanc playing a site's PACS (Debian package orthanc; the tests run their own Orthanc process);
+# and the referee of available-case ComBat, sva's ComBat in R (Debian package r-bioc-sva).
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 services:
 	@command -v storescu >/dev/null && command -v echoscu >/dev/null || \
@@ -47,6 +48,8 @@ services:
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y orthanc; }
 	@command -v chromium >/dev/null || \
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
+	@Rscript -e 'suppressMessages(library(sva))' >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends r-bioc-sva; }
 
 test: lint services
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25

@@ -52,6 +52,11 @@ class HarmonizationSettings(BaseModel):
         True, description="parametric priors (normal/inverse gamma); False: neuroCombat's non-parametric "
                           "Monte-Carlo-free integration over the other features")
     mean_only: bool = Field(False, description="adjust the site means only, never the scale")
+    missing: Literal["available_case", "complete_scans"] = Field(
+        "available_case", description="missing values: harmonize each feature on the scans that have it "
+                                      "(available-case ComBat, as Fortin's and sva's ComBat) and keep a missing "
+                                      "value missing; or complete_scans: refuse them (a table) or leave out a scan "
+                                      "that lacks a measure (the lake)")
     ref_batch: str | None = Field(
         None, description="reference batch: its values stay as measured and the others are brought onto "
                           "it (reference-batch ComBat, Zhang et al. 2018)")

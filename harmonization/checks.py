@@ -15,12 +15,14 @@ Association of a covariate with batch (the confounding check)
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from data_contracts.harmonization_settings import HarmonizationSettings
+from harmonization import available
 from harmonization.errors import Finding, NoRowsToHarmonize, raise_if_refused
 from harmonization.inputs import CovariateEncoding, HarmonizationData, infer_encoding
 
@@ -55,25 +57,34 @@ def check_not_empty(data: HarmonizationData, settings: HarmonizationSettings) ->
 
 
 def check_features(features: pd.DataFrame, labels: pd.Series,
-                   values: np.ndarray | None = None) -> list[Finding]:
-    """NaN or infinite values, and features with one value only (``values``: the features
-    as a float array, when the caller has it already)."""
+                   values: np.ndarray | None = None, allow_missing: bool = False) -> list[Finding]:
+    """Missing (NaN, unless ``allow_missing``: available-case ComBat) or infinite values, and
+    features with one value only (``values``: the features as a float array, when the caller has
+    it already)."""
     out = []
     values = features.to_numpy(dtype=float) if values is None else values
     finite = np.isfinite(values)
     if not values.size:
         return out
-    with np.errstate(invalid="ignore"):
-        spread = values.max(axis=0) - values.min(axis=0)  # NaN where a value is; reported above
-    for j in np.nonzero(~finite.all(axis=0))[0]:
-        bad = ~finite[:, j]
+    usable = finite | np.isnan(values) if allow_missing else finite
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # a feature missing in every row: reported below
+        spread = (np.nanmax(values, axis=0) - np.nanmin(values, axis=0)) if allow_missing \
+            else values.max(axis=0) - values.min(axis=0)
+    for j in np.nonzero(~usable.all(axis=0))[0]:
+        bad = ~usable[:, j]
+        what = "infinite" if allow_missing else "missing or infinite"
         out.append(Finding("refusal", "nan_feature",
-                           f"feature {features.columns[j]!r} has {int(bad.sum())} missing or "
-                           f"infinite value(s) ({_rows(labels, bad)}); fill or drop them, or "
+                           f"feature {features.columns[j]!r} has {int(bad.sum())} {what} "
+                           f"value(s) ({_rows(labels, bad)}); fill or drop them, or "
                            "exclude the feature", {"feature": str(features.columns[j]),
                                                    "rows": int(bad.sum())}))
-    for j in np.nonzero(finite.all(axis=0) & (np.asarray(spread) == 0))[0]:
-        name, value = features.columns[j], float(values[0, j])
+    if allow_missing:
+        for j in np.nonzero(~finite.any(axis=0) & usable.all(axis=0))[0]:
+            out.append(Finding("refusal", "empty_feature", f"feature {features.columns[j]!r} has no value in any "
+                               "row: exclude it", {"feature": str(features.columns[j])}))
+    for j in np.nonzero(usable.all(axis=0) & (np.asarray(spread) == 0))[0]:
+        name, value = features.columns[j], float(np.nanmin(values[:, j]))
         out.append(Finding("refusal", "constant_feature",
                            f"feature {name!r} is constant ({value:g} in every row): there is no "
                            "site effect to remove; exclude it (--exclude)",
@@ -255,6 +266,12 @@ def check_within_batch_variance(features: pd.DataFrame, batch: pd.Series | Batch
         by_feature = values.T[:, order]
         spread = [by_feature[:, lo:hi].max(axis=1) - by_feature[:, lo:hi].min(axis=1)
                   for lo, hi in zip(bounds[:-1], bounds[1:])]
+    elif np.isnan(values).any():   # available-case: the values a batch has (fewer than two: available.check)
+        by_row = values[order]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            spread = [np.nanmax(by_row[lo:hi], axis=0) - np.nanmin(by_row[lo:hi], axis=0)
+                      for lo, hi in zip(bounds[:-1], bounds[1:])]
     else:
         by_row = values[order]
         spread = [by_row[lo:hi].max(axis=0) - by_row[lo:hi].min(axis=0)
@@ -312,7 +329,8 @@ def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
         raise NoRowsToHarmonize(empty)
     labels = data.row_labels
     values = data.features.to_numpy(dtype=float)
-    findings = list(data.notes) + check_features(data.features, labels, values)
+    available_case = settings.missing == "available_case"
+    findings = list(data.notes) + check_features(data.features, labels, values, available_case)
     findings += check_covariates(data.covariates, settings.covariates, labels)
     if data.batch.isna().any():
         findings.append(Finding("refusal", "missing_batch", "the batch (site) is empty in "
@@ -346,6 +364,11 @@ def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
     design[np.arange(len(codes.codes)), codes.codes] = 1.0
     design[:, len(codes.labels):] = encoded.to_numpy(dtype=float)
     findings += check_design_rank(design, [*codes.labels, *encoded.columns], len(codes.labels))
+    if available_case:
+        names, batches = [str(c) for c in data.features.columns], np.asarray(codes.labels)
+        findings += available.check(values, codes.codes, batches, names, design, settings.eb, settings.parametric,
+                                    bool(encoding.smooth_terms), settings.repeated == "longitudinal")
+        findings += available.missing_finding(values, codes.codes, batches, names)
     findings += check_reference_batch(settings.ref_batch, data.batch, mapping)
     findings += check_limits(data.covariates, settings.covariates, settings.covariate_limits, labels)
     findings += check_repeated(data.subjects, settings.repeated)

@@ -46,7 +46,7 @@ from neuroCombat.neuroCombat import (
 )
 
 from data_contracts.harmonization_settings import HarmonizationSettings
-from harmonization import checks, gam, longitudinal
+from harmonization import available, checks, gam, longitudinal
 from harmonization.errors import Finding, HarmonizationRefused, ModelMismatchError
 from harmonization.inputs import CovariateEncoding, HarmonizationData
 from tasks.lake.versions import software_versions
@@ -294,7 +294,7 @@ def _impossible_values(raw: np.ndarray, harmonized: np.ndarray, features: list[s
     """Harmonized values below zero for a feature measured above zero in every row (a volume, a
     width): ComBat's scale made them, often from an outlier-driven delta* (issue 14: a frontal horn
     width of -2.18 mm)."""
-    positive = (raw > 0).all(axis=0)
+    positive = ((raw > 0) | np.isnan(raw)).all(axis=0) & (raw > 0).any(axis=0)   # missing values aside
     negative = positive & (harmonized < 0).any(axis=0)
     out = []
     for j in np.nonzero(negative)[0]:
@@ -344,6 +344,9 @@ def _fit_linear(x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series, encoding
         model, bayes = _combat(x, design, codes, n_batch, mixed.b_hat, options,
                                mixed.intercepts[subject_codes], mixed.sigma2)
         model.subjects, model.intercepts = [str(s) for s in subject_labels], mixed.intercepts
+    elif np.isnan(x).any():   # available-case: each feature's coefficients from the rows that have it
+        b_hat = available.ols(design, x)
+        model, bayes = _combat(x, design, codes, n_batch, b_hat, options)
     else:
         # neuroHarmonize's standardizeAcrossFeatures, term for term
         b_hat = np.dot(np.dot(np.linalg.inv(np.dot(design.T, design)), design.T), x)
@@ -376,6 +379,8 @@ def location_scale(s_data: np.ndarray, design: np.ndarray, info: dict[str, Any],
                    options: Options) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """neuroCombat's L/S estimates and their adjustment (EB parametric, non-parametric, or none) of
     standardized data (features, samples): the priors, gamma* and delta*."""
+    if np.isnan(s_data).any():
+        return available.location_scale(s_data, design, info, eb, options.parametric, options.mean_only)
     ls = fit_LS_model_and_find_priors(s_data, design, info, options.mean_only)
     if not eb:
         gamma, delta = find_non_eb_adjustments(s_data, ls, info)
@@ -414,13 +419,14 @@ def _combat(x: np.ndarray, design: np.ndarray, codes: np.ndarray, n_batch: int,
     if residual_var is not None:
         resid = None
         var_pooled = np.array(residual_var, dtype=float)
-    elif ref is None:
-        resid = x - centre - b_hat[:n_batch][codes]
-        var_pooled = np.einsum("ij,ij->j", resid, resid) / len(codes)
     else:
-        rows = codes == ref
-        resid = x[rows] - design[rows] @ b_hat
-        var_pooled = np.einsum("ij,ij->j", resid, resid) / int(rows.sum())
+        if ref is None:
+            resid = x - centre - b_hat[:n_batch][codes]
+        else:
+            rows = codes == ref
+            resid = x[rows] - design[rows] @ b_hat
+        var_pooled = (available.pooled_variance(resid) if np.isnan(resid).any()
+                      else np.einsum("ij,ij->j", resid, resid) / len(resid))
     del resid
     var_pooled[var_pooled == 0] = np.median(var_pooled != 0)   # neuroCombat's rule, as it is
     sd = np.sqrt(var_pooled)
@@ -609,11 +615,31 @@ def _row_status(model: ComBatModel, data: HarmonizationData, model_id: str, x: n
         free = ~known_subject & (status == "")
         status[free] = ("subject not in the longitudinal model (it holds the intercepts of the subjects it was "
                         "fitted on): refit with this subject's scans")
-    bad_rows = ~np.isfinite(x).all(axis=1)
-    for i in np.nonzero(bad_rows & (status == ""))[0]:
-        cols = [model.features[j] for j in np.nonzero(~np.isfinite(x[i]))[0]]
-        status[i] = f"feature(s) {cols[:3]} missing"
+    for i, why in missing_values(model, x).items():
+        if status[i] == "":
+            status[i] = why
     return pd.Series(status, index=data.features.index)
+
+
+def available_case(model: ComBatModel) -> bool:
+    """Whether the model harmonizes each feature on its own (a missing value stays missing); a
+    model stored before the setting existed was fitted on complete scans."""
+    return model.metadata.get("settings", {}).get("missing", "complete_scans") == "available_case"
+
+
+def missing_values(model: ComBatModel, x: np.ndarray) -> dict[int, str]:
+    """Rows the model cannot harmonize for their missing values, with the reason: any missing
+    feature (complete-scan models), or an infinite value or no feature at all (available-case)."""
+    out = {}
+    if available_case(model):
+        for i in np.nonzero(np.isinf(x).any(axis=1))[0]:
+            out[int(i)] = f"feature(s) {[model.features[j] for j in np.nonzero(np.isinf(x[i]))[0]][:3]} infinite"
+        for i in np.nonzero(np.isnan(x).all(axis=1))[0]:
+            out.setdefault(int(i), "no feature measured")
+        return out
+    for i in np.nonzero(~np.isfinite(x).all(axis=1))[0]:
+        out[int(i)] = f"feature(s) {[model.features[j] for j in np.nonzero(~np.isfinite(x[i]))[0]][:3]} missing"
+    return out
 
 
 def _extrapolation(model: ComBatModel, data: HarmonizationData, status: pd.Series, batch: pd.Series) -> list[Finding]:

@@ -23,8 +23,17 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+from harmonization import available
 from harmonization.checks import covariate_ranges
-from harmonization.combat import ApplyResult, ComBatModel, apply, covariate_design, info_dict, location_scale
+from harmonization.combat import (
+    ApplyResult,
+    ComBatModel,
+    apply,
+    covariate_design,
+    info_dict,
+    location_scale,
+    missing_values,
+)
 from harmonization.errors import Finding, HarmonizationRefused, ModelMismatchError
 from harmonization.inputs import HarmonizationData
 
@@ -41,7 +50,8 @@ class ExtendResult:
 
 def _usable_rows(model: ComBatModel, data: HarmonizationData, x: np.ndarray) -> tuple[np.ndarray, pd.Series]:
     """Rows whose covariates the parent can encode (known categories, inside smooth bounds) and
-    whose features are all numbers; the first reason of each other row."""
+    whose features the parent can take (all numbers, or some for an available-case model); the
+    first reason of each other row."""
     encoded, why = model.encoding.encode(data.covariates)
     why = why.copy()
     if model.spline is not None:
@@ -49,8 +59,9 @@ def _usable_rows(model: ComBatModel, data: HarmonizationData, x: np.ndarray) -> 
             v = pd.to_numeric(data.covariates[term], errors="coerce")
             outside = ((v < lo) | (v > hi)) & (why == "")
             why[outside] = f"{term} is outside the fitted range {lo:g}..{hi:g}"
-    missing = ~np.isfinite(x).all(axis=1) & (why == "").to_numpy()
-    why[missing] = "a feature is missing"
+    for i, reason in missing_values(model, x).items():
+        if why.iloc[i] == "":
+            why.iloc[i] = reason
     return (why == "").to_numpy(), why
 
 
@@ -107,6 +118,10 @@ def _child(model: ComBatModel, data: HarmonizationData, x: np.ndarray, usable: n
     s_data = ((x[rows] - centre) / sd).T            # neuroCombat's (features, samples)
     info = info_dict(codes, len(new))
     counts = info["sample_per_batch"]
+    short = available.check(x[rows], codes, np.asarray(new), model.features, np.eye(len(new))[codes],
+                            model.eb, model.options.parametric, False, False)
+    if short:   # a new batch with fewer than two values of a feature (available-case models only)
+        raise HarmonizationRefused(short)
     ls, gamma, delta = location_scale(s_data, np.eye(len(new))[codes], info, model.eb, model.options)
     if not (np.isfinite(gamma).all() and np.isfinite(delta).all()):
         raise HarmonizationRefused([Finding("refusal", "estimates_not_finite",

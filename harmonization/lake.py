@@ -132,7 +132,10 @@ def to_wide(rows: pd.DataFrame, covariates: pd.DataFrame, settings: Harmonizatio
     wide = rows.pivot(index=KEY, columns="measure", values="value")
     batch = rows.drop_duplicates(KEY).set_index(KEY)["batch"].reindex(wide.index)
     findings: list[Finding] = []
-    incomplete = wide.isna().any(axis=1).to_numpy()
+    # available-case ComBat harmonizes each measure on the scans that have it (the fit says how much
+    # is missing); complete_scans leaves out a scan that lacks one
+    incomplete = (wide.isna().any(axis=1) if settings.missing == "complete_scans" else wide.isna().all(axis=1)
+                  ).to_numpy()
     if incomplete.any():
         findings.append(_left_out(wide.index[incomplete], "lack some measures"))
         findings.append(_missingness(wide, batch))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -146,13 +147,34 @@ def fit_report(data: HarmonizationData, result: FitResult, model_id: str,
     r["association"] = result.association
     r["sites"] = _sites(data.covariates, result.batch,
                         _kinds(data.covariates, model.encoding.names, _categorical(model)))
-    r["diagnostics"] = diagnostics.diagnose(data.features, result.harmonized, result.encoded,
-                                            result.batch, _adjust_for(model, result.encoded))
     r["location_scale"] = _location_scale(model)
-    r["validation"] = _validation(data, result)
+    data, result, r["complete_rows"] = _complete_rows(data, result, len(model.encoding.columns))
+    if data is not None:
+        r["diagnostics"] = diagnostics.diagnose(data.features, result.harmonized, result.encoded,
+                                                result.batch, _adjust_for(model, result.encoded))
+        r["validation"] = _validation(data, result)
     r["penalties"] = _penalties(model)
     r["methods"] = methods_text(model)
     return r
+
+
+def _complete_rows(data: HarmonizationData, result: FitResult, n_covariates: int
+                   ) -> tuple[HarmonizationData | None, FitResult | None, dict[str, Any] | None]:
+    """The fitted rows the diagnostics can use: with missing values (available-case ComBat), the
+    rows complete in every feature (the tests and the multivariate checks need whole rows), said in
+    the report; none when those are too few to test a site effect."""
+    complete = data.features.notna().all(axis=1).to_numpy()
+    if complete.all():
+        return data, result, None
+    batch = result.batch[complete]
+    enough = (batch.nunique() >= 2 and batch.value_counts().min() >= 2
+              and complete.sum() > batch.nunique() + n_covariates + 1)
+    said = {"rows": int(complete.sum()), "of": data.n, "diagnosed": bool(enough)}
+    if not enough:
+        return None, None, said
+    sub = data.subset(complete)
+    return sub, replace(result, harmonized=result.harmonized[complete], batch=batch,
+                        encoded=result.encoded[complete]), said
 
 
 def _validation(data: HarmonizationData, result: FitResult) -> dict[str, Any]:
@@ -186,11 +208,17 @@ def apply_report(model: ComBatModel, model_id: str, data: HarmonizationData, res
     batch = result.batch[ok]
     if ok.any():
         r["sites"] = _sites(sub.covariates, batch, _kinds(sub.covariates, model.encoding.names, _categorical(model)))
-    if batch.nunique() >= 2 and ok.sum() > batch.nunique() + len(model.encoding.columns) + 1:
+    whole = ok & result.harmonized.notna().all(axis=1).to_numpy()   # available-case: tests need whole rows
+    if not whole[ok].all():
+        r["complete_rows"] = {"rows": int(whole.sum()), "of": int(ok.sum()), "diagnosed": True}
+        sub, batch = data.subset(whole), result.batch[whole]
+    if batch.nunique() >= 2 and whole.sum() > batch.nunique() + len(model.encoding.columns) + 1:
         encoded, _ = model.encoding.encode(sub.covariates)
         r["diagnostics"] = diagnostics.diagnose(sub.features[model.features],
-                                                result.harmonized[ok], encoded, batch,
+                                                result.harmonized[whole], encoded, batch,
                                                 _adjust_for(model, encoded))
+    elif "complete_rows" in r:
+        r["complete_rows"]["diagnosed"] = False
     r["location_scale"] = _location_scale(model)
     r["methods"] = methods_text(model)
     return r

@@ -97,6 +97,9 @@ def fit(
     parametric: bool = typer.Option(True, "--parametric/--non-parametric",
                                     help="parametric or non-parametric empirical Bayes priors"),
     mean_only: bool = typer.Option(False, "--mean-only", help="adjust site means only, never the scale"),
+    missing: str = typer.Option("available-case", help="missing values: available-case (each feature on the "
+                                                       "rows that have it; missing stays missing) | "
+                                                       "complete-scans (refuse them)"),
     ref_batch: Optional[str] = typer.Option(None, "--ref-batch",
                                             help="reference site: its values stay as measured, the others "
                                                  "are brought onto it"),
@@ -118,7 +121,8 @@ def fit(
             batch="site", covariates=_split(covariates), smooth_terms=_split(smooth),
             categorical_covariates=_split(categorical), min_site_n=min_site_n,
             small_site=small_site, max_confounding=max_confounding, seed=seed, eb=eb,
-            parametric=parametric, mean_only=mean_only, ref_batch=ref_batch, repeated=repeated)
+            parametric=parametric, mean_only=mean_only, ref_batch=ref_batch, repeated=repeated,
+            missing=missing.replace("-", "_"))
     except ValidationError as exc:
         fail("invalid options: " + "; ".join(e["msg"] for e in exc.errors()))
     try:

@@ -170,3 +170,24 @@ def test_every_combat_option_and_no_covariates_from_the_command_line(tables):
     bad = runner.invoke(app, ["fit", "--table", str(root / "abide.csv"), "--batch", "SITE", "--no-eb",
                               "--non-parametric", "--out", str(root / "x.csv")])
     assert bad.exit_code == 2 and "needs eb=True" in bad.output
+
+
+def test_missing_values_from_the_command_line_stay_missing_or_are_refused_on_request(tables):
+    """A table with holes: harmonized around them, said in the report; --missing complete-scans refuses."""
+    root, df = tables
+    holed = df.copy()
+    features = [c for c in df.columns[5:] if c not in constant_columns(df)]
+    rows = np.random.default_rng(2).choice(len(df), 60, replace=False)
+    holed.loc[rows, "CSF"] = np.nan
+    holed.to_csv(root / "holed.csv", index=False)
+    common = ["fit", "--table", str(root / "holed.csv"), "--batch", "SITE", "--covariates", "AGE,SEX,DX",
+              "--exclude", _exclude(df), "--lake", str(root / "lake")]
+    res = runner.invoke(app, [*common, "--out", str(root / "holed_out.csv"), "--report", str(root / "holed.html")])
+    assert res.exit_code == 0, res.output
+    out = pd.read_csv(root / "holed_out.csv")
+    assert out["CSF"].isna().sum() == 60 and out[features].drop(columns="CSF").notna().all().all()
+    html = (root / "holed.html").read_text()
+    assert "harmonized on the rows that have it" in html and f"{len(df) - 60} of {len(df)} rows complete" in html
+    res = runner.invoke(app, [*common, "--missing", "complete-scans", "--out", str(root / "strict.csv")])
+    assert res.exit_code == 2 and "feature 'CSF' has 60 missing or infinite value(s)" in res.output
+    assert "Traceback" not in res.output

@@ -189,13 +189,25 @@ def test_harmonize_flow_fit_then_nightly_apply(world, prefect_harness):
     assert bad.exit_code == 2 and "no harmonization model hm-0000000000000000" in bad.output
 
 
-def test_missing_measures_are_counted_by_site_and_measure(world):
-    """One missing value costs a scan every measure (ComBat needs them all): how many, where, which."""
+def test_missing_measures_are_harmonized_around_or_counted_by_site_and_measure(world):
+    """By default a scan without one measure keeps the others (available-case ComBat): its CSF stays
+    missing and every other measure is harmonized. Asked for complete scans, it is left out, and
+    how many, where and which are said."""
     root, lake, _, _ = world
     rows = lake_io.select_rows(read_table(lake, "biomarkers"), "ABIDEH", ["PASS", "WARN"], ["baseline"])
     nyu = rows.index[(rows["site"] == "NYU") & (rows["measure"] == "CSF")][:40]
     lost = rows.drop(index=nyu)
-    _, findings = lake_io.to_wide(lost, lake_io.read_covariates(str(root / "covariates.tsv")), SETTINGS)
+    covariates = lake_io.read_covariates(str(root / "covariates.tsv"))
+    data, findings = lake_io.to_wide(lost, covariates, SETTINGS)
+    assert not [f for f in findings if f.code == "missingness"]
+    assert data.n == lake_io.to_wide(rows, covariates, SETTINGS)[0].n   # the 40 scans are kept
+    fit = combat.fit(data, SETTINGS)
+    assert int(fit.harmonized["CSF"].isna().sum()) == 40 and fit.harmonized.drop(columns="CSF").notna().all().all()
+    written = lake_io.harmonized_rows(lost, fit.harmonized, fit.batch, "hm-test")
+    records = [r for site in written.values() for r in site]   # no row for a measure that was not measured
+    assert len(records) == int(fit.harmonized.notna().sum().sum()) and all(r["value"] is not None for r in records)
+    complete = SETTINGS.model_copy(update={"missing": "complete_scans"})
+    _, findings = lake_io.to_wide(lost, covariates, complete)
     (miss,) = [f for f in findings if f.code == "missingness"]
     n_nyu = int(((rows["site"] == "NYU") & (rows["measure"] == "CSF")).sum())
     (nyu_batch,) = [b for b in miss.where["by_batch"] if b.startswith("NYU")]       # batch = site:epoch

@@ -27,6 +27,7 @@ COVS = ["AGE", "SEX", "DX"]
 FEATURES = ["Left-Hippocampus", "Right-Hippocampus", "CSF", "lh_MeanThickness_thickness",
             "rh_MeanThickness_thickness", "Left-Amygdala"]
 SETTINGS = HarmonizationSettings(covariates=COVS)
+COMPLETE = HarmonizationSettings(covariates=COVS, missing="complete_scans")
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +45,11 @@ def _refusal(df: pd.DataFrame, settings=SETTINGS, features=FEATURES) -> Harmoniz
     return info.value
 
 
-def test_nan_in_a_feature_is_refused_naming_feature_and_row(abide):
+def test_nan_in_a_feature_is_refused_naming_feature_and_row_when_complete_scans_are_asked(abide):
+    """By default a missing value is harmonized around (available-case, test_available_case.py)."""
     df = abide.copy()
     df.loc[17, "CSF"] = np.nan
-    err = _refusal(df)
+    err = _refusal(df, COMPLETE)
     assert "feature 'CSF' has 1 missing" in str(err) and "row 19" in str(err)  # file line of row 17
     assert [f.code for f in err.findings if f.level == "refusal"] == ["nan_feature"]
 
@@ -141,7 +143,7 @@ def test_every_reason_is_reported_at_once(abide):
     df = abide[(abide["SITE"] != "CMU") | (abide.groupby("SITE").cumcount() < 3)].copy()
     df.loc[df.index[0], "CSF"] = np.nan
     df.loc[df.index[1], "AGE"] = np.nan
-    err = _refusal(df)
+    err = _refusal(df, COMPLETE)
     assert {f.code for f in err.findings if f.level == "refusal"} == \
         {"nan_feature", "missing_covariate_value", "small_site"}
     assert len(str(err).splitlines()) == 4  # the heading and one line per reason
