@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class HarmonizationSettings(BaseModel):
@@ -57,16 +57,30 @@ class HarmonizationSettings(BaseModel):
                                       "(available-case ComBat, as Fortin's and sva's ComBat) and keep a missing "
                                       "value missing; or complete_scans: refuse them (a table) or leave out a scan "
                                       "that lacks a measure (the lake)")
+    covariate_levels: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="names of a coded categorical covariate's levels, shown in reports instead of the codes, "
+                    "e.g. SEX: {1: male, 2: female}")
     ref_batch: str | None = Field(
         None, description="reference batch: its values stay as measured and the others are brought onto "
                           "it (reference-batch ComBat, Zhang et al. 2018)")
 
+    @field_validator("covariate_levels", mode="before")
+    @classmethod
+    def _level_codes_as_text(cls, value: Any) -> Any:
+        """YAML reads ``1: male`` with an integer key; a level is its canonical text (1, 1.0 and '1'
+        are one level, as the encoding reads them)."""
+        if not isinstance(value, dict):
+            return value
+        return {str(c): ({_code(k): str(v) for k, v in names.items()} if isinstance(names, dict) else names)
+                for c, names in value.items()}
+
     @model_validator(mode="after")
     def _smooth_are_covariates(self) -> "HarmonizationSettings":
-        unknown = [t for t in self.smooth_terms + self.categorical_covariates
+        unknown = [t for t in self.smooth_terms + self.categorical_covariates + list(self.covariate_levels)
                    if t not in self.covariates]
         if unknown:
-            raise ValueError(f"smooth_terms/categorical_covariates {unknown} are not in covariates "
+            raise ValueError(f"smooth_terms/categorical_covariates/covariate_levels {unknown} are not in covariates "
                              f"{self.covariates}")
         bad = [t for t, (lo, hi) in self.smooth_term_bounds.items() if t not in self.smooth_terms or not lo < hi]
         if bad:
@@ -76,7 +90,14 @@ class HarmonizationSettings(BaseModel):
                              "and ref_batch, or fit one scan per subject")
         if self.parametric is False and self.eb is False:
             raise ValueError("parametric=False chooses the non-parametric empirical Bayes priors: it needs eb=True")
-        both = set(self.smooth_terms) & set(self.categorical_covariates)
+        both = set(self.smooth_terms) & (set(self.categorical_covariates) | set(self.covariate_levels))
         if both:
             raise ValueError(f"{sorted(both)} cannot be both smooth and categorical")
         return self
+
+
+def _code(key: Any) -> str:
+    """A level code as the covariate encoding writes it: 2, 2.0 and '2' are '2'."""
+    if isinstance(key, float) and key.is_integer():
+        return str(int(key))
+    return str(key)

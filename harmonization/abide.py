@@ -23,6 +23,9 @@ TABLES = {
 PHENO_COLUMNS = {"SITE_ID": "SITE", "AGE_AT_SCAN": "AGE", "SEX": "SEX", "DX_GROUP": "DX"}
 SEX_LABELS = {1: "M", 2: "F"}
 DX_LABELS = {1: "ASD", 2: "TD"}
+# the phenotypic file's codes by name, for a report (HarmonizationSettings.covariate_levels)
+SEX_NAMES = {"1": "male", "2": "female"}
+DX_NAMES = {"1": "autism", "2": "control"}
 
 
 def default_shared_dir() -> Path:

@@ -341,8 +341,9 @@ def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
                                                   settings.small_site, codes)
     findings += small
     raise_if_refused(findings)
+    # a covariate whose levels are named is categorical (a 1/2/3-coded scanner is not a number)
     encoding = infer_encoding(data.covariates, settings.covariates,
-                              settings.categorical_covariates, settings.smooth_terms)
+                              [*settings.categorical_covariates, *settings.covariate_levels], settings.smooth_terms)
     not_smooth = [c.name for c in encoding.covariates if c.name in settings.smooth_terms and not c.smooth]
     if not_smooth:   # a text covariate asked to be smooth was dropped from the smooth terms, silently
         findings.append(Finding("refusal", "smooth_categorical",

@@ -155,7 +155,32 @@ def fit_report(data: HarmonizationData, result: FitResult, model_id: str,
         r["validation"] = _validation(data, result)
     r["penalties"] = _penalties(model)
     r["methods"] = methods_text(model)
+    _name_levels(r, model)
     return r
+
+
+def _name_levels(r: dict[str, Any], model: ComBatModel) -> None:
+    """Coded levels by their names (``covariate_levels``): the site table and its figure, the
+    biological terms ("SEX=female", not "SEX=2") and the covariates of the summary."""
+    levels = model.metadata.get("settings", {}).get("covariate_levels") or {}
+    if not levels:
+        return
+
+    def term(text: str) -> str:
+        name, _, code = str(text).partition("=")
+        return f"{name}={levels[name].get(code, code)}" if name in levels and code else text
+
+    for row in (r.get("sites") or {}).get("rows", []):
+        for name, names in levels.items():
+            if isinstance(row.get(name), dict):
+                row[name] = {names.get(k, k): n for k, n in row[name].items()}
+    for part in ("survival", "before", "after"):
+        for record in ((r.get("diagnostics") or {}).get("biology") or {}).get(part, []):
+            if "term" in record:
+                record["term"] = term(record["term"])
+    if r.get("model") and r["model"].get("covariates"):
+        r["model"]["covariates"] = [dict(c, level_names=[levels[c["name"]].get(v, v) for v in c.get("levels", [])])
+                                    if c.get("name") in levels else c for c in r["model"]["covariates"]]
 
 
 def _complete_rows(data: HarmonizationData, result: FitResult, n_covariates: int
@@ -221,6 +246,7 @@ def apply_report(model: ComBatModel, model_id: str, data: HarmonizationData, res
         r["complete_rows"]["diagnosed"] = False
     r["location_scale"] = _location_scale(model)
     r["methods"] = methods_text(model)
+    _name_levels(r, model)
     return r
 
 

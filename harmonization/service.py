@@ -61,8 +61,10 @@ def _fit_and_store(lake: Lake, data: Any, settings: HarmonizationSettings,
 
 def fit_table(lake: Lake, table: str, batch_col: str, settings: HarmonizationSettings,
               out: str, report_path: str | None = None, features: list[str] | None = None,
-              exclude: list[str] | None = None, subject_col: str | None = None) -> Outcome:
+              exclude: list[str] | None = None, subject_col: str | None = None,
+              source: str | None = None) -> Outcome:
     """Fit on a wide table file, store the model in ``lake``, write the harmonized table.
+    ``source``: what the model and report call the input (default: the file's path).
 
     Raises
     ------
@@ -70,7 +72,7 @@ def fit_table(lake: Lake, table: str, batch_col: str, settings: HarmonizationSet
         After writing the refusal report (when ``report_path`` is given).
     """
     df = read_table_file(table)
-    data = from_wide_table(df, batch_col, settings.covariates, features, exclude, source=table,
+    data = from_wide_table(df, batch_col, settings.covariates, features, exclude, source=source or table,
                            subject_col=subject_col)
     try:
         result, model_id = _fit_and_store(lake, data, settings, {"batch_column": batch_col})

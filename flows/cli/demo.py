@@ -80,25 +80,30 @@ def _demo_keys(console: Console) -> None:
 
 
 def harmonize_abide(data: Path, lake, console: Console) -> None:
-    """ComBat on ABIDE (aseg volumes), age, sex and diagnosis kept; report in the lake."""
+    """ComBat on ABIDE (aseg volumes), age, sex and diagnosis kept; the table, its harmonized copy
+    and the report in the lake (the report names its input by what it is, not by a file that a
+    temporary directory held)."""
     import tempfile
 
     from data_contracts.harmonization_settings import HarmonizationSettings
-    from harmonization.abide import constant_columns, load_abide
+    from harmonization.abide import DX_NAMES, SEX_NAMES, constant_columns, load_abide
     from harmonization.service import fit_table
 
     console.rule("harmonization (ABIDE, 20 sites)")
     table = load_abide(data, tables=("aseg",))
-    work = Path(tempfile.mkdtemp(prefix="corelab-demo-"))
+    work = Path(lake.path("exports")) if lake.is_local else Path(tempfile.mkdtemp(prefix="corelab-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
     src = work / "abide_aseg.csv"
     table.to_csv(src, index=False)
     settings = HarmonizationSettings(batch="site", covariates=["AGE", "SEX", "DX"],
-                                     categorical_covariates=["SEX", "DX"])
+                                     covariate_levels={"SEX": SEX_NAMES, "DX": DX_NAMES})
     reports = Path(lake.path("reports")) if lake.is_local else work
     # four aseg hypointensity volumes are 0 in every subject: nothing to harmonize there
     outcome = fit_table(lake, str(src), "SITE", settings, str(work / "abide_aseg_harmonized.csv"),
                         report_path=str(reports / "harmonization_abide.html"),
-                        exclude=constant_columns(table))
+                        exclude=constant_columns(table),
+                        source=f"ABIDE I aseg volumes ({len(table)} subjects, {table['SITE'].nunique()} sites; "
+                               "the shared data's pcp_abide and FreeSurfer 6 stats)")
     console.print(f"model {outcome.model_id}: {outcome.harmonized} subjects harmonized; "
                   f"report {outcome.outputs['report']}")
 

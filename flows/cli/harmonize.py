@@ -51,6 +51,18 @@ def _split(text: Optional[str]) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
+def _levels(texts: Optional[list[str]]) -> dict[str, dict[str, str]]:
+    """``--levels SEX:1=male,2=female`` (repeatable) as {covariate: {code: name}}."""
+    out: dict[str, dict[str, str]] = {}
+    for text in texts or []:
+        name, sep, pairs = text.partition(":")
+        codes = [p.split("=", 1) for p in _split(pairs)]
+        if not sep or not name.strip() or not codes or any(len(c) != 2 or not c[0].strip() for c in codes):
+            fail(f"--levels {text!r}: write COVARIATE:CODE=NAME,CODE=NAME, e.g. SEX:1=male,2=female")
+        out[name.strip()] = {c.strip(): n.strip() for c, n in codes}
+    return out
+
+
 def _report(outcome: service.Outcome, verb: str) -> None:
     for f in outcome.findings:
         typer.secho(f"{f.level}: {f.message}", fg=typer.colors.YELLOW, err=True)
@@ -83,6 +95,9 @@ def fit(
     covariates: Optional[str] = typer.Option(None, help="biological covariates to keep, e.g. AGE,SEX,DX"),
     smooth: Optional[str] = typer.Option(None, help="covariates modelled as smooth (ComBat-GAM), e.g. AGE"),
     categorical: Optional[str] = typer.Option(None, help="numeric covariates to treat as categories"),
+    levels: Optional[list[str]] = typer.Option(None, "--levels", help="names of a coded covariate's levels for the "
+                                                                      "report (makes it categorical), e.g. "
+                                                                      "SEX:1=male,2=female; repeatable"),
     features: Optional[str] = typer.Option(None, help="feature columns or globs (default: every other numeric column)"),
     exclude: Optional[str] = typer.Option(None, help="columns or globs never harmonized (ids, constants)"),
     min_site_n: int = typer.Option(20, help="smallest batch ComBat may estimate"),
@@ -122,7 +137,7 @@ def fit(
             categorical_covariates=_split(categorical), min_site_n=min_site_n,
             small_site=small_site, max_confounding=max_confounding, seed=seed, eb=eb,
             parametric=parametric, mean_only=mean_only, ref_batch=ref_batch, repeated=repeated,
-            missing=missing.replace("-", "_"))
+            missing=missing.replace("-", "_"), covariate_levels=_levels(levels))
     except ValidationError as exc:
         fail("invalid options: " + "; ".join(e["msg"] for e in exc.errors()))
     try:

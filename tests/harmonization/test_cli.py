@@ -191,3 +191,25 @@ def test_missing_values_from_the_command_line_stay_missing_or_are_refused_on_req
     res = runner.invoke(app, [*common, "--missing", "complete-scans", "--out", str(root / "strict.csv")])
     assert res.exit_code == 2 and "feature 'CSF' has 60 missing or infinite value(s)" in res.output
     assert "Traceback" not in res.output
+
+
+def test_coded_levels_are_shown_by_name(tables, abide_data):
+    """ABIDE's phenotypic file codes SEX and DX as 1/2: named, the report says "SEX=female" and
+    "male: 29", never "SEX=2" or "1.2 ± 0.4"; a malformed --levels is a usage error."""
+    root, df = tables
+    coded = load_abide(abide_data, tables=("aseg",))
+    coded.to_csv(root / "coded.csv", index=False)
+    common = ["fit", "--table", str(root / "coded.csv"), "--batch", "SITE", "--covariates", "AGE,SEX,DX",
+              "--exclude", _exclude(coded), "--lake", str(root / "lake"), "--out", str(root / "coded_out.csv")]
+    res = runner.invoke(app, [*common, "--levels", "SEX:1=male,2=female", "--levels", "DX:1=autism,2=control",
+                              "--report", str(root / "coded.html")])
+    assert res.exit_code == 0, res.output
+    html = (root / "coded.html").read_text()
+    assert "SEX=female" in html and "DX=control" in html and "SEX (categorical: male/female)" in html
+    assert re.search(r"male: \d+, female: \d+", html) and "SEX=2" not in html
+    data = json.loads((root / "coded.json").read_text())
+    assert {t["term"] for t in data["diagnostics"]["biology"]["survival"]} == {"AGE", "SEX=female", "DX=control"}
+    bad = runner.invoke(app, [*common, "--levels", "SEX=1:male"])
+    assert bad.exit_code == 2 and "COVARIATE:CODE=NAME" in bad.output
+    unknown = runner.invoke(app, [*common, "--levels", "SITEX:1=a"])
+    assert unknown.exit_code == 2 and "SITEX" in unknown.output
