@@ -51,6 +51,7 @@ from data_contracts.harmonization_settings import HarmonizationSettings  # noqa:
 from harmonization import checks, combat, diagnostics  # noqa: E402
 from harmonization.abide import constant_columns, load_abide  # noqa: E402
 from harmonization.inputs import HarmonizationData, from_wide_table  # noqa: E402
+from harmonization.validation import combat_world  # noqa: E402
 
 COVS = ["AGE", "SEX", "DX"]
 REPS_SMALL = 31  # interleaved rounds for ABIDE (milliseconds a call)
@@ -255,31 +256,6 @@ def split_70_30(abide: pd.DataFrame, seed: int) -> np.ndarray:
     """True for a random 70 % of each site (the training rows), False for the other 30 %."""
     train = abide.groupby("SITE", group_keys=False).sample(frac=0.7, random_state=seed).index
     return abide.index.isin(train)
-
-
-def combat_world(data: HarmonizationData, settings: HarmonizationSettings):
-    """A copy of ABIDE in which ComBat's model holds exactly, for the estimation-noise floor.
-
-    From a fit on all rows: each row keeps its covariates, batch and the fitted
-    covariate mean; its site effect is the fitted gamma*/delta* of its site; its
-    residual is a real standardized harmonized residual (121 features, their
-    correlation kept) of a randomly drawn subject, so any site effect left in the
-    residuals is shuffled away. Returns ``draw(seed) -> HarmonizationData``.
-    """
-    full = combat.fit(data, settings)
-    m = full.model
-    centre = m.grand_mean + combat.covariate_design(m, full.encoded) @ m.B_hat[len(m.batches):]
-    sd = np.sqrt(m.var_pooled)
-    resid = (full.harmonized.to_numpy() - centre) / sd
-    b = pd.Index(m.batches).get_indexer(full.batch.to_numpy())
-    shift, scale = m.gamma_star[b], np.sqrt(m.delta_star[b])
-
-    def draw(seed: int) -> HarmonizationData:
-        r = resid[np.random.default_rng(seed).permutation(len(resid))]
-        x = centre + sd * (shift + scale * r)
-        return HarmonizationData(pd.DataFrame(x, index=data.features.index, columns=data.features.columns),
-                                 data.covariates, data.batch, data.row_labels, "ComBat world")
-    return draw
 
 
 def _held_out(values, enc: pd.DataFrame, batch: pd.Series) -> tuple[float, float]:

@@ -2,8 +2,9 @@
 
 - ``held_out``: k-fold, the model fitted without a fold and applied to it; the share of features
   with a site effect in the left-out rows (the in-sample share is close to 0 by construction:
-  it tests the linear model ComBat removed, on the rows it removed it from), and the same with the
-  site labels of the left-out rows permuted (the F-test's own false-positive level).
+  it tests the linear model ComBat removed, on the rows it removed it from), the same with the
+  site labels of the left-out rows permuted (the F-test's own false-positive level), and on a copy
+  of the data where ComBat's model holds exactly (``combat_world``: the estimation-noise floor).
 - ``scale_effect``: Brown-Forsythe test of equal spread across batches per feature (a one-way
   ANOVA of the absolute deviations from the batch median of the covariate-model residuals),
   before and after; ComBat's location test says nothing about scale.
@@ -32,6 +33,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization import combat, diagnostics
 from harmonization.checks import covariate_balance  # noqa: F401  (re-exported: the report's balance table)
+from harmonization.errors import HarmonizationRefused
 from harmonization.inputs import HarmonizationData
 
 K_FOLDS = 5
@@ -73,35 +75,83 @@ def site_prediction(values: pd.DataFrame, encoded: pd.DataFrame, batch: pd.Serie
             "chance": round(1.0 / len(set(labels)), 4), "folds": folds}
 
 
+def combat_world(data: HarmonizationData, settings: HarmonizationSettings):
+    """A copy of the data in which ComBat's model holds exactly: the estimation-noise floor.
+
+    From a fit on all rows: each row keeps its covariates, batch and the fitted covariate mean;
+    its site effect is the fitted gamma*/delta* of its site; its residual is a real standardized
+    harmonized residual (every feature, their correlation kept) of a randomly drawn row, so any
+    site effect left in the residuals is shuffled away. What a held-out test still finds there is
+    the error of site estimates from that many scans. Returns ``draw(seed) -> HarmonizationData``.
+    """
+    full = combat.fit(data, settings)
+    m = full.model
+    centre = m.grand_mean + combat.covariate_design(m, full.encoded) @ m.B_hat[len(m.batches):]
+    sd = np.sqrt(m.var_pooled)
+    resid = (full.harmonized.to_numpy() - centre) / sd
+    b = pd.Index(m.batches).get_indexer(full.batch.to_numpy())
+    shift, scale = m.gamma_star[b], np.sqrt(m.delta_star[b])
+
+    def draw(seed: int) -> HarmonizationData:
+        r = resid[np.random.default_rng(seed).permutation(len(resid))]
+        x = centre + sd * (shift + scale * r)
+        return HarmonizationData(pd.DataFrame(x, index=data.features.index, columns=data.features.columns),
+                                 data.covariates, data.batch, data.row_labels, "ComBat world")
+    return draw
+
+
 def held_out(data: HarmonizationData, settings: HarmonizationSettings, encoded: pd.DataFrame,
              seed: int = 0) -> dict[str, Any]:
-    """k-fold: fit without each fold (stratified by batch), apply to it; site-effect share per fold."""
+    """k-fold: fit without each fold (stratified by batch), apply to it; site-effect share per fold,
+    with the site labels permuted (the test's false-positive level) and on a copy of the data where
+    ComBat's model holds exactly (the estimation-noise floor: :func:`combat_world`)."""
     labels = data.batch.astype(str).to_numpy()
     folds = min(K_FOLDS, int(pd.Series(labels).value_counts().min()))
     if folds < 2:
-        return {"folds": folds, "share_F": [], "share_F_permuted": []}
+        return {"folds": folds, "share_F": [], "share_F_permuted": [], "share_F_floor": []}
+    settings = settings.model_copy(update={"small_site": "pool"})
+    try:
+        world = combat_world(data, settings)(seed)
+    except HarmonizationRefused:
+        world = None
     rng = np.random.default_rng(seed)
-    shares, null = [], []
+    shares, null, floor = [], [], []
     for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(labels, labels):
         train_mask = np.zeros(len(labels), bool)
         train_mask[train] = True
-        try:
-            model = combat.fit(data.subset(train_mask), settings.model_copy(update={"small_site": "pool"})).model
-        except Exception:     # a fold the fit refuses (a batch too small without it) is not a site effect
+        share = _fold_share(data, settings, train_mask, encoded, len(set(labels[test])), rng)
+        if share is None:
             continue
-        applied = combat.apply(model, data.subset(~train_mask), refuse_empty=False)
-        ok = applied.ok
-        if ok.sum() <= len(set(labels[test])) + encoded.shape[1] + 1:
-            continue
-        enc = encoded[~train_mask][ok]
-        batch = data.batch[~train_mask][ok].astype(str)
-        harmonized = applied.harmonized[ok]
-        shares.append(float(diagnostics.site_effect(harmonized, enc, batch)["significant_F"].mean()))
-        shuffled = pd.Series(rng.permutation(batch.to_numpy()), index=batch.index)
-        null.append(float(diagnostics.site_effect(harmonized, enc, shuffled)["significant_F"].mean()))
+        shares.append(share[0])
+        null.append(share[1])
+        if world is not None:
+            floor_share = _fold_share(world, settings, train_mask, encoded, len(set(labels[test])), rng)
+            if floor_share is not None:
+                floor.append(floor_share[0])
     return {"folds": folds, "share_F": [round(s, 4) for s in shares], "share_F_permuted": [round(s, 4) for s in null],
+            "share_F_floor": [round(s, 4) for s in floor],
             "median_share_F": round(float(np.median(shares)), 4) if shares else None,
-            "median_share_F_permuted": round(float(np.median(null)), 4) if null else None}
+            "median_share_F_permuted": round(float(np.median(null)), 4) if null else None,
+            "median_share_F_floor": round(float(np.median(floor)), 4) if floor else None}
+
+
+def _fold_share(data: HarmonizationData, settings: HarmonizationSettings, train_mask: np.ndarray,
+                encoded: pd.DataFrame, n_test_batches: int, rng: np.random.Generator) -> tuple[float, float] | None:
+    """The share of features with a site effect in the left-out rows, and with their labels permuted."""
+    try:
+        model = combat.fit(data.subset(train_mask), settings).model
+    except HarmonizationRefused:   # a fold the fit refuses (a batch too small without it) is not a site effect
+        return None
+    applied = combat.apply(model, data.subset(~train_mask), refuse_empty=False)
+    ok = applied.ok
+    if ok.sum() <= n_test_batches + encoded.shape[1] + 1:
+        return None
+    enc = encoded[~train_mask][ok]
+    batch = data.batch[~train_mask][ok].astype(str)
+    harmonized = applied.harmonized[ok]
+    shuffled = pd.Series(rng.permutation(batch.to_numpy()), index=batch.index)
+    return (float(diagnostics.site_effect(harmonized, enc, batch)["significant_F"].mean()),
+            float(diagnostics.site_effect(harmonized, enc, shuffled)["significant_F"].mean()))
 
 
 def prior_fit(model: combat.ComBatModel, alpha: float = 0.01) -> list[dict[str, Any]]:

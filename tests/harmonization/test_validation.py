@@ -29,6 +29,8 @@ def test_held_out_scale_and_multivariate_site_signal(fitted_report):
     v = r["validation"]
     assert v["held_out"]["folds"] == 5 and len(v["held_out"]["share_F"]) == 5
     assert v["held_out"]["median_share_F"] <= 0.05 and v["held_out"]["median_share_F_permuted"] <= 0.05
+    # the estimation-noise floor on the same folds, where ComBat's model holds exactly
+    assert len(v["held_out"]["share_F_floor"]) == 5 and v["held_out"]["median_share_F_floor"] <= 0.02
     assert v["scale"]["before"]["share"] >= 0.5 and v["scale"]["after"]["share"] <= 0.05
     before, after = v["site_prediction"]["before"], v["site_prediction"]["after"]
     assert before["chance"] == 0.05 and before["balanced_accuracy"] > 0.4
