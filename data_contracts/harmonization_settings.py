@@ -57,6 +57,12 @@ class HarmonizationSettings(BaseModel):
                                       "(available-case ComBat, as Fortin's and sva's ComBat) and keep a missing "
                                       "value missing; or complete_scans: refuse them (a table) or leave out a scan "
                                       "that lacks a measure (the lake)")
+    covbat: bool = Field(
+        False, description="after ComBat, harmonize the covariance of the features across sites too (CovBat, "
+                           "Chen et al. 2022): the principal components of the ComBat residuals that explain "
+                           "covbat_variance of their variance get each site's mean and scale removed")
+    covbat_variance: float = Field(
+        0.95, gt=0, lt=1, description="share of the residual variance whose principal components CovBat harmonizes")
     covariate_levels: dict[str, dict[str, str]] = Field(
         default_factory=dict,
         description="names of a coded categorical covariate's levels, shown in reports instead of the codes, "
@@ -88,6 +94,9 @@ class HarmonizationSettings(BaseModel):
         if self.repeated == "longitudinal" and (self.smooth_terms or self.ref_batch):
             raise ValueError("longitudinal ComBat here is linear without a reference batch: drop smooth_terms "
                              "and ref_batch, or fit one scan per subject")
+        if self.covbat and (self.ref_batch or self.repeated == "longitudinal"):
+            raise ValueError("CovBat (Chen et al. 2022) has no reference-batch or longitudinal form: drop covbat, "
+                             "or ref_batch and repeated: longitudinal")
         if self.parametric is False and self.eb is False:
             raise ValueError("parametric=False chooses the non-parametric empirical Bayes priors: it needs eb=True")
         both = set(self.smooth_terms) & (set(self.categorical_covariates) | set(self.covariate_levels))

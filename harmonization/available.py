@@ -103,7 +103,7 @@ def _it_sol(sdat: np.ndarray, g_hat: np.ndarray, d_hat: np.ndarray, g_bar: float
 
 
 def check(x: np.ndarray, codes: np.ndarray, labels: np.ndarray, features: list[str], design: np.ndarray,
-          eb: bool, parametric: bool, smooth: bool, longitudinal: bool) -> list[Finding]:
+          eb: bool, parametric: bool, smooth: bool, longitudinal: bool, covbat: bool = False) -> list[Finding]:
     """What available-case ComBat cannot estimate, each named: a feature with fewer than two
     values in a batch, or whose rows do not determine the design (fewer rows than columns, a
     covariate level never seen among them); and the options it does not take with missing values."""
@@ -113,7 +113,8 @@ def check(x: np.ndarray, codes: np.ndarray, labels: np.ndarray, features: list[s
     out: list[Finding] = []
     which = [name for name, on in (("ComBat-GAM (smooth terms)", smooth),
                                    ("non-parametric priors", eb and not parametric),
-                                   ("longitudinal ComBat", longitudinal)) if on]
+                                   ("longitudinal ComBat", longitudinal),
+                                   ("CovBat (principal components of whole rows)", covbat)) if on]
     if which:
         out.append(Finding("refusal", "missing_with_option",
                            f"{int(missing.any(axis=0).sum())} feature(s) have missing values, and {which[0]} "

@@ -368,7 +368,7 @@ def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
     if available_case:
         names, batches = [str(c) for c in data.features.columns], np.asarray(codes.labels)
         findings += available.check(values, codes.codes, batches, names, design, settings.eb, settings.parametric,
-                                    bool(encoding.smooth_terms), settings.repeated == "longitudinal")
+                                    bool(encoding.smooth_terms), settings.repeated == "longitudinal", settings.covbat)
         findings += available.missing_finding(values, codes.codes, batches, names)
     findings += check_reference_batch(settings.ref_batch, data.batch, mapping)
     findings += check_limits(data.covariates, settings.covariates, settings.covariate_limits, labels)

@@ -46,7 +46,7 @@ from neuroCombat.neuroCombat import (
 )
 
 from data_contracts.harmonization_settings import HarmonizationSettings
-from harmonization import available, checks, gam, longitudinal
+from harmonization import available, checks, covbat, gam, longitudinal
 from harmonization.errors import Finding, HarmonizationRefused, ModelMismatchError
 from harmonization.inputs import CovariateEncoding, HarmonizationData
 from tasks.lake.versions import software_versions
@@ -126,11 +126,12 @@ class ComBatModel:
     alphas: np.ndarray | None = None
     subjects: list[str] | None = None          # longitudinal ComBat: the subjects fitted, in order
     intercepts: np.ndarray | None = None       # (subjects, F) their random intercepts (BLUPs)
+    covbat: covbat.CovBat | None = None        # the covariance step (Chen et al. 2022), when asked
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def method(self) -> str:
-        return "ComBat-GAM" if self.spline is not None else "ComBat"
+        return ("ComBat-GAM" if self.spline is not None else "ComBat") + (" + CovBat" if self.covbat else "")
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {k: np.asarray(getattr(self, k), dtype=float) for k in ARRAYS}
@@ -138,6 +139,8 @@ class ComBatModel:
             out["alphas"] = np.asarray(self.alphas, dtype=float)
         if self.intercepts is not None:
             out["intercepts"] = np.asarray(self.intercepts, dtype=float)
+        if self.covbat is not None:
+            out.update(self.covbat.arrays())
         return out
 
     @property
@@ -228,12 +231,26 @@ def fit(data: HarmonizationData, settings: HarmonizationSettings) -> FitResult:
     model.batch_map = mapping
     model.features = [str(c) for c in data.features.columns]
     _refuse_non_finite(model, settings)
+    if settings.covbat:
+        bayes = _fit_covbat(model, x, encoded, batch, settings.covbat_variance)
     model.metadata = _metadata(model, data, settings, findings, assoc, fingerprint)
     model.metadata["covariate_ranges"] = checks.covariate_ranges(data.covariates, encoding, batch)
     harmonized = pd.DataFrame(bayes, index=data.features.index, columns=data.features.columns)
     findings = findings + _impossible_values(x, bayes, model.features, data.row_labels)
     findings += _outlier_screen(model, x, encoded, batch, encoding, settings, data)
     return FitResult(model, harmonized, batch, encoded, findings, assoc)
+
+
+def _fit_covbat(model: ComBatModel, x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series,
+                percent_var: float) -> np.ndarray:
+    """The covariance step fitted on the ComBat residuals, computed as apply() computes them (so
+    the fit's values are its stored model's, to the bit); returns the harmonized values."""
+    idx = pd.Index(model.batches).get_indexer(batch.astype(str).to_numpy())
+    s, centre = residuals(model, x, idx, covariate_design(model, encoded))
+    model.covbat = covbat.fit(s, idx, len(model.batches), percent_var)
+    out = covbat.adjust(model.covbat, s, idx)
+    out += centre
+    return out
 
 
 def _outlier_screen(model: ComBatModel, x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series,
@@ -495,6 +512,8 @@ def _metadata(model: ComBatModel, data: HarmonizationData, settings: Harmonizati
         "association_with_batch": assoc,
         "findings": [f.to_dict() for f in findings],
     }
+    if model.covbat is not None:
+        meta["covbat"] = model.covbat.metadata()
     if model.subjects is not None:
         meta["longitudinal"] = {"method": "random subject intercept (Beer et al. 2020), closed form",
                                 "subjects": model.subjects}
@@ -564,17 +583,12 @@ def apply(model: ComBatModel, data: HarmonizationData, model_id: str = "",
     if ok.any():
         idx = pd.Index(model.batches).get_indexer((batch if every else batch[ok]).to_numpy())
         design = covariate_design(model, encoded if every else encoded[ok])
-        centre = design @ model.B_hat[len(model.batches):]
+        who = None
         if model.intercepts is not None:
             who = pd.Index(model.subjects).get_indexer(data.subjects.astype(str)[ok if not every else slice(None)])
-            centre += model.intercepts[who]
-        centre += model.grand_mean
-        sd = np.sqrt(model.var_pooled)
-        s = np.subtract(x if every else x[ok], centre, order="C")
-        s /= sd
-        s -= model.gamma_star[idx]
-        s /= np.sqrt(model.delta_star)[idx]
-        s *= sd
+        s, centre = residuals(model, x if every else x[ok], idx, design, who)
+        if model.covbat is not None:
+            s = covbat.adjust(model.covbat, s, idx)
         s += centre
         if model.options.ref is not None:   # the reference's rows stay as measured, as in the fit
             own = idx == model.options.ref
@@ -585,6 +599,23 @@ def apply(model: ComBatModel, data: HarmonizationData, model_id: str = "",
             out[ok] = s
     frame = pd.DataFrame(out, index=data.features.index, columns=model.features)
     return ApplyResult(frame, status, batch, findings)
+
+
+def residuals(model: ComBatModel, x: np.ndarray, idx: np.ndarray, design: np.ndarray,
+              subjects: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ComBat's adjustment of rows ``x`` of batches ``idx`` (model rows) before the fitted mean is
+    added back: the harmonized residuals, and that mean (covariates, subject, grand mean)."""
+    centre = design @ model.B_hat[len(model.batches):]
+    if subjects is not None:
+        centre += model.intercepts[subjects]
+    centre += model.grand_mean
+    sd = np.sqrt(model.var_pooled)
+    s = np.subtract(x, centre, order="C")
+    s /= sd
+    s -= model.gamma_star[idx]
+    s /= np.sqrt(model.delta_star)[idx]
+    s *= sd
+    return s, centre
 
 
 def _row_status(model: ComBatModel, data: HarmonizationData, model_id: str, x: np.ndarray,
@@ -623,8 +654,9 @@ def _row_status(model: ComBatModel, data: HarmonizationData, model_id: str, x: n
 
 def available_case(model: ComBatModel) -> bool:
     """Whether the model harmonizes each feature on its own (a missing value stays missing); a
-    model stored before the setting existed was fitted on complete scans."""
-    return model.metadata.get("settings", {}).get("missing", "complete_scans") == "available_case"
+    model stored before the setting existed was fitted on complete scans, and CovBat rotates whole rows."""
+    return (model.covbat is None
+            and model.metadata.get("settings", {}).get("missing", "complete_scans") == "available_case")
 
 
 def missing_values(model: ComBatModel, x: np.ndarray) -> dict[int, str]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from harmonization import available
+from harmonization import available, covbat
 from harmonization.checks import covariate_ranges
 from harmonization.combat import (
     ApplyResult,
@@ -33,6 +33,7 @@ from harmonization.combat import (
     info_dict,
     location_scale,
     missing_values,
+    residuals,
 )
 from harmonization.errors import Finding, HarmonizationRefused, ModelMismatchError
 from harmonization.inputs import HarmonizationData
@@ -143,9 +144,13 @@ def _child(model: ComBatModel, data: HarmonizationData, x: np.ndarray, usable: n
     ranges = covariate_ranges(data.covariates[rows], model.encoding, batch[rows])
     meta["covariate_ranges"] = {name: {**r, "batches": {**r["batches"], **ranges[name]["batches"]}}
                                 for name, r in meta.get("covariate_ranges", {}).items() if name in ranges}
-    return replace(
+    child = replace(
         model, batches=[*model.batches, *new], batch_sizes=[*model.batch_sizes, *map(int, counts)],
         batch_map={**model.batch_map, **{b: b for b in new}}, B_hat=b_hat,
         gamma_star=np.vstack([model.gamma_star, gamma]), delta_star=np.vstack([model.delta_star, delta]),
         gamma_hat=np.vstack([model.gamma_hat, np.asarray(ls["gamma_hat"], dtype=float)]),
         delta_hat=np.vstack([model.delta_hat, np.asarray(ls["delta_hat"], dtype=float)]), metadata=meta)
+    if model.covbat is not None:   # the new batches' score location and scale on the frozen axes
+        resid, _ = residuals(child, x[rows], codes + n_parent, covariate_design(model, encoded))
+        child.covbat = covbat.extend(model.covbat, resid, codes, len(new))
+    return child

@@ -33,6 +33,7 @@ from prefect.cache_policies import NO_CACHE
 
 from harmonization import gam
 from harmonization.combat import ComBatModel, Options
+from harmonization.covbat import CovBat
 from harmonization.errors import (
     HarmonizationError,
     ModelNotFoundError,
@@ -112,7 +113,8 @@ def from_parts(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> ComBatMod
         eb=bool(meta["empirical_bayes"]), options=Options.from_dict(meta.get("options")),
         spline=gam.SplineSpec.from_dict(meta["spline"]) if "spline" in meta else None,
         alphas=arrays.get("alphas"), subjects=meta.get("longitudinal", {}).get("subjects"),
-        intercepts=arrays.get("intercepts"), metadata=meta)
+        intercepts=arrays.get("intercepts"),
+        covbat=CovBat.from_parts(meta["covbat"], arrays) if "covbat" in meta else None, metadata=meta)
 
 
 def list_models(lake: Lake) -> list[dict[str, Any]]:

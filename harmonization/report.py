@@ -44,6 +44,11 @@ REFERENCES = [
     "doi:10.1016/j.neuroimage.2019.116450",
     "Beer JC, et al. Longitudinal ComBat: a method for harmonizing longitudinal multi-scanner imaging "
     "data. NeuroImage 2020;220:117129. doi:10.1016/j.neuroimage.2020.117129",
+    "Chen AA, et al. Mitigating site effects in covariance for machine learning in neuroimaging data. "
+    "Hum Brain Mapp 2022;43(4):1179-1195. doi:10.1002/hbm.25688",
+    "Leek JT, Johnson WE, Parker HS, Jaffe AE, Storey JD. The sva package for removing batch effects and "
+    "other unwanted variation in high-throughput experiments. Bioinformatics 2012;28(6):882-883. "
+    "doi:10.1093/bioinformatics/bts034",
     "Benjamini Y, Hochberg Y. Controlling the false discovery rate: a practical and powerful "
     "approach to multiple testing. J R Stat Soc B 1995;57(1):289-300. "
     "doi:10.1111/j.2517-6161.1995.tb02031.x",
@@ -115,6 +120,15 @@ def methods_text(model: ComBatModel) -> str:
                  "without refitting it: their location and scale were estimated against its frozen grand mean, "
                  "pooled variance and covariate coefficients, with their own empirical-Bayes shrinkage, so no "
                  "value harmonized before changed. ")
+    if model.covbat is not None:
+        cb = meta.get("covbat", {})
+        text += (f"The covariance of the features was then harmonized with CovBat (Chen et al. 2022): the "
+                 f"{cb.get('components', '?')} principal components explaining {100 * cb.get('percent_var', 0):.0f} % "
+                 "of the ComBat residuals' variance (features scaled to unit variance) had each batch's score mean "
+                 "and variance removed (ComBat without covariates or empirical Bayes) before rotating back. ")
+    if any(f.get("code") == "available_case" for f in meta.get("findings", [])):
+        text += ("Missing values were left missing: each feature was harmonized on the scans that have it "
+                 "(available-case ComBat, as sva's ComBat, Leek et al. 2012). ")
     if model.spline is not None:
         text += (f"{', '.join(model.spline.terms)} entered as penalised cubic B-splines "
                  f"(df {model.spline.df}; ComBat-GAM, Pomponio et al. 2020) with the penalty "
@@ -216,6 +230,7 @@ def _validation(data: HarmonizationData, result: FitResult) -> dict[str, Any]:
                             "after": validation.site_prediction(result.harmonized, result.encoded, result.batch)},
         "priors": validation.prior_fit(model),
         "balance": validation.covariate_balance(data.covariates, model.encoding, result.batch),
+        "covariance": validation.covariance(data, result),
         "outliers": combat.outlier_effect(result, data, settings),
     }
 

@@ -14,6 +14,8 @@
 - ``prior_fit``: the empirical-Bayes priors against the estimates they shrink, per batch:
   gamma-hat against N(gamma-bar, tau2) and delta-hat against the inverse gamma (a, b), by
   Kolmogorov-Smirnov; a rejected prior is a batch whose shrinkage is not to be trusted.
+- ``covariance``: whether the features' correlation differs by batch after ComBat (a permutation
+  test), and after CovBat when the model has it (Chen et al. 2022).
 - ``covariate_balance``: per batch and numeric covariate, the standardized mean difference
   against the other batches and the share of its rows inside the others' range.
 """
@@ -31,7 +33,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from data_contracts.harmonization_settings import HarmonizationSettings
-from harmonization import combat, diagnostics
+from harmonization import combat, covbat, diagnostics
 from harmonization.checks import covariate_balance  # noqa: F401  (re-exported: the report's balance table)
 from harmonization.errors import HarmonizationRefused
 from harmonization.inputs import HarmonizationData
@@ -152,6 +154,22 @@ def _fold_share(data: HarmonizationData, settings: HarmonizationSettings, train_
     shuffled = pd.Series(rng.permutation(batch.to_numpy()), index=batch.index)
     return (float(diagnostics.site_effect(harmonized, enc, batch)["significant_F"].mean()),
             float(diagnostics.site_effect(harmonized, enc, shuffled)["significant_F"].mean()))
+
+
+def covariance(data: HarmonizationData, result: combat.FitResult, alpha: float = 0.05) -> dict[str, Any]:
+    """Whether the features' correlation still differs by batch: on the ComBat residuals (ComBat
+    changes each feature per batch by a shift and a scale, so within a batch their correlation is
+    what it was before), and after CovBat when the model has it (``covbat.covariance_effect``)."""
+    model = result.model
+    idx = pd.Index(model.batches).get_indexer(result.batch.astype(str).to_numpy())
+    x = data.features[model.features].to_numpy(dtype=float)
+    resid, centre = combat.residuals(model, x, idx, combat.covariate_design(model, result.encoded))
+    out: dict[str, Any] = {"combat": covbat.covariance_effect(resid, idx), "alpha": alpha}
+    if model.covbat is not None:
+        out["covbat"] = covbat.covariance_effect(result.harmonized.to_numpy() - centre, idx)
+        out["components"] = model.covbat.metadata()["components"]
+    out["remains"] = bool(out.get("covbat", out["combat"])["p"] < alpha)
+    return out
 
 
 def prior_fit(model: combat.ComBatModel, alpha: float = 0.01) -> list[dict[str, Any]]:

@@ -112,6 +112,10 @@ def fit(
     parametric: bool = typer.Option(True, "--parametric/--non-parametric",
                                     help="parametric or non-parametric empirical Bayes priors"),
     mean_only: bool = typer.Option(False, "--mean-only", help="adjust site means only, never the scale"),
+    covbat: bool = typer.Option(False, "--covbat", help="harmonize the features' covariance across sites too "
+                                                      "(CovBat, Chen et al. 2022)"),
+    covbat_variance: float = typer.Option(0.95, help="CovBat: share of the residual variance whose principal "
+                                                     "components are harmonized"),
     missing: str = typer.Option("available-case", help="missing values: available-case (each feature on the "
                                                        "rows that have it; missing stays missing) | "
                                                        "complete-scans (refuse them)"),
@@ -137,7 +141,8 @@ def fit(
             categorical_covariates=_split(categorical), min_site_n=min_site_n,
             small_site=small_site, max_confounding=max_confounding, seed=seed, eb=eb,
             parametric=parametric, mean_only=mean_only, ref_batch=ref_batch, repeated=repeated,
-            missing=missing.replace("-", "_"), covariate_levels=_levels(levels))
+            missing=missing.replace("-", "_"), covariate_levels=_levels(levels), covbat=covbat,
+            covbat_variance=covbat_variance)
     except ValidationError as exc:
         fail("invalid options: " + "; ".join(e["msg"] for e in exc.errors()))
     try:
