@@ -33,17 +33,20 @@ MIN_PER_BATCH = 2   # a batch's variance of a feature needs two of its values
 
 def ols(design: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Least-squares coefficients of each column of ``y`` (rows, features) on ``design``, on the
-    rows where that column is a number; columns sharing a pattern of missing rows are solved
-    together (neuroCombat's normal equations, ``inv(X'X) X' y``)."""
+    rows where that column is a number: every feature's normal equations at once (its Gram matrix
+    is the sum of the outer products of the rows it has; one product for all features, then a
+    batched solve). Solving feature by feature took 4x the complete table's fit on ABIDE with 5 %
+    missing (every feature had its own rows)."""
     present = ~np.isnan(y)
-    coef = np.empty((design.shape[1], y.shape[1]))
-    patterns, which = np.unique(present, axis=1, return_inverse=True)
-    for k in range(patterns.shape[1]):
-        cols = np.nonzero(np.ravel(which) == k)[0]
-        rows = patterns[:, k]
-        d = design[rows]
-        coef[:, cols] = np.linalg.inv(d.T @ d) @ d.T @ y[np.ix_(rows, cols)]
-    return coef
+    rhs = (design.T @ np.where(present, y, 0.0)).T                        # (features, p)
+    return np.linalg.solve(_grams(design, present), rhs[..., None])[..., 0].T
+
+
+def _grams(design: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """(features, p, p): each feature's X'X over the rows it has."""
+    n, p = design.shape
+    outer = (design[:, :, None] * design[:, None, :]).reshape(n, p * p)
+    return (outer.T @ present.astype(float)).T.reshape(-1, p, p)
 
 
 def pooled_variance(resid: np.ndarray) -> np.ndarray:
@@ -130,16 +133,17 @@ def check(x: np.ndarray, codes: np.ndarray, labels: np.ndarray, features: list[s
                            "exclude the feature (--exclude) or pool the site",
                            {"feature": features[j], "batches": short}))
     cols = np.nonzero(missing.any(axis=0) & ~short_any)[0]
-    patterns, which_pattern = np.unique(~missing[:, cols], axis=1, return_inverse=True)
-    for k in range(patterns.shape[1]):
-        rows = patterns[:, k]
-        if rows.sum() > design.shape[1] and np.linalg.matrix_rank(design[rows]) == design.shape[1]:
-            continue
-        names = [features[j] for j in cols[np.ravel(which_pattern) == k]]
+    p = design.shape[1]
+    # the rank of X'X over a feature's rows is that of those rows of X (one batched SVD of p x p)
+    rank = np.linalg.matrix_rank(_grams(design, ~missing[:, cols])) if len(cols) else np.zeros(0, int)
+    rows = (~missing[:, cols]).sum(axis=0)
+    bad = (rank < p) | (rows <= p)
+    if bad.any():
+        names = [features[j] for j in cols[bad]]
         out.append(Finding("refusal", "feature_too_sparse",
-                           f"feature(s) {names[:5]} have values in {int(rows.sum())} row(s), and those rows do "
-                           f"not determine the {design.shape[1]} columns of the design (sites and covariates; a "
-                           "covariate level or a site's variation is missing among them): exclude them",
+                           f"feature(s) {names[:5]}{' ...' if len(names) > 5 else ''} have values in too few or too "
+                           f"alike rows: those rows do not determine the {p} columns of the design (sites and "
+                           "covariates; a covariate level or a site's variation is missing among them): exclude them",
                            {"features": names}))
     return out
 
@@ -149,7 +153,8 @@ def missing_finding(x: np.ndarray, codes: np.ndarray, labels: np.ndarray, featur
     missing = np.isnan(x)
     if not missing.any():
         return []
-    per_batch = pd.Series(missing.sum(axis=1) > 0).groupby(codes).agg(["sum", "size"])
+    per_batch = pd.DataFrame({"sum": np.bincount(codes, missing.any(axis=1)).astype(int),
+                              "size": np.bincount(codes)})
     per_feature = pd.Series(missing.sum(axis=0), index=features)
     per_feature = per_feature[per_feature > 0].sort_values(ascending=False)
     sites = "; ".join(f"{labels[b]} {int(r['sum'])} of {int(r['size'])}"
