@@ -162,3 +162,32 @@ def location_scale(section: dict[str, Any]) -> str:
         ax.tick_params(axis="x", labelrotation=90, labelsize=7)
     fig.tight_layout()
     return _png(fig)
+
+
+def priors(panels: list[dict[str, Any]]) -> str:
+    """Per batch (the worst prior fits): the raw location and scale estimates across features as
+    histograms, the empirical-Bayes prior's density over them, and the shrunken estimates as ticks."""
+    from scipy import stats
+
+    fig, axes = plt.subplots(len(panels), 2, figsize=(8, 2.2 * len(panels)), squeeze=False)
+    for row, p in zip(axes, panels):
+        g = np.array(p["gamma_hat"])
+        row[0].hist(g, bins=30, density=True, color="0.75", label="gamma-hat (raw)")
+        grid = np.linspace(g.min(), g.max(), 200)
+        row[0].plot(grid, stats.norm.pdf(grid, p["gamma_bar"], np.sqrt(p["t2"])), "k", lw=1, label="prior")
+        row[0].plot(p["gamma_star"], np.zeros(len(g)), "|", color="tab:blue", ms=8, label="gamma* (shrunken)")
+        row[0].set_title(f"{p['batch']}: location (KS p {p['gamma_ks_p']})", fontsize=8)
+        if "delta_hat" in p:
+            d = np.array(p["delta_hat"])
+            row[1].hist(d, bins=30, density=True, color="0.75", label="delta-hat (raw)")
+            grid = np.linspace(max(d.min(), 1e-6), d.max(), 200)
+            row[1].plot(grid, stats.invgamma.pdf(grid, p["a"], 0, p["b"]), "k", lw=1, label="prior")
+            row[1].plot(p["delta_star"], np.zeros(len(d)), "|", color="tab:blue", ms=8, label="delta* (shrunken)")
+            row[1].set_title(f"{p['batch']}: scale (KS p {p['delta_ks_p']})", fontsize=8)
+        else:
+            row[1].axis("off")
+        for ax in row:
+            ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    return _png(fig)

@@ -220,6 +220,7 @@ def _validation(data: HarmonizationData, result: FitResult) -> dict[str, Any]:
     """Held-out site effect, scale, multivariate site signal, EB priors, covariate balance."""
     model = result.model
     settings = HarmonizationSettings(**model.metadata.get("settings", {}))
+    priors = validation.prior_fit(model)
     fitted = data.subset(np.ones(data.n, bool))
     fitted.batch = result.batch
     return {
@@ -228,7 +229,8 @@ def _validation(data: HarmonizationData, result: FitResult) -> dict[str, Any]:
                   "after": validation.scale_effect(result.harmonized, result.encoded, result.batch)},
         "site_prediction": {"before": validation.site_prediction(data.features, result.encoded, result.batch),
                             "after": validation.site_prediction(result.harmonized, result.encoded, result.batch)},
-        "priors": validation.prior_fit(model),
+        "priors": priors,
+        "prior_panels": validation.prior_panels(model, priors) if model.eb else [],
         "balance": validation.covariate_balance(data.covariates, model.encoding, result.batch),
         "covariance": validation.covariance(data, result),
         "outliers": combat.outlier_effect(result, data, settings),
@@ -330,6 +332,8 @@ def render_html(report: dict[str, Any]) -> str:
         fig["pca"] = figures.pca(d["pca"])
     if report.get("location_scale"):
         fig["location_scale"] = figures.location_scale(report["location_scale"])
+    if (report.get("validation") or {}).get("prior_panels"):
+        fig["priors"] = figures.priors(report["validation"]["prior_panels"])
     has = {"summary": True, "findings": bool(report["findings"]), "sites": "sites" in fig,
            "site_effect": bool(d), "biology": "biology" in fig, "boxplots": bool(d), "pca": bool(d),
            "location_scale": "location_scale" in fig, "validation": bool(report.get("validation")),

@@ -14,6 +14,7 @@
 - ``prior_fit``: the empirical-Bayes priors against the estimates they shrink, per batch:
   gamma-hat against N(gamma-bar, tau2) and delta-hat against the inverse gamma (a, b), by
   Kolmogorov-Smirnov; a rejected prior is a batch whose shrinkage is not to be trusted.
+  ``prior_panels`` keeps the raw and shrunken estimates of the worst-fitting batches to draw.
 - ``covariance``: whether the features' correlation differs by batch after ComBat (a permutation
   test), and after CovBat when the model has it (Chen et al. 2022).
 - ``covariate_balance``: per batch and numeric covariate, the standardized mean difference
@@ -169,6 +170,28 @@ def covariance(data: HarmonizationData, result: combat.FitResult, alpha: float =
         out["covbat"] = covbat.covariance_effect(result.harmonized.to_numpy() - centre, idx)
         out["components"] = model.covbat.metadata()["components"]
     out["remains"] = bool(out.get("covbat", out["combat"])["p"] < alpha)
+    return out
+
+
+PRIOR_PANELS = 4   # batches drawn against their priors: the worst fits first
+
+
+def prior_panels(model: combat.ComBatModel, priors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The raw estimates of the batches whose priors fit worst (rejected first, lowest KS p), with
+    their prior's parameters and the shrunken estimates: what the report draws."""
+    def worst(p: dict[str, Any]) -> float:
+        return min(v for v in (p["gamma_ks_p"], p["delta_ks_p"], 1.0) if v is not None)
+    out = []
+    for p in sorted(priors, key=worst)[:PRIOR_PANELS]:
+        b = model.batches.index(p["batch"])
+        g, d = np.asarray(model.gamma_hat[b], dtype=float), np.asarray(model.delta_hat[b], dtype=float)
+        panel = {"batch": p["batch"], "gamma_hat": g.round(5).tolist(),
+                 "gamma_star": model.gamma_star[b].round(5).tolist(), "gamma_bar": float(g.mean()),
+                 "t2": float(np.var(g, ddof=1)), "gamma_ks_p": p["gamma_ks_p"], "delta_ks_p": p["delta_ks_p"]}
+        if not model.options.mean_only and np.var(d, ddof=1) > 0:
+            panel.update(delta_hat=d.round(5).tolist(), delta_star=model.delta_star[b].round(5).tolist(),
+                         a=float(aprior(d)), b=float(bprior(d)))
+        out.append(panel)
     return out
 
 

@@ -47,7 +47,14 @@ def test_the_priors_that_do_not_fit_are_named_and_every_delta_is_shown(fitted_re
     assert priors[worst]["delta_star_max"] == pytest.approx(result.model.delta_star.max(), abs=1e-3)
     html = report.render_html(r)
     assert "prior rejected" in html and worst in html
-    assert html.count("data:image/png;base64,") == 6
+    assert html.count("data:image/png;base64,") == 7
+    # the worst-fitting priors drawn against their raw estimates: the rejected batches come first
+    panels = r["validation"]["prior_panels"]
+    assert {p["batch"] for p in panels[:len(rejected)]} == set(rejected[:len(panels)])
+    b = result.model.batches.index(panels[0]["batch"])
+    assert panels[0]["delta_hat"] == pytest.approx(result.model.delta_hat[b], abs=1e-5)
+    assert panels[0]["delta_star"] == pytest.approx(result.model.delta_star[b], abs=1e-5)
+    assert 'alt="priors"' in html
 
 
 def test_sites_whose_ages_do_not_overlap_with_equal_means_are_warned(abide_data):
