@@ -24,7 +24,7 @@ import pandas as pd
 from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization import available
 from harmonization.errors import Finding, NoRowsToHarmonize, raise_if_refused
-from harmonization.inputs import CovariateEncoding, HarmonizationData, infer_encoding
+from harmonization.inputs import CovariateEncoding, HarmonizationData, infer_encoding, level_of
 
 WARN_ASSOCIATION = 0.5
 POOLED = "pooled"
@@ -208,8 +208,10 @@ def _eta(x: np.ndarray, b: BatchCodes) -> float:
 
 def check_confounding(covariates: pd.DataFrame, encoding: CovariateEncoding,
                       batch: pd.Series | BatchCodes,
-                      max_confounding: float) -> tuple[list[Finding], dict[str, float]]:
-    """Association of each covariate with batch, and batches where a covariate does not vary."""
+                      max_confounding: float, level_names: dict[str, dict[str, str]] | None = None
+                      ) -> tuple[list[Finding], dict[str, float]]:
+    """Association of each covariate with batch, and batches where a covariate does not vary
+    (its level named by ``level_names``, the settings' ``covariate_levels``, when it has one)."""
     b = batch if isinstance(batch, BatchCodes) else BatchCodes(batch)
     out, table = [], {}
     for spec in encoding.covariates:
@@ -245,6 +247,7 @@ def check_confounding(covariates: pd.DataFrame, encoding: CovariateEncoding,
                                "across sites that overlap", where))
         for i in np.nonzero(((counts > 0).sum(axis=1) == 1) & (counts.sum(axis=1) > 1))[0]:
             level = levels[np.argmax(counts[i])]
+            level = (level_names or {}).get(spec.name, {}).get(level_of(level), level)
             out.append(Finding("warning", "site_single_level",
                                f"site {b.labels[i]!r}: all {int(counts[i].sum())} scans have "
                                f"{spec.name}={level!r}; that site's effect and {spec.name} "
@@ -359,7 +362,8 @@ def check_fit_input(data: HarmonizationData, settings: HarmonizationSettings
                                 f"({str(codes.labels[0])!r}): there is no site effect to estimate; "
                                 "ComBat needs scans of at least two sites",
                                 {"batch": str(codes.labels[0])}))
-    conf, assoc = check_confounding(data.covariates, encoding, codes, settings.max_confounding)
+    conf, assoc = check_confounding(data.covariates, encoding, codes, settings.max_confounding,
+                                    settings.covariate_levels)
     findings += conf + check_within_batch_variance(data.features, codes, values)
     design = np.zeros((len(codes.codes), len(codes.labels) + encoded.shape[1]))
     design[np.arange(len(codes.codes)), codes.codes] = 1.0

@@ -61,7 +61,7 @@ def test_fit_writes_table_model_and_self_contained_report(tables):
 
     html = (root / "fit.html").read_text()
     assert not re.search(r"""(src|href)=["']?(https?:|//|/)""", html)  # nothing fetched from elsewhere
-    assert html.count("data:image/png;base64,") == 6
+    assert html.count("data:image/png;base64,") == 7  # + the priors
     report = json.loads((root / "fit.json").read_text())
     assert sum(r["n"] for r in report["sites"]["rows"]) == 1035
     assert {r["batch"] for r in report["sites"]["rows"]} == set(df["SITE"])
@@ -78,7 +78,7 @@ def test_fit_writes_table_model_and_self_contained_report(tables):
     assert any(f["code"] == "associated_covariate" for f in report["findings"])
     assert "neuroHarmonize" in report["methods"] and report["model"]["model_id"] == model_id
     redrawn = render_html(report)  # a report is rebuilt from its JSON, without the data
-    assert redrawn.count("data:image/png;base64,") == 6 and model_id in redrawn
+    assert redrawn.count("data:image/png;base64,") == 7 and model_id in redrawn
 
 
 def test_refused_fit_exits_2_names_the_columns_and_reports_why(tables):
@@ -206,7 +206,8 @@ def test_coded_levels_are_shown_by_name(tables, abide_data):
     assert res.exit_code == 0, res.output
     html = (root / "coded.html").read_text()
     assert "SEX=female" in html and "DX=control" in html and "SEX (categorical: male/female)" in html
-    assert re.search(r"male: \d+, female: \d+", html) and "SEX=2" not in html
+    assert re.search(r"male: \d+, female: \d+", html) and "SEX=2" not in html and "SEX=1" not in html
+    assert "all 71 scans have SEX=&#39;male&#39;" in html                  # USM, an all-male site
     data = json.loads((root / "coded.json").read_text())
     assert {t["term"] for t in data["diagnostics"]["biology"]["survival"]} == {"AGE", "SEX=female", "DX=control"}
     bad = runner.invoke(app, [*common, "--levels", "SEX=1:male"])
