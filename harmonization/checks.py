@@ -265,16 +265,17 @@ def check_within_batch_variance(features: pd.DataFrame, batch: pd.Series | Batch
     values = features.to_numpy(dtype=float) if values is None else values
     # max - min is exactly 0 for a constant; a variance may come out as 1e-13. Rows are
     # gathered batch by batch along whichever axis keeps a feature's values contiguous.
-    if values.flags.f_contiguous and not values.flags.c_contiguous:
-        by_feature = values.T[:, order]
-        spread = [by_feature[:, lo:hi].max(axis=1) - by_feature[:, lo:hi].min(axis=1)
-                  for lo, hi in zip(bounds[:-1], bounds[1:])]
-    elif np.isnan(values).any():   # available-case: the values a batch has (fewer than two: available.check)
+    if np.isnan(values).any():   # available-case: the values a batch has (fewer than two: available.check)
         by_row = values[order]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            spread = [np.nanmax(by_row[lo:hi], axis=0) - np.nanmin(by_row[lo:hi], axis=0)
+            spread = [np.where((~np.isnan(by_row[lo:hi])).sum(axis=0) >= 2,
+                               np.nanmax(by_row[lo:hi], axis=0) - np.nanmin(by_row[lo:hi], axis=0), np.nan)
                       for lo, hi in zip(bounds[:-1], bounds[1:])]
+    elif values.flags.f_contiguous and not values.flags.c_contiguous:
+        by_feature = values.T[:, order]
+        spread = [by_feature[:, lo:hi].max(axis=1) - by_feature[:, lo:hi].min(axis=1)
+                  for lo, hi in zip(bounds[:-1], bounds[1:])]
     else:
         by_row = values[order]
         spread = [by_row[lo:hi].max(axis=0) - by_row[lo:hi].min(axis=0)
@@ -581,12 +582,18 @@ def outlier_rows(values: np.ndarray, design: np.ndarray, codes: np.ndarray,
         mad = np.maximum(1.4826 * _row_median(dev), floor)
         z[:, start:end] = dev / np.where(mad > 0, mad, np.inf)[:, None]
     out = np.empty(len(codes), dtype=bool)
-    out[order] = (z > OUTLIER_Z).any(axis=0)
+    with np.errstate(invalid="ignore"):
+        out[order] = (z > OUTLIER_Z).any(axis=0)     # a missing value (NaN) is never an outlier
     return out
 
 
 def _row_median(a: np.ndarray) -> np.ndarray:
-    """Each row's median (``np.median(a, axis=1)``'s values) from one sort."""
+    """Each row's median (``np.median(a, axis=1)``'s values) from one sort; with missing values,
+    the median of the values a row has (available-case fits)."""
+    if np.isnan(a).any():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # a row with no value: NaN, never an outlier
+            return np.nanmedian(a, axis=1)
     ordered = np.sort(a, axis=1)
     n = a.shape[1]
     return (ordered[:, (n - 1) // 2] + ordered[:, n // 2]) / 2

@@ -260,7 +260,7 @@ def _outlier_screen(model: ComBatModel, x: np.ndarray, encoded: pd.DataFrame, ba
     and kept in the model's metadata; the report fits again without them and shows the largest
     change of a scale estimate (:func:`outlier_effect`; three outliers gave one ABIDE site delta*
     3.7, issue 14). Not refitted here: a fit stays within 1.1x of bare neuroCombat."""
-    if model.intercepts is not None or not np.isfinite(x).all():
+    if model.intercepts is not None or np.isinf(x).any():
         return []
     labels, codes = _batch_codes(batch)
     if model.spline is None:   # the fit's own design and least-squares coefficients
@@ -425,6 +425,7 @@ def _combat(x: np.ndarray, design: np.ndarray, codes: np.ndarray, n_batch: int,
     the residual only (Beer et al. 2020).
     """
     ref = options.ref
+    missing = bool(np.isnan(x).any())   # sva: any missing value in the table, its pooled variance (n - 1)
     info = info_dict(codes, n_batch, ref)
     eb = options.eb and x.shape[1] > 1  # neuroHarmonize bypasses empirical Bayes for a single feature
     grand_mean = b_hat[ref].copy() if ref is not None else (info["sample_per_batch"] / len(codes)) @ b_hat[:n_batch]
@@ -442,7 +443,7 @@ def _combat(x: np.ndarray, design: np.ndarray, codes: np.ndarray, n_batch: int,
         else:
             rows = codes == ref
             resid = x[rows] - design[rows] @ b_hat
-        var_pooled = (available.pooled_variance(resid) if np.isnan(resid).any()
+        var_pooled = (available.pooled_variance(resid) if missing
                       else np.einsum("ij,ij->j", resid, resid) / len(resid))
     del resid
     var_pooled[var_pooled == 0] = np.median(var_pooled != 0)   # neuroCombat's rule, as it is
@@ -654,23 +655,25 @@ def _row_status(model: ComBatModel, data: HarmonizationData, model_id: str, x: n
 
 def available_case(model: ComBatModel) -> bool:
     """Whether the model harmonizes each feature on its own (a missing value stays missing); a
-    model stored before the setting existed was fitted on complete scans, and CovBat rotates whole rows."""
-    return (model.covbat is None
+    model stored before the setting existed was fitted on complete scans, CovBat rotates whole rows,
+    and non-parametric priors (which a new batch's estimates need) integrate over whole rows."""
+    return (model.covbat is None and (model.options.parametric or not model.eb)
             and model.metadata.get("settings", {}).get("missing", "complete_scans") == "available_case")
 
 
 def missing_values(model: ComBatModel, x: np.ndarray) -> dict[int, str]:
     """Rows the model cannot harmonize for their missing values, with the reason: any missing
     feature (complete-scan models), or an infinite value or no feature at all (available-case)."""
-    out = {}
+    out: dict[int, str] = {}
     if available_case(model):
         for i in np.nonzero(np.isinf(x).any(axis=1))[0]:
-            out[int(i)] = f"feature(s) {[model.features[j] for j in np.nonzero(np.isinf(x[i]))[0]][:3]} infinite"
+            out[int(i)] = "an infinite value"
         for i in np.nonzero(np.isnan(x).all(axis=1))[0]:
             out.setdefault(int(i), "no feature measured")
         return out
+    # one reason per kind (a message lists the reasons, not every row's features)
     for i in np.nonzero(~np.isfinite(x).all(axis=1))[0]:
-        out[int(i)] = f"feature(s) {[model.features[j] for j in np.nonzero(~np.isfinite(x[i]))[0]][:3]} missing"
+        out[int(i)] = "a feature is missing or infinite (the model takes complete scans)"
     return out
 
 

@@ -137,7 +137,8 @@ def to_wide(rows: pd.DataFrame, covariates: pd.DataFrame, settings: Harmonizatio
     incomplete = (wide.isna().any(axis=1) if settings.missing == "complete_scans" else wide.isna().all(axis=1)
                   ).to_numpy()
     if incomplete.any():
-        findings.append(_left_out(wide.index[incomplete], "lack some measures"))
+        findings.append(_left_out(wide.index[incomplete], "lack some measures" if settings.missing == "complete_scans"
+                                  else "have no measure"))
         findings.append(_missingness(wide, batch))
     keys = ["subject", "session"] if "session" in covariates.columns else ["subject"]
     names = [c for c in settings.covariates if c in covariates.columns]

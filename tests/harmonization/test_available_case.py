@@ -67,7 +67,10 @@ def _sva(data: HarmonizationData, tmp: Path, mean_only: bool = False, ref: str |
 
 @pytest.mark.parametrize("mean_only, ref", [(False, None), (True, None), (False, "NYU")])
 def test_equals_sva_combat_with_five_percent_missing(data, tmp_path, mean_only, ref):
-    holed = _without(data, _random_holes(data, 0.05))
+    holes = _random_holes(data, 0.05)
+    if ref:   # the reference's own rows complete: sva's pooled variance still counts the table's holes
+        holes[(data.batch == ref).to_numpy()] = False
+    holed = _without(data, holes)
     ours = combat.fit(holed, HarmonizationSettings(covariates=COVS, mean_only=mean_only, ref_batch=ref))
     sva = _sva(holed, tmp_path, mean_only, ref)
     out = ours.harmonized.to_numpy()
@@ -176,3 +179,35 @@ def test_apply_and_extend_keep_missing_values_missing(data):
         warnings.simplefilter("ignore")
         partial = combat.apply(strict, holed, refuse_empty=False)
     assert (~partial.ok == holed.features.isna().any(axis=1).to_numpy()).all()
+
+
+def test_a_feature_constant_within_a_site_is_refused_with_missing_values_too(data):
+    """A NaN elsewhere in the feature does not hide it (nor does a site with one value count as constant)."""
+    x = data.features.to_numpy(dtype=float).copy()
+    j = list(data.features.columns).index("CSF")
+    um = np.nonzero((data.batch == "UM_1").to_numpy())[0]
+    x[um, j] = 900.0
+    x[um[0], j] = np.nan
+    constant = HarmonizationData(pd.DataFrame(x, index=data.features.index, columns=data.features.columns),
+                                 data.covariates, data.batch, data.row_labels)
+    with pytest.raises(HarmonizationRefused, match="site 'UM_1': feature\\(s\\) \\['CSF'\\] do not vary"):
+        combat.fit(constant, SETTINGS)
+
+
+def test_the_outlier_screen_runs_with_missing_values(data):
+    clean = combat.fit(data, SETTINGS).model.metadata["outliers"]["rows"]
+    holed = combat.fit(_without(data, _random_holes(data, 0.02, seed=5)), SETTINGS).model.metadata["outliers"]
+    assert abs(holed["rows"] - clean) <= 0.2 * clean
+
+
+def test_a_non_parametric_parent_leaves_a_row_with_a_hole_out_of_an_extension(data):
+    new = data.batch.isin(["NYU", "UM_1", "USM"]).to_numpy()
+    settings = HarmonizationSettings(covariates=COVS, parametric=False)
+    parent = combat.fit(data.subset(~new), settings)
+    hole = np.zeros(data.features.shape, bool)
+    hole[np.nonzero(new)[0][0], 0] = True
+    grown = extend.extend(parent.model, _without(data, hole), parent.model.model_id)
+    assert set(grown.estimated) == {"NYU", "UM_1", "USM"}
+    first = np.nonzero(new)[0][0]
+    assert not grown.applied.ok[first] and grown.applied.ok[new].sum() == new.sum() - 1
+    assert "complete scans" in grown.applied.status.iloc[first]

@@ -150,3 +150,15 @@ def test_the_report_says_when_covariance_remains_and_what_covbat_left(data):
     cov = combat.fit(data, COVBAT)
     c = report.fit_report(data, cov, "hm-cov")["validation"]["covariance"]
     assert c["covbat"]["p"] > 0.05 and not c["remains"] and c["components"] == cov.model.covbat.rotation.shape[1]
+
+
+def test_the_covariance_test_samples_rows_of_a_large_table():
+    """Its n x n products would need n^2 memory: above covbat.MAX_ROWS rows it takes a sample."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 4, covbat.MAX_ROWS + 1000)
+    resid = rng.normal(size=(len(codes), 20))
+    resid[codes == 1, :10] += rng.normal(size=((codes == 1).sum(), 1)) * 2     # site 1's features covary
+    out = covbat.covariance_effect(resid, codes, permutations=49)
+    assert out["rows"] == covbat.MAX_ROWS and out["p"] <= 0.02 and out["ratio"] > 2
+    same = covbat.covariance_effect(rng.normal(size=(len(codes), 20)), codes, permutations=49)
+    assert same["p"] > 0.02 or same["ratio"] < 1.1
