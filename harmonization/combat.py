@@ -262,14 +262,7 @@ def _outlier_screen(model: ComBatModel, x: np.ndarray, encoded: pd.DataFrame, ba
     3.7, issue 14). Not refitted here: a fit stays within 1.1x of bare neuroCombat."""
     if model.intercepts is not None or np.isinf(x).any():
         return []
-    labels, codes = _batch_codes(batch)
-    if model.spline is None:   # the fit's own design and least-squares coefficients
-        design = np.column_stack([_batch_design(codes, len(labels), model.options.ref),
-                                  encoded[encoding.columns].to_numpy(dtype=np.float32)])
-        out = checks.outlier_rows(x, design, codes, model.B_hat)
-    else:                      # ComBat-GAM's coefficients are penalized: a linear design's instead
-        design = np.column_stack([np.eye(len(labels))[codes], encoded[encoding.columns].to_numpy(dtype=float)])
-        out = checks.outlier_rows(x, design, codes)
+    labels, codes, out = _outliers(model, x, encoded, batch)
     if not out.any():
         return []
     per = pd.Series(labels[codes[out]]).value_counts()
@@ -284,6 +277,20 @@ def _outlier_screen(model: ComBatModel, x: np.ndarray, encoded: pd.DataFrame, ba
     return [Finding("info", "outliers", text, {k: v for k, v in meta.items() if k != "first"})]
 
 
+def _outliers(model: ComBatModel, x: np.ndarray, encoded: pd.DataFrame, batch: pd.Series
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch labels, each row's batch code, and the rows :func:`checks.outlier_rows` screens out."""
+    labels, codes = _batch_codes(batch)
+    columns = encoded[model.encoding.columns]
+    if model.spline is None:   # the fit's own design and least-squares coefficients
+        design = np.column_stack([_batch_design(codes, len(labels), model.options.ref),
+                                  columns.to_numpy(dtype=np.float32)])
+        return labels, codes, checks.outlier_rows(x, design, codes, model.B_hat)
+    # ComBat-GAM's coefficients are penalized: a linear design's least squares instead
+    design = np.column_stack([np.eye(len(labels))[codes], columns.to_numpy(dtype=float)])
+    return labels, codes, checks.outlier_rows(x, design, codes)
+
+
 def outlier_effect(result: FitResult, data: HarmonizationData,
                    settings: HarmonizationSettings) -> dict[str, Any] | None:
     """The model fitted again without the screened rows: the largest change of a delta*."""
@@ -291,10 +298,8 @@ def outlier_effect(result: FitResult, data: HarmonizationData,
     if "outliers" not in model.metadata or model.intercepts is not None:
         return None
     x = data.features[model.features].to_numpy(dtype=float)
-    labels, codes = _batch_codes(result.batch)
-    design = np.column_stack([np.eye(len(labels))[codes],
-                              result.encoded[model.encoding.columns].to_numpy(dtype=float)])
-    keep = ~checks.outlier_rows(x, design, codes)
+    labels, codes, out = _outliers(model, x, result.encoded, result.batch)
+    keep = ~out
     if np.bincount(codes[keep], minlength=len(labels)).min() < 2:
         return {"refitted": False, "why": "a site would be empty without them"}
     without, _ = _fit_model(x[keep], result.encoded[keep], result.batch[keep], model.encoding, settings)

@@ -75,13 +75,17 @@ def fit(resid: np.ndarray, codes: np.ndarray, n_batch: int, percent_var: float) 
     rotation = np.ascontiguousarray(vt[:k].T)   # one layout, so the products are the same after storage
     scores = z @ rotation
     counts = np.bincount(codes, minlength=n_batch)
-    means = np.vstack([scores[codes == b].mean(axis=0) for b in range(n_batch)])
+    means, _ = _batch_moments(scores, codes, n_batch)
     grand = (counts / len(codes)) @ means
     sd = np.sqrt(np.mean((scores - means[codes]) ** 2, axis=0))    # neuroCombat's var_pooled: / n
-    s = (scores - grand) / sd
-    gamma = np.vstack([s[codes == b].mean(axis=0) for b in range(n_batch)])
-    delta = np.vstack([s[codes == b].var(axis=0, ddof=1) for b in range(n_batch)])
+    gamma, delta = _batch_moments((scores - grand) / sd, codes, n_batch)
     return CovBat(center, scale, rotation, grand, sd, gamma, delta, percent_var, share[:k])
+
+
+def _batch_moments(s: np.ndarray, codes: np.ndarray, n_batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(batches, k) each batch's mean and variance (n - 1) of the scores ``s``."""
+    return (np.vstack([s[codes == b].mean(axis=0) for b in range(n_batch)]),
+            np.vstack([s[codes == b].var(axis=0, ddof=1) for b in range(n_batch)]))
 
 
 def adjust(model: CovBat, resid: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -105,8 +109,7 @@ def _rows_times(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def extend(model: CovBat, resid: np.ndarray, codes: np.ndarray, n_new: int) -> CovBat:
     """New batches' score location and scale, estimated against the frozen axes and standardization."""
     s = ((resid - model.center) / model.scale @ model.rotation - model.score_mean) / model.score_sd
-    gamma = np.vstack([s[codes == b].mean(axis=0) for b in range(n_new)])
-    delta = np.vstack([s[codes == b].var(axis=0, ddof=1) for b in range(n_new)])
+    gamma, delta = _batch_moments(s, codes, n_new)
     return CovBat(model.center, model.scale, model.rotation, model.score_mean, model.score_sd,
                   np.vstack([model.gamma, gamma]), np.vstack([model.delta, delta]), model.percent_var,
                   model.explained)

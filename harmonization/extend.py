@@ -114,16 +114,18 @@ def _child(model: ComBatModel, data: HarmonizationData, x: np.ndarray, usable: n
     codes = pd.Index(new).get_indexer(batch[rows])
     encoded, _ = model.encoding.encode(data.covariates[rows])
     n_parent = len(model.batches)
-    centre = covariate_design(model, encoded) @ model.B_hat[n_parent:] + model.grand_mean
+    design = covariate_design(model, encoded)
+    centre = design @ model.B_hat[n_parent:] + model.grand_mean
     sd = np.sqrt(model.var_pooled)
     s_data = ((x[rows] - centre) / sd).T            # neuroCombat's (features, samples)
     info = info_dict(codes, len(new))
     counts = info["sample_per_batch"]
-    short = available.check(x[rows], codes, np.asarray(new), model.features, np.eye(len(new))[codes],
+    batch_design = np.eye(len(new))[codes]
+    short = available.check(x[rows], codes, np.asarray(new), model.features, batch_design,
                             model.eb, model.options.parametric, False, False)
     if short:   # a new batch with fewer than two values of a feature (available-case models only)
         raise HarmonizationRefused(short)
-    ls, gamma, delta = location_scale(s_data, np.eye(len(new))[codes], info, model.eb, model.options)
+    ls, gamma, delta = location_scale(s_data, batch_design, info, model.eb, model.options)
     if not (np.isfinite(gamma).all() and np.isfinite(delta).all()):
         raise HarmonizationRefused([Finding("refusal", "estimates_not_finite",
                                             "the new batches' estimates are not numbers (non-parametric "
@@ -151,6 +153,6 @@ def _child(model: ComBatModel, data: HarmonizationData, x: np.ndarray, usable: n
         gamma_hat=np.vstack([model.gamma_hat, np.asarray(ls["gamma_hat"], dtype=float)]),
         delta_hat=np.vstack([model.delta_hat, np.asarray(ls["delta_hat"], dtype=float)]), metadata=meta)
     if model.covbat is not None:   # the new batches' score location and scale on the frozen axes
-        resid, _ = residuals(child, x[rows], codes + n_parent, covariate_design(model, encoded))
+        resid, _ = residuals(child, x[rows], codes + n_parent, design)
         child.covbat = covbat.extend(model.covbat, resid, codes, len(new))
     return child
