@@ -21,22 +21,13 @@ from neuroCombat.neuroCombat import find_non_eb_adjustments, find_parametric_adj
 
 from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization import available, combat, extend
-from harmonization.abide import constant_columns, load_abide
 from harmonization.errors import HarmonizationRefused
-from harmonization.inputs import HarmonizationData, from_wide_table
+from harmonization.inputs import HarmonizationData
 
 COVS = ["AGE", "SEX", "DX"]
 SETTINGS = HarmonizationSettings(covariates=COVS)
 
 
-@pytest.fixture(scope="module")
-def abide(abide_data) -> pd.DataFrame:
-    return load_abide(abide_data)
-
-
-@pytest.fixture(scope="module")
-def data(abide) -> HarmonizationData:
-    return from_wide_table(abide, "SITE", COVS, exclude=["FILE_ID", *constant_columns(abide)])
 
 
 def _without(data: HarmonizationData, mask: np.ndarray) -> HarmonizationData:

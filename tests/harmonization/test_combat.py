@@ -16,7 +16,7 @@ from neuroHarmonize.harmonizationApply import applyModelOne
 
 from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization import combat, diagnostics, model_store
-from harmonization.abide import constant_columns, load_abide
+from harmonization.abide import load_abide
 from harmonization.inputs import from_wide_table
 from tasks.lake.storage import Lake
 
@@ -26,14 +26,6 @@ COVS = ["AGE", "SEX", "DX"]
 SETTINGS = HarmonizationSettings(covariates=COVS)
 
 
-@pytest.fixture(scope="module")
-def abide(abide_data) -> pd.DataFrame:
-    return load_abide(abide_data)
-
-
-@pytest.fixture(scope="module")
-def data(abide):
-    return from_wide_table(abide, "SITE", COVS, exclude=["FILE_ID", *constant_columns(abide)])
 
 
 @pytest.fixture(scope="module")

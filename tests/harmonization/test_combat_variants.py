@@ -20,7 +20,7 @@ from neuroCombat import neuroCombat
 
 from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization import combat, model_store
-from harmonization.abide import constant_columns, load_abide
+from harmonization.abide import constant_columns
 from harmonization.errors import HarmonizationRefused
 from harmonization.inputs import from_wide_table
 from tasks.lake.storage import Lake
@@ -33,10 +33,6 @@ VARIANTS = [(eb, par, mean, ref) for eb, par, mean, ref in itertools.product(
 # neuroCombat's own non-parametric priors give NaN here (UM_1, two features): refused, below
 UNDERFLOW = (True, False, True, REF)
 
-
-@pytest.fixture(scope="module")
-def abide(abide_data) -> pd.DataFrame:
-    return load_abide(abide_data)
 
 
 def _data(abide: pd.DataFrame, covariates: tuple[str, ...]):

@@ -20,10 +20,9 @@ from sklearn.decomposition import PCA
 
 from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization import combat, covbat, diagnostics, model_store, report
-from harmonization.abide import constant_columns, load_abide
 from harmonization.errors import HarmonizationRefused
 from harmonization.extend import extend
-from harmonization.inputs import HarmonizationData, from_wide_table
+from harmonization.inputs import HarmonizationData
 from tasks.lake.storage import Lake
 
 COVS = ["AGE", "SEX", "DX"]
@@ -32,14 +31,6 @@ COVBAT = HarmonizationSettings(covariates=COVS, covbat=True)
 SITES = ["NYU", "UM_1", "USM"]
 
 
-@pytest.fixture(scope="module")
-def abide(abide_data) -> pd.DataFrame:
-    return load_abide(abide_data)
-
-
-@pytest.fixture(scope="module")
-def data(abide) -> HarmonizationData:
-    return from_wide_table(abide, "SITE", COVS, exclude=["FILE_ID", *constant_columns(abide)])
 
 
 def _residuals(fit: combat.FitResult) -> tuple[np.ndarray, np.ndarray]:

@@ -24,10 +24,6 @@ COVS = ["AGE", "SEX", "DX"]
 NEW = ["NYU", "UM_1", "USM"]
 
 
-@pytest.fixture(scope="module")
-def abide(abide_data) -> pd.DataFrame:
-    return load_abide(abide_data)
-
 
 @pytest.fixture(scope="module")
 def world(abide):

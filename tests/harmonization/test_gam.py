@@ -18,7 +18,6 @@ from statsmodels.gam.generalized_additive_model import GLMGam as GLMGamImpl
 
 from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization import combat, gam
-from harmonization.abide import load_abide
 from harmonization.inputs import from_wide_table
 
 pytestmark = pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
@@ -29,10 +28,6 @@ FEATURES = ["Left-Hippocampus", "CSF", "IntraCranialVol", "lh_MeanThickness_thic
             "rh_insula_thickness", "Brain-Stem"]
 SEED = 11
 
-
-@pytest.fixture(scope="module")
-def abide(abide_data) -> pd.DataFrame:
-    return load_abide(abide_data)
 
 
 @pytest.fixture(scope="module")

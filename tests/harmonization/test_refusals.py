@@ -13,7 +13,6 @@ import pytest
 
 from data_contracts.harmonization_settings import HarmonizationSettings
 from harmonization import combat, model_store, service
-from harmonization.abide import load_abide
 from harmonization.errors import (
     HarmonizationRefused,
     InputTableError,
@@ -29,10 +28,6 @@ FEATURES = ["Left-Hippocampus", "Right-Hippocampus", "CSF", "lh_MeanThickness_th
 SETTINGS = HarmonizationSettings(covariates=COVS)
 COMPLETE = HarmonizationSettings(covariates=COVS, missing="complete_scans")
 
-
-@pytest.fixture(scope="module")
-def abide(abide_data) -> pd.DataFrame:
-    return load_abide(abide_data)
 
 
 def _data(df: pd.DataFrame, features=FEATURES, covs=COVS):
